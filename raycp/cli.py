@@ -1,0 +1,272 @@
+"""The ``raycp`` command line: one sub-command per stage, thin over the library.
+
+Exit codes: 0 done; 2 bad input or config (one line on stderr naming the file and the fix);
+3 done but some inputs were quarantined (see the stage's ledger); 4 storage or Ray unreachable;
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from raycp.errors import RaycpError
+
+app = typer.Typer(
+    name="raycp",
+    help="Scale-out image-based profiling of Cell Painting screens (Moshkov et al. 2024) on Ray.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+index_app = typer.Typer(help="Build, check and summarise the screen index (one row per site).",
+                        no_args_is_help=True)
+config_app = typer.Typer(help="Show the resolved run configuration.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+app.add_typer(config_app, name="config")
+
+EXIT_QUARANTINED = 3
+
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a config key: section.key=value")]
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML run config (URL or path)")]
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 120)
+
+
+def track(iterable, *, total: int, description: str):
+    """A rich progress bar on stderr around a stream of per-site results."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from rich.console import Console
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=False) as progress:
+        task = progress.add_task(description, total=total)
+        for item in iterable:
+            yield item
+            progress.advance(task)
+
+
+def _parse_map(text: str, *, int_keys: bool = False) -> dict:
+    """``"5=DNA,2=ER"`` -> ``{5: "DNA", 2: "ER"}``."""
+    from raycp.errors import ConfigError
+
+    out: dict = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in item:
+            raise ConfigError(f"channel map entry {item!r} is not SOURCE=CHANNEL",
+                              fix="write e.g. --channel-map 5=DNA,2=ER,6=RNA,3=AGP,4=Mito")
+        key, value = (s.strip() for s in item.split("=", 1))
+        try:
+            out[int(key) if int_keys else key] = value
+        except ValueError:
+            raise ConfigError(f"channel map key {key!r} is not a channel number",
+                              fix="Phenix channels are numbers: 1=Brightfield,5=DNA ...") from None
+    if not out:
+        raise ConfigError("empty channel map", fix="give at least one SOURCE=CHANNEL pair")
+    return out
+
+
+def print_ledger(summary: dict) -> None:
+    con = _console()
+    line = (f"[bold]{summary['stage']}[/]: {summary['total']} input(s) = "
+            f"{summary['processed']} processed + {summary['quarantined']} quarantined")
+    con.print(line)
+    for reason, n in summary["reasons"].items():
+        con.print(f"  quarantined {n}: {reason}", markup=False, soft_wrap=True)
+
+
+@index_app.command("build")
+def index_build(
+    source: Annotated[str, typer.Argument(help="LoadData CSV, DeepProfiler index.csv, or Phenix image folder")],
+    output: Annotated[str, typer.Option("--output", "-o", help="where to write the index (.parquet URL)")],
+    fmt: Annotated[str, typer.Option("--from", help="source format: loaddata | deepprofiler | phenix")] = "loaddata",
+    channel_map: Annotated[Optional[str], typer.Option(
+        help="source channel -> raycp channel, e.g. 'DNA=DNA,Mito=Mito' (LoadData) or '5=DNA,2=ER' (Phenix)")] = None,
+    plate: Annotated[Optional[str], typer.Option(help="plate name (Phenix folders)")] = None,
+    platemap: Annotated[Optional[str], typer.Option(help="CSV with Metadata_Well (+Metadata_Plate) and treatments")] = None,
+    treatment_col: Annotated[Optional[str], typer.Option(help="column holding the treatment")] = None,
+    control: Annotated[Optional[list[str]], typer.Option(help="treatment value(s) that mark controls")] = None,
+    dp_config: Annotated[Optional[str], typer.Option("--dp-config", help="DeepProfiler config.json (default: ../config/config.json)")] = None,
+    images_root: Annotated[Optional[str], typer.Option(help="DeepProfiler images folder (default: inputs/images)")] = None,
+    check_files: Annotated[bool, typer.Option(help="check that every image file exists")] = True,
+) -> None:
+    """Make the canonical index (Parquet, one row per site) from a LoadData CSV, a DeepProfiler
+    project, or a folder of Phenix/Operetta images."""
+    from raycp.io import importers
+    from raycp.io.index import write_index
+
+    controls = tuple(control or ())
+    if fmt == "loaddata":
+        if not channel_map:
+            raise typer.BadParameter("--channel-map is required for LoadData, e.g. DNA=DNA,ER=ER")
+        index = importers.from_loaddata(source, channel_map=_parse_map(channel_map), treatment_col=treatment_col,
+                                        control_values=controls, platemap=platemap, check_files=check_files)
+    elif fmt == "deepprofiler":
+        index = importers.from_deepprofiler(source, config_url=dp_config, images_root=images_root,
+                                            check_files=check_files)
+    elif fmt == "phenix":
+        if not channel_map or not plate:
+            raise typer.BadParameter("--channel-map and --plate are required for a Phenix folder")
+        index = importers.from_phenix_folder(source, plate=plate, channel_map=_parse_map(channel_map, int_keys=True),
+                                             platemap=platemap, treatment_col=treatment_col,
+                                             control_values=controls, check_files=check_files)
+    else:
+        raise typer.BadParameter(f"unknown format {fmt!r}: use loaddata, deepprofiler or phenix")
+    write_index(index, output)
+    _print_index(index, title=f"wrote {output}")
+
+
+def _print_index(index, *, title: str) -> None:
+    from raycp.io.index import IS_CONTROL, PLATE, TREATMENT, WELL
+
+    t = index.table
+    con = _console()
+    con.print(f"[bold]{title}[/]")
+    con.print(f"  sites {len(t)} · plates {t[PLATE].nunique()} · wells {t[[PLATE, WELL]].drop_duplicates().shape[0]}"
+              f" · channels {', '.join(index.channels)}")
+    con.print(f"  treatments {t[TREATMENT].nunique()} · control sites {int(t[IS_CONTROL].sum())}")
+
+
+@index_app.command("check")
+def index_check(
+    index_url: Annotated[str, typer.Argument(help="index Parquet (or canonical CSV) URL")],
+    channels: Annotated[Optional[str], typer.Option(help="comma-separated channels to require")] = None,
+    check_files: Annotated[bool, typer.Option(help="check that every image file exists")] = True,
+) -> None:
+    """Validate an index: columns, duplicate sites, unsafe names, and (in parallel) that every file exists."""
+    from raycp.io.index import read_index
+
+    chans = [c.strip() for c in channels.split(",")] if channels else None
+    index = read_index(index_url, channels=chans, check_files=check_files)
+    _print_index(index, title=f"{index_url}: valid")
+
+
+@index_app.command("summarize")
+def index_summarize(
+    index_url: Annotated[Optional[str], typer.Argument(help="index URL (default: data.index of the config)")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="folder for summary.parquet")] = None,
+) -> None:
+    """Read every site on the Ray cluster and print per-channel shape, dtype and intensity
+    percentiles (0.05 and 99.95 are the paper's stretch limits)."""
+    from raycp import config as cfg
+    from raycp import inspect
+    from raycp.io import urls
+    from raycp.io.index import read_index
+
+    overrides = list(set_ or [])
+    if index_url:
+        overrides.append(f"data.index={index_url}")
+    if output or config is None:
+        overrides.append(f"data.output={output or 'runs/inspect'}")
+    run = cfg.load_config(config, overrides)
+    index = read_index(run.data.index, channels=run.data.channels)
+    folder = urls.join(run.data.output, "summary")
+    urls.ensure_writable(folder)
+    stats, ledger = inspect.summarize_screen(index, run.compute, progress=track)
+    _write_summary(stats, ledger, run, folder)
+    _print_stats(stats)
+    print_ledger(ledger.summary())
+    if ledger.summary()["quarantined"]:
+        raise typer.Exit(EXIT_QUARANTINED)
+
+
+def _write_summary(stats, ledger, run, folder: str) -> None:
+    import io
+
+    from raycp import config as cfg
+    from raycp.io import urls
+
+    buf = io.BytesIO()
+    stats.to_parquet(buf, index=False)
+    urls.atomic_write_bytes(urls.join(folder, "summary.parquet"), buf.getvalue())
+    ledger.write(folder)
+    cfg.save_resolved(run, folder)
+
+
+def _print_stats(stats) -> None:
+    from rich.table import Table
+
+    from raycp.inspect import PERCENTILES
+
+    con = _console()
+    if stats.empty:
+        con.print("no site could be read")
+        return
+    pct_cols = [f"p{p:g}" for p in PERCENTILES]
+    for (plate, well, site), grp in stats.groupby(["Metadata_Plate", "Metadata_Well", "Metadata_Site"], sort=True):
+        table = Table(title=f"{plate} {well} site {site}", title_justify="left")
+        for col in ("channel", "shape", "dtype", "min", *pct_cols, "max"):
+            table.add_column(col, justify="left" if col in ("channel", "shape", "dtype") else "right")
+        for r in grp.to_dict("records"):
+            table.add_row(r["channel"], f"{r['height']}×{r['width']}", r["dtype"], str(r["min"]),
+                          *(f"{r[c]:.0f}" for c in pct_cols), str(r["max"]))
+        con.print(table)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved config (YAML < --set overrides), as it will be saved with the outputs."""
+    from raycp import config as cfg
+
+    typer.echo(cfg.dump_config(cfg.load_config(config, set_)), nl=False)
+
+
+@app.command("version")
+def version() -> None:
+    """Print raycp's version."""
+    from raycp import __version__
+
+    typer.echo(__version__)
+
+
+def _register_stage_apps() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("raycp.profiles.cli") is None:  # TEMP until issue 3 lands
+        return
+    from raycp.profiles import cli as profiles_cli
+
+    app.add_typer(profiles_cli.app, name="profile")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning :class:`RaycpError` into one line on stderr."""
+    _register_stage_apps()
+    try:
+        result = app(args=argv, standalone_mode=False)
+    except RaycpError as exc:
+        typer.echo(f"raycp: error: {exc.one_line()}", err=True)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except KeyboardInterrupt:
+        typer.echo("raycp: interrupted", err=True)
+        return 130
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            return 130
+        if os.environ.get("RAYCP_DEBUG"):
+            raise
+        typer.echo(f"raycp: internal error: {type(exc).__name__}: {exc} "
+                   "(set RAYCP_DEBUG=1 for the traceback and report it)", err=True)
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

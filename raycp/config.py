@@ -1,0 +1,154 @@
+"""Typed run configuration: YAML file < CLI ``--set key=value`` overrides.
+
+Science knobs (what the paper fixes: channels, crop size ...) live apart from compute knobs
+(where and how fast it runs), so a run's science is reproducible on any cluster. The resolved
+config is written next to every run's outputs, without credentials.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from raycp.errors import ConfigError, InputError
+from raycp.io import urls
+from raycp.io.index import DEFAULT_CHANNELS, check_channels
+
+_SECRET = re.compile(r"(secret|password|token|credential|access_key|session_key)", re.IGNORECASE)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ComputeConfig(_Strict):
+    """Where and how fast: never changes the science."""
+
+    ray_address: str | None = Field(None, description="Ray cluster to join; default: RAY_ADDRESS or a local cluster")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (default: all)")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of a local cluster (default: detected)")
+    object_store_memory_gb: float = Field(1.0, gt=0, description="object store cap of a local cluster")
+    include_dashboard: bool = False
+    read_concurrency: int | None = Field(None, ge=1, description="parallel site readers (default: CPUs)")
+    batch_size: int = Field(64, ge=1, description="rows per batch between stages")
+
+
+class DataConfig(_Strict):
+    """Inputs and outputs, as fsspec URLs."""
+
+    index: str = Field(..., description="screen index (Parquet written by `raycp index build`)")
+    output: str = Field(..., description="output folder URL of the run")
+    channels: list[str] = Field(default_factory=lambda: list(DEFAULT_CHANNELS))
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, value: list[str]) -> list[str]:
+        try:
+            return check_channels(value)
+        except InputError as exc:
+            raise ValueError(exc.one_line()) from None
+
+
+class CropConfig(_Strict):
+    """Paper Methods: 128×128 crops centred on nuclei, cells kept in context (no masking)."""
+
+    size: int = Field(128, ge=16, le=1024)
+    skip_border: bool = False
+    mask: bool = False
+
+
+class RunConfig(_Strict):
+    data: DataConfig
+    crops: CropConfig = Field(default_factory=CropConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...] | None) -> dict:
+    """``["data.index=s3://b/i.parquet", "crops.size=96"]`` -> nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in overrides or ():
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE", fix="write e.g. --set crops.size=96")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _config_error(exc: ValidationError, source: str) -> ConfigError:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return ConfigError(f"{source}: unknown key {where!r}", fix="remove it or check its spelling")
+    if err["type"] == "missing":
+        return ConfigError(f"{source}: missing key {where!r}", fix=f"set it in the file or with --set {where}=...")
+    return ConfigError(f"{source}: {where}: {err['msg']}")
+
+
+def build_config(model: type[BaseModel], path: str | None = None,
+                 overrides: list[str] | tuple[str, ...] | None = None) -> Any:
+    """Load ``model`` from a YAML file (optional) with CLI overrides on top."""
+    tree: dict = {}
+    source = path or "config"
+    if path is not None:
+        try:
+            tree = yaml.safe_load(urls.read_bytes(path)) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found", fix="check the path") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} invalid YAML", fix="fix the YAML syntax") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping", fix="write key: value pairs")
+    tree = _merge(tree, parse_overrides(overrides))
+    try:
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        raise _config_error(exc, source) from None
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] | None = None) -> RunConfig:
+    return build_config(RunConfig, path, overrides)
+
+
+def redact(tree: Any) -> Any:
+    """Drop values of secret-looking keys (the written config never holds credentials)."""
+    if isinstance(tree, dict):
+        return {k: ("<redacted>" if _SECRET.search(str(k)) else redact(v)) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redact(v) for v in tree]
+    return tree
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(redact(config.model_dump(mode="json")), sort_keys=False)
+
+
+def save_resolved(config: BaseModel, folder: str, name: str = "config.yaml") -> str:
+    """Write the resolved config next to a run's outputs (atomic); returns its URL."""
+    url = urls.join(folder, name)
+    urls.atomic_write_text(url, dump_config(config))
+    return url

@@ -1,0 +1,147 @@
+"""fsspec URLs: every path in raycp is a URL (local path, ``file://``, ``s3://``, ``gs://``).
+
+Credentials never appear in configs or logs: they come from the environment (AWS_* variables,
+instance roles, ``~/.aws``) or from ``RAYCP_S3_ENDPOINT_URL`` for S3-compatible stores.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import fsspec
+
+from raycp.errors import InputError, StorageError
+
+#: Transient object-store errors worth retrying (network blips, throttling).
+_RETRIES = 3
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """Filesystem options for ``url`` taken from the environment (never from config files)."""
+    protocol = protocol_of(url)
+    if protocol == "s3":
+        opts: dict[str, Any] = {}
+        endpoint = os.environ.get("RAYCP_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            opts["client_kwargs"] = {"endpoint_url": endpoint}
+        if os.environ.get("RAYCP_S3_ANON") == "1":
+            opts["anon"] = True
+        return opts
+    return {}
+
+
+def protocol_of(url: str) -> str:
+    """``'file'`` for local paths, else the URL scheme (``s3``, ``gs``, ``memory`` ...)."""
+    if "://" not in url:
+        return "file"
+    return url.split("://", 1)[0]
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and the protocol-less path for ``url``."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options(url))
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL parts with ``/`` (local paths too); ``parts`` are checked by :func:`safe_name`."""
+    for part in parts:
+        for piece in part.split("/"):
+            if piece:
+                safe_name(piece)
+    if protocol_of(base) == "file" and "://" not in base:
+        return os.path.join(base, *parts)
+    return posixpath.join(base, *parts)
+
+
+def safe_name(name: str, *, what: str = "name") -> str:
+    """Reject names that would escape an output folder when used as a path component."""
+    text = str(name)
+    if (
+        text in {"", ".", ".."}
+        or "/" in text
+        or "\\" in text
+        or "\x00" in text
+        or text.startswith("~")
+    ):
+        raise InputError(
+            f"{what} {text!r} cannot be used in an output path",
+            fix="use plate/well/site names without '/', '\\', '..' or a leading '~'",
+        )
+    return text
+
+
+def resolve(url: str, base: str | None = None) -> str:
+    """Resolve a relative path against ``base`` (a folder URL); absolute URLs pass through."""
+    if "://" in url or os.path.isabs(url) or base is None:
+        return url
+    return join(base, url)
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def with_retries(fn: Callable[[], Any], *, url: str, retries: int = _RETRIES) -> Any:
+    """Call ``fn``, retrying transient object-store errors (not missing files)."""
+    last: Exception | None = None
+    for _ in range(retries):
+        try:
+            return fn()
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            raise
+        except (ConnectionError, TimeoutError, OSError) as exc:  # OSError covers botocore IO
+            last = exc
+    raise StorageError(f"{url}: {type(last).__name__}: {last}", fix="check the object store")
+
+
+def read_bytes(url: str) -> bytes:
+    """All bytes of ``url``; transient errors are retried, a missing file raises FileNotFoundError."""
+    fs, path = filesystem(url)
+    return with_retries(lambda: fs.cat_file(path), url=url)
+
+
+def atomic_write_bytes(url: str, data: bytes) -> None:
+    """Write then rename: readers never see a partial file, re-runs overwrite cleanly.
+
+    On object stores a PUT is already atomic, so the object is written in one request.
+    """
+    fs, path = filesystem(url)
+    parent = posixpath.dirname(path) if protocol_of(url) != "file" else os.path.dirname(path)
+    try:
+        if protocol_of(url) == "file":
+            os.makedirs(parent or ".", exist_ok=True)
+            tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        else:
+            with_retries(lambda: fs.pipe_file(path, data), url=url)
+    except PermissionError as exc:
+        raise StorageError(f"{url}: not writable ({exc.strerror or exc})",
+                           fix="choose an output URL you can write to") from None
+
+
+def atomic_write_text(url: str, text: str) -> None:
+    atomic_write_bytes(url, text.encode("utf-8"))
+
+
+def ensure_writable(url: str) -> None:
+    """Fail early, with one line, when ``url`` (a folder) cannot be written."""
+    probe = join(url, f".raycp-write-test-{uuid.uuid4().hex}")
+    try:
+        atomic_write_bytes(probe, b"ok")
+        fs, path = filesystem(probe)
+        fs.rm_file(path)
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure means "not writable"
+        raise StorageError(f"{url}: output location is not writable ({type(exc).__name__}: {exc})",
+                           fix="choose an output URL you can write to") from None

@@ -1,0 +1,108 @@
+"""Shared fixtures: the real data folder, a real S3 API (moto_server), one local Ray per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RAYCP_SHARED_DATA", REPO.parent / "shared" / "data"))
+BUCKET = "raycp-test"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (set RAYCP_SHARED_DATA to the shared/data folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real images and profiles (``../shared/data`` or ``$RAYCP_SHARED_DATA``)."""
+    return _require(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def site_5ch(shared_data) -> Path:
+    """The complete 5-channel Cell Painting site (Phenix names; ch5 DNA, ch2 ER, ch6 RNA, ch3 AGP, ch4 Mito)."""
+    return _require(shared_data / "images" / "pediatric_5ch_BR00143976_C03_s3")
+
+
+PHENIX_5CH_MAP = {5: "DNA", 2: "ER", 6: "RNA", 3: "AGP", 4: "Mito"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 API: ``moto_server`` on 127.0.0.1 (random free port), stopped by its PID.
+
+    Sets the endpoint and dummy credentials in the environment *before* Ray starts, so Ray
+    workers reach it exactly as production workers reach S3.
+    """
+    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
+    if exe is None:
+        pytest.fail("moto_server not installed (it comes with the dev extra moto[server])")
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "RAYCP_S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    deadline = time.time() + 30
+    import urllib.request
+
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"moto_server did not start on {endpoint}")
+            time.sleep(0.2)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+    fs.mkdir(BUCKET)
+    yield {"endpoint": endpoint, "bucket": BUCKET, "fs": fs}
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+    log.close()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One real local Ray cluster for the whole test session (2 CPUs, small object store)."""
+    from raycp import runtime
+    from raycp.config import ComputeConfig
+
+    ray = runtime.init(ComputeConfig(num_cpus=2, num_gpus=0, object_store_memory_gb=0.5))
+    yield ray
+    runtime.shutdown()

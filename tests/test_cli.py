@@ -1,0 +1,98 @@
+"""The `raycp` CLI: the demo path on the real site, one-line errors, meaningful exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from raycp.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_lists_every_stage_verb(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for verb in ("index", "config", "version"):
+        assert verb in out
+    code, out, _ = run(capsys, "index", "--help")
+    assert code == 0 and all(v in out for v in ("build", "check", "summarize"))
+
+
+def test_demo_path_summarises_the_real_site(site_5ch, ray_cluster, tmp_path, capsys):
+    """`make demo`: index the real 5-channel site, read it through Ray, print its summary."""
+    index = tmp_path / "run" / "index" / "sites.parquet"
+    code, out, err = run(capsys, "index", "build", str(site_5ch / "images" / "orig"), "--from", "phenix",
+                         "--plate", "BR00143976", "--channel-map", "5=DNA,2=ER,6=RNA,3=AGP,4=Mito",
+                         "--output", str(index))
+    assert code == 0, err
+    assert "sites 1 · plates 1 · wells 1 · channels DNA, ER, RNA, AGP, Mito" in out
+    code, out, err = run(capsys, "index", "summarize", str(index), "--output", str(tmp_path / "run"))
+    assert code == 0, err
+    assert "BR00143976 C03 site 3" in out and "1080×1080" in out
+    assert "summary: 1 input(s) = 1 processed + 0 quarantined" in out
+    folder = tmp_path / "run" / "summary"
+    stats = pd.read_parquet(folder / "summary.parquet")
+    assert stats.channel.tolist() == ["DNA", "ER", "RNA", "AGP", "Mito"]
+    assert (stats.dtype == "uint16").all() and (stats.height == 1080).all()
+    assert (stats["p0.05"] <= stats["p50"]).all() and (stats["p50"] <= stats["p99.95"]).all()
+    assert json.loads((folder / "ledger.json").read_text())["processed"] == 1
+    assert "data:" in (folder / "config.yaml").read_text()
+
+
+def test_quarantined_site_gives_exit_code_3_and_a_reason(site_5ch, ray_cluster, tmp_path, capsys):
+    orig = tmp_path / "orig"
+    shutil.copytree(site_5ch / "images" / "orig", orig)
+    for n in (2, 3, 4, 5, 6):  # a second site whose DNA file is truncated
+        src = orig / f"r03c03f03p01-ch{n}sk1fk1fl1.tiff"
+        data = src.read_bytes()
+        (orig / f"r03c03f04p01-ch{n}sk1fk1fl1.tiff").write_bytes(data[: len(data) // 4] if n == 5 else data)
+    index = tmp_path / "sites.parquet"
+    assert run(capsys, "index", "build", str(orig), "--from", "phenix", "--plate", "P",
+               "--channel-map", "5=DNA,2=ER,6=RNA,3=AGP,4=Mito", "--output", str(index))[0] == 0
+    code, out, _ = run(capsys, "index", "summarize", str(index), "--output", str(tmp_path / "run"))
+    assert code == 3
+    assert "2 input(s) = 1 processed + 1 quarantined" in out
+    assert "r03c03f04p01-ch5sk1fk1fl1.tiff: unreadable TIFF" in out
+    ledger = pd.read_parquet(tmp_path / "run" / "summary" / "ledger.parquet")
+    assert ledger.status.tolist() == ["processed", "quarantined"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["index", "check", "{tmp}/nope.parquet"], "nope.parquet: index not found (fix: run `raycp index build` first)"),
+        (["index", "build", "{tmp}", "--from", "phenix", "--plate", "P", "--channel-map", "5=DNA", "--output", "{tmp}/i.parquet"],
+         "no Phenix-named images"),
+        (["index", "build", "{tmp}", "--from", "phenix", "--plate", "P", "--channel-map", "DNA", "--output", "x"],
+         "channel map entry 'DNA' is not SOURCE=CHANNEL"),
+        (["config", "show", "--set", "data.index=a", "--set", "data.output=b", "--set", "crops.colour=1"],
+         "unknown key 'crops.colour'"),
+    ],
+)
+def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, argv, needle):
+    code, _, err = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raycp: error: ") and needle in lines[0]
+
+
+def test_config_show_prints_the_resolved_config(capsys):
+    code, out, _ = run(capsys, "config", "show", "--set", "data.index=s3://b/i.parquet", "--set", "data.output=o")
+    assert code == 0 and "index: s3://b/i.parquet" in out and "size: 128" in out
+
+
+def test_import_raycp_imports_neither_ray_nor_torch():
+    code = ("import sys, raycp, raycp.config, raycp.io.index, raycp.io.importers, raycp.cli; "
+            "bad = [m for m in ('ray', 'torch') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
