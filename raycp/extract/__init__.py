@@ -1,0 +1,1 @@
+"""Feature extraction for whole screens (paper Methods, "Feature extraction")."""
