@@ -232,6 +232,9 @@ def version() -> None:
 def _register_stage_apps() -> None:
     import importlib.util
 
+    from raycp.screens import cli as screens_cli
+
+    app.add_typer(screens_cli.app, name="screen")
     if importlib.util.find_spec("raycp.profiles.cli") is None:  # TEMP until issue 3 lands
         return
     from raycp.profiles import cli as profiles_cli

@@ -7,6 +7,7 @@ config is written next to every run's outputs, without credentials.
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
@@ -104,14 +105,16 @@ def _config_error(exc: ValidationError, source: str) -> ConfigError:
         return ConfigError(f"{source}: unknown key {where!r}", fix="remove it or check its spelling")
     if err["type"] == "missing":
         return ConfigError(f"{source}: missing key {where!r}", fix=f"set it in the file or with --set {where}=...")
-    return ConfigError(f"{source}: {where}: {err['msg']}")
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return ConfigError(f"{source}: {where}: {msg}", fix=f"fix {where} in the file or with --set {where}=...")
 
 
 def build_config(model: type[BaseModel], path: str | None = None,
-                 overrides: list[str] | tuple[str, ...] | None = None) -> Any:
-    """Load ``model`` from a YAML file (optional) with CLI overrides on top."""
+                 overrides: list[str] | tuple[str, ...] | None = None, *, base: dict | None = None,
+                 source: str | None = None) -> Any:
+    """Load ``model`` from ``base`` (e.g. a preset) < a YAML file (optional) < CLI overrides."""
     tree: dict = {}
-    source = path or "config"
+    source = path or source or "config"
     if path is not None:
         try:
             tree = yaml.safe_load(urls.read_bytes(path)) or {}
@@ -123,7 +126,7 @@ def build_config(model: type[BaseModel], path: str | None = None,
             raise ConfigError(f"{path}:{where} invalid YAML", fix="fix the YAML syntax") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: top level must be a mapping", fix="write key: value pairs")
-    tree = _merge(tree, parse_overrides(overrides))
+    tree = _merge(_merge(copy.deepcopy(base or {}), tree), parse_overrides(overrides))
     try:
         return model.model_validate(tree)
     except ValidationError as exc:
