@@ -230,15 +230,10 @@ def version() -> None:
 
 
 def _register_stage_apps() -> None:
-    import importlib.util
-
+    from raycp.profiles import cli as profiles_cli
     from raycp.screens import cli as screens_cli
 
     app.add_typer(screens_cli.app, name="screen")
-    if importlib.util.find_spec("raycp.profiles.cli") is None:  # TEMP until issue 3 lands
-        return
-    from raycp.profiles import cli as profiles_cli
-
     app.add_typer(profiles_cli.app, name="profile")
 
 

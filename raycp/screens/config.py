@@ -6,8 +6,6 @@ Presets: ``mini`` (CI: 2 plates × 96 wells, 12 treatments, 320-px sites, second
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -16,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from raycp.config import ComputeConfig, build_config
 from raycp.errors import ConfigError
 from raycp.io import urls
+from raycp.io.shared import shared_data_dir
 from raycp.io.index import DEFAULT_CHANNELS
 from raycp.screens.programs import MOAS, check_moas
 
@@ -23,13 +22,8 @@ PHENIX_5CH_MAP = {5: "DNA", 2: "ER", 6: "RNA", 3: "AGP", 4: "Mito"}
 SOURCE_SITE = "images/pediatric_5ch_BR00143976_C03_s3"
 
 
-def shared_data() -> str:
-    """``$RAYCP_SHARED_DATA`` or ``../shared/data`` (relative to the working directory)."""
-    return os.environ.get("RAYCP_SHARED_DATA") or str(Path("..") / "shared" / "data")
-
-
 def default_source() -> str:
-    return urls.join(shared_data(), SOURCE_SITE)
+    return urls.join(str(shared_data_dir()), SOURCE_SITE)
 
 
 class _Strict(BaseModel):

@@ -1,0 +1,131 @@
+"""Figures of the evaluation (Moshkov et al. 2024, Fig. 6): mAP vs the sphering λ, the interpolated
+precision–recall curve, and UMAPs of well profiles coloured by plate and by control/treated, before
+and after sphering. PNG files (matplotlib, Agg backend) plus a small HTML page that shows them."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_map_vs_lambda(sweep: pd.DataFrame, path: str | os.PathLike, metric: str = "map_paper") -> Path:
+    """mAP against λ: no correction leftmost, then λ in decreasing order (increasing sphering)."""
+    plt = _plt()
+    none = sweep[sweep["sphere_lambda"].isna()]
+    lam = sweep[sweep["sphere_lambda"].notna()].sort_values("sphere_lambda", ascending=False)
+    labels = (["none"] if len(none) else []) + [f"{v:g}" for v in lam["sphere_lambda"]]
+    values = list(none[metric]) + list(lam[metric])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(len(values)), values, marker="o")
+    ax.set_xticks(range(len(values)), labels, rotation=45)
+    ax.set_xlabel("sphering λ (leftmost: no correction)")
+    ax.set_ylabel("mAP" if metric.startswith("map") else metric)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_pr_curve(curve: pd.DataFrame, path: str | os.PathLike, label: str | None = None) -> Path:
+    """The mean interpolated precision at each recall point (the paper's PR curve)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.plot(curve["recall"], curve["precision"], label=label)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("interpolated precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    if label:
+        ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def umap_embedding(X: np.ndarray, random_state: int = 0, n_neighbors: int = 15, metric: str = "cosine") -> np.ndarray:
+    """2-D UMAP (umap-learn) of profiles."""
+    import umap
+
+    n_neighbors = max(2, min(n_neighbors, len(X) - 1))
+    return umap.UMAP(n_neighbors=n_neighbors, metric=metric, random_state=random_state).fit_transform(np.asarray(X))
+
+
+def plot_umaps(
+    before: np.ndarray,
+    after: np.ndarray | None,
+    plates: Sequence,
+    is_control: Sequence[bool],
+    path: str | os.PathLike,
+    random_state: int = 0,
+) -> Path:
+    """UMAP of well profiles before (and after) sphering, coloured by plate and by control/treated."""
+    plt = _plt()
+    sets = [("before sphering", before)] + ([("after sphering", after)] if after is not None else [])
+    plates = pd.Series(list(plates)).astype(str)
+    ctrl = np.asarray(is_control, dtype=bool)
+    fig, axes = plt.subplots(len(sets), 2, figsize=(10, 4.5 * len(sets)), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    plate_codes, plate_names = pd.factorize(plates, sort=True)
+    for r, (title, X) in enumerate(sets):
+        emb = umap_embedding(X, random_state=random_state)
+        ax = axes[r, 0]
+        for i, name in enumerate(plate_names):
+            sel = plate_codes == i
+            ax.scatter(emb[sel, 0], emb[sel, 1], s=6, color=cmap(i % 20), label=name if len(plate_names) <= 20 else None)
+        ax.set_title(f"{title}: by plate")
+        if len(plate_names) <= 20:
+            ax.legend(fontsize=6, markerscale=2)
+        ax = axes[r, 1]
+        ax.scatter(emb[~ctrl, 0], emb[~ctrl, 1], s=6, color="0.6", label="treated")
+        ax.scatter(emb[ctrl, 0], emb[ctrl, 1], s=8, color="red", label="control")
+        ax.set_title(f"{title}: control vs treated")
+        ax.legend(fontsize=7, markerscale=2)
+        for a in axes[r]:
+            a.set_xticks([])
+            a.set_yticks([])
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_html(out_dir: str | os.PathLike, images: Sequence[str | os.PathLike], metrics: dict, title: str = "raycp evaluation") -> Path:
+    """A small self-describing HTML page: the metrics table and the PNGs (relative links)."""
+    out_dir = Path(out_dir)
+    rows = "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</td></tr>"
+        for k, v in metrics.items()
+        if not isinstance(v, dict)
+    )
+    imgs = "".join(
+        f'<figure><img src="{html.escape(os.path.relpath(p, out_dir))}" style="max-width:100%"><figcaption>{html.escape(Path(p).stem)}</figcaption></figure>'
+        for p in images
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"
+        f"<h1>{html.escape(title)}</h1><table border='1' cellpadding='3'>{rows}</table>{imgs}</body></html>"
+    )
+    path = out_dir / "plots.html"
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -1,0 +1,237 @@
+"""``raycp profile ...``: aggregation, treatment effect, the paper's evaluation and the λ sweep.
+
+Thin commands: parse → call the stage → write files. Bad input raises ``InputError`` (the main CLI
+prints it as one line, exit code 2)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import typer
+
+from raycp.errors import InputError
+
+app = typer.Typer(
+    help="Profiles: cells → sites → wells → treatments, sphering, treatment effect and the paper's evaluation.",
+    no_args_is_help=True,
+)
+
+
+def _cols(text: str, option: str) -> list[str]:
+    cols = [c.strip() for c in text.split(",") if c.strip()]
+    if not cols:
+        raise InputError(f"{option} is empty", fix=f"pass {option} COL[,COL...]")
+    return cols
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(payload), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _write_parquet(df: pd.DataFrame, path: Path) -> None:
+    df = df.copy()
+    df.columns = [str(c) for c in df.columns]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    df.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+def _read_wells(path: Path) -> pd.DataFrame:
+    from raycp.profiles.io import read_table
+
+    return read_table(path)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    wells: Path = typer.Argument(..., help="Well-level profiles: CSV, CSV.GZ or Parquet (features: numeric non-Metadata_ columns)."),
+    treatment_cols: str = typer.Option(..., "--treatment-cols", help="Columns whose tuple keys a treatment, comma-separated."),
+    annotation_col: str = typer.Option(..., "--annotation-col", help="Annotation (MoA/pathway) column; matches share ≥1 token."),
+    annotation_sep: str = typer.Option("|", "--annotation-sep", help="Separator of several annotations in one cell."),
+    control_query: str = typer.Option(..., "--control-query", help="pandas query selecting the control wells."),
+    sphere_lambda: Optional[float] = typer.Option(None, "--sphere-lambda", help="Sphere the wells with this λ (fit on controls)."),
+    sphere_scope_col: Optional[str] = typer.Option(None, "--sphere-scope-col", help="Fit one sphering per value of this column (e.g. Metadata_Plate); default: whole screen."),
+    harmony_col: Optional[str] = typer.Option(None, "--harmony-col", help="Run Harmony with this column (e.g. Metadata_Plate) as batches, after sphering if asked."),
+    harmony_clusters: Optional[int] = typer.Option(None, "--harmony-clusters", help="Harmony clusters (paper: 300 for compound screens)."),
+    plate_col: str = typer.Option("Metadata_Plate", "--plate-col", help="Plate column (UMAP colouring)."),
+    output: Path = typer.Option(Path("evaluation"), "--output", help="Output folder."),
+    plots: bool = typer.Option(False, "--plots/--no-plots", help="Also write the PR curve and UMAP PNGs + plots.html."),
+) -> None:
+    """Sphere (optional), aggregate wells to treatments, and score them as the paper does."""
+    from raycp.evaluate import evaluate
+
+    df = _read_wells(wells)
+    run = evaluate(
+        df,
+        _cols(treatment_cols, "--treatment-cols"),
+        annotation_col,
+        control_query,
+        sep=annotation_sep,
+        sphere_lambda=sphere_lambda,
+        sphere_scope_col=sphere_scope_col,
+        harmony_batch_col=harmony_col,
+        harmony_clusters=harmony_clusters,
+        source=str(wells),
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    q = run.evaluation.queries
+    _write_parquet(q[q["is_query_map"]].reset_index(drop=True), output / "queries_map.parquet")
+    _write_parquet(q[q["is_query_foe"]].reset_index(drop=True), output / "queries_foe.parquet")
+    _write_parquet(run.library, output / "treatments.parquet")
+    _write_parquet(run.evaluation.pr_curve, output / "pr_curve.parquet")
+    metrics = {
+        **run.evaluation.summary,
+        "input": str(wells),
+        "treatment_cols": _cols(treatment_cols, "--treatment-cols"),
+        "annotation_col": annotation_col,
+        "annotation_sep": annotation_sep,
+        "control_query": control_query,
+        "sphere_lambda": sphere_lambda,
+        "accounting": run.accounting,
+    }
+    if plots:
+        metrics["plots"] = _evaluation_plots(df, control_query, sphere_lambda, sphere_scope_col, plate_col, run, output)
+    _write_json(output / "metrics.json", metrics)
+    s = run.evaluation.summary
+    typer.echo(json.dumps(_jsonable({k: s[k] for k in ("map_paper", "map", "folds_of_enrichment", "n_treatments", "n_queries_map", "n_queries_foe")})))
+
+
+def _evaluation_plots(df, control_query, sphere_lambda, scope_col, plate_col, run, output: Path) -> list[str]:
+    from raycp.evaluate import control_mask_from_query
+    from raycp.evaluate.plots import plot_pr_curve, plot_umaps, write_html
+    from raycp.profiles.io import feature_columns, feature_matrix
+    from raycp.profiles.sphere import sphere
+
+    images = [plot_pr_curve(run.evaluation.pr_curve, output / "pr_curve.png")]
+    feats = feature_columns(df)
+    X = feature_matrix(df, feats)
+    ok = ~np.isnan(X).any(axis=1)
+    ctrl = control_mask_from_query(df, control_query)
+    after = None
+    if sphere_lambda is not None:
+        groups = None if scope_col is None else df[scope_col].to_numpy()[ok]
+        after = sphere(X[ok], ctrl[ok], sphere_lambda, groups)
+    plates = df[plate_col].to_numpy()[ok] if plate_col in df.columns else np.zeros(int(ok.sum()))
+    images.append(plot_umaps(X[ok], after, plates, ctrl[ok], output / "umap.png"))
+    write_html(output, images, run.evaluation.summary)
+    return [p.name for p in images] + ["plots.html"]
+
+
+@app.command("sweep")
+def sweep_cmd(
+    wells: Path = typer.Argument(..., help="Well-level profiles: CSV, CSV.GZ or Parquet."),
+    treatment_cols: str = typer.Option(..., "--treatment-cols"),
+    annotation_col: str = typer.Option(..., "--annotation-col"),
+    annotation_sep: str = typer.Option("|", "--annotation-sep"),
+    control_query: str = typer.Option(..., "--control-query"),
+    lambdas: str = typer.Option("1,0.1,0.01,0.001,0.0001", "--lambdas", help="Sphering λ values, comma-separated."),
+    sphere_scope_col: Optional[str] = typer.Option(None, "--sphere-scope-col"),
+    output: Path = typer.Option(Path("evaluation"), "--output"),
+) -> None:
+    """mAP and folds of enrichment without correction and for each λ; writes sweep.parquet and map_vs_lambda.png."""
+    from raycp.evaluate import sweep_lambdas
+    from raycp.evaluate.plots import plot_map_vs_lambda
+
+    try:
+        lams = [float(v) for v in _cols(lambdas, "--lambdas")]
+    except ValueError as exc:
+        raise InputError(f"--lambdas {lambdas!r} is not a list of numbers", fix="e.g. --lambdas 1,0.1,0.01") from exc
+    df = _read_wells(wells)
+    table = sweep_lambdas(df, _cols(treatment_cols, "--treatment-cols"), annotation_col, control_query, lams,
+                          sep=annotation_sep, sphere_scope_col=sphere_scope_col, source=str(wells))
+    output.mkdir(parents=True, exist_ok=True)
+    _write_parquet(table, output / "sweep.parquet")
+    plot_map_vs_lambda(table, output / "map_vs_lambda.png")
+    for row in table.to_dict("records"):
+        typer.echo(json.dumps(_jsonable(row)))
+
+
+@app.command("aggregate")
+def aggregate_cmd(
+    cells: list[Path] = typer.Argument(..., help="Single-cell tables (Parquet files/folders or CSV)."),
+    site_cols: str = typer.Option("Metadata_Plate,Metadata_Well,Metadata_Site", "--site-cols"),
+    well_cols: str = typer.Option("Metadata_Plate,Metadata_Well", "--well-cols"),
+    batch_rows: int = typer.Option(65_536, "--batch-rows", help="Rows read per batch."),
+    memory_mb: int = typer.Option(512, "--memory-mb", help="Target size of one on-disk partition when sites are not contiguous."),
+    output: Path = typer.Option(Path("profiles"), "--output"),
+) -> None:
+    """Cells → site medians → well means, streaming; writes sites.parquet, wells.parquet, aggregation.json."""
+    from raycp.profiles.aggregate import aggregate_cells
+
+    output.mkdir(parents=True, exist_ok=True)
+    res = aggregate_cells(
+        cells,
+        site_cols=_cols(site_cols, "--site-cols"),
+        well_cols=_cols(well_cols, "--well-cols"),
+        batch_rows=batch_rows,
+        memory_budget_bytes=memory_mb << 20,
+        spill_dir=output,
+        sites_out=output / "sites.parquet",
+    )
+    _write_parquet(res.wells, output / "wells.parquet")
+    _write_json(output / "aggregation.json", res.accounting)
+    a = res.accounting
+    typer.echo(json.dumps({k: a[k] for k in ("cells_read", "cells_dropped_nan", "sites", "wells", "path")}))
+
+
+@app.command("effect")
+def effect_cmd(
+    wells: Path = typer.Argument(..., help="Well-level profiles (CellProfiler features in the paper)."),
+    treatment_cols: str = typer.Option(..., "--treatment-cols"),
+    control_query: str = typer.Option(..., "--control-query"),
+    plate_col: str = typer.Option("Metadata_Plate", "--plate-col"),
+    sphere_lambda: float = typer.Option(0.01, "--sphere-lambda", help="Sphering λ before the distances (paper: 1e-2)."),
+    no_sphere: bool = typer.Option(False, "--no-sphere", help="Use the profiles as given (already corrected)."),
+    fraction: float = typer.Option(0.2, "--fraction", help="Size of each subset (paper: 20%)."),
+    output: Path = typer.Option(Path("effect"), "--output"),
+) -> None:
+    """Treatment effect (mean z-scored distance to the plate's median control) and the weakest/median/strongest subsets."""
+    from raycp.evaluate import control_mask_from_query
+    from raycp.profiles.effect import select_subsets, treatment_effect
+    from raycp.profiles.io import check_finite, feature_columns, feature_matrix
+    from raycp.profiles.sphere import sphere
+
+    df = _read_wells(wells)
+    ctrl = control_mask_from_query(df, control_query, str(wells))
+    if not ctrl.any():
+        raise InputError(f"{wells}: control query {control_query!r} matched no well", fix="check the query")
+    feats = feature_columns(df, str(wells))
+    X = feature_matrix(df, feats)
+    check_finite(X, feats, str(wells))
+    ok = ~np.isnan(X).any(axis=1)
+    if not no_sphere:
+        X[ok] = sphere(X[ok], ctrl[ok], sphere_lambda)
+    frame = pd.concat([df.loc[ok, [c for c in df.columns if c not in feats]].reset_index(drop=True),
+                       pd.DataFrame(X[ok], columns=feats)], axis=1)
+    res = treatment_effect(frame, _cols(treatment_cols, "--treatment-cols"), ctrl[ok], plate_col=plate_col, features=feats)
+    output.mkdir(parents=True, exist_ok=True)
+    _write_parquet(res.treatments, output / "effect.parquet")
+    (output / "subsets").mkdir(exist_ok=True)
+    subsets = select_subsets(res.treatments, fraction)
+    for name, table in subsets.items():
+        table.to_csv(output / "subsets" / f"{name}.csv", index=False)
+    acct = {**res.accounting, "wells_dropped_nan": int((~ok).sum()), "sphere_lambda": None if no_sphere else sphere_lambda,
+            "subset_sizes": {k: len(v) for k, v in subsets.items()}}
+    _write_json(output / "effect.json", acct)
+    typer.echo(json.dumps(_jsonable({"treatments": len(res.treatments), **acct["subset_sizes"]})))
