@@ -230,10 +230,12 @@ def version() -> None:
 
 
 def _register_stage_apps() -> None:
+    from raycp.preprocess import cli as preprocess_cli
     from raycp.profiles import cli as profiles_cli
     from raycp.screens import cli as screens_cli
 
     app.add_typer(screens_cli.app, name="screen")
+    app.add_typer(preprocess_cli.app, name="preprocess")
     app.add_typer(profiles_cli.app, name="profile")
 
 

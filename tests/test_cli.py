@@ -22,7 +22,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 def test_help_lists_every_stage_verb(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0
-    for verb in ("index", "config", "version", "screen", "profile"):
+    for verb in ("index", "config", "version", "screen", "preprocess", "profile"):
         assert verb in out
     code, out, _ = run(capsys, "index", "--help")
     assert code == 0 and all(v in out for v in ("build", "check", "summarize"))

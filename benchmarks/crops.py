@@ -1,0 +1,263 @@
+"""Benchmark of the crops stage: crops/s through Ray Data vs a bare decode loop, and memory growth.
+
+Input: ``--sites`` N sites made by hard-linking the real 5-channel Cell Painting site
+(``pediatric_5ch_BR00143976_C03_s3``, 5 × 1080×1080 uint16 LZW TIFFs, 38 detected nuclei) under new
+Phenix names in a temp folder, so every site is real pixels and the same work.
+
+For N and 10·N sites, each in a fresh process with its own local Ray (``--cpus``, default all):
+
+1. setup, untimed: index, ``illum`` and ``nuclei`` stages (detection);
+2. timed, on a fresh local cluster: the ``crops`` stage (read 5 TIFFs → correct → stretch to 8
+   bits → crop around the stored nuclei → one Parquet shard + receipt per site), wall time
+   including Ray Data's start of the job (worker processes already up, as in a long screen); memory of the whole process tree (driver + Ray's
+   daemons + workers) sampled every 50 ms as the sum of PSS (proportional set size: shared
+   object-store pages count once); reported as the peak and as the peak minus the tree's
+   memory just before the stage.
+
+In the parent process, on the same N files: a bare loop that only reads and decodes the TIFFs
+(``raycp.io.images.decode_image``, one thread), and the same per-site core in-process (no Ray).
+
+Prints JSON lines: per N the crops/s of the pipeline, of the decode-only loop (cells ÷ decode
+time) and their ratio (target: overhead ≤ 20 %), and the peak-memory growth from N to 10·N
+(target < 10 %).
+
+    python benchmarks/crops.py                  # N = 8
+    python benchmarks/crops.py --sites 4 --cpus 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED = Path(os.environ.get("RAYCP_SHARED_DATA", REPO.parent / "shared" / "data"))
+SITE = SHARED / "images" / "pediatric_5ch_BR00143976_C03_s3" / "images" / "orig"
+CHANNELS = {5: "DNA", 2: "ER", 6: "RNA", 3: "AGP", 4: "Mito"}
+
+
+def make_sites(folder: Path, n: int) -> Path:
+    """N sites (fields 1..N of well C03) linking the real site's files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for field in range(1, n + 1):
+        for ch in CHANNELS:
+            dest = folder / f"r03c03f{field:03d}p01-ch{ch}sk1fk1fl1.tiff"
+            if not dest.exists():
+                src = SITE / f"r03c03f03p01-ch{ch}sk1fk1fl1.tiff"
+                try:
+                    os.link(src, dest)
+                except OSError:
+                    shutil.copyfile(src, dest)
+    return folder
+
+
+def _tree() -> dict[int, tuple[str, int]]:
+    """``{pid: (command line, PSS bytes)}`` of this process and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    out, stack = {}, [os.getpid()]
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/cmdline") as fh:
+                name = fh.read().replace("\0", " ").strip()
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                pss = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            continue
+        out[pid] = (name, pss)
+    return out
+
+
+def _tree_pss() -> int:
+    return sum(p for _, p in _tree().values())
+
+
+class TreePeak:
+    """Samples the process tree every 50 ms: peak of the summed PSS, and the peak PSS of each
+    process that ran a task of the stage (``ray::MapBatches(site_batch)``)."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.peak = 0
+        self.worker_peak: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        seen: set[int] = set()
+        while not self._stop.is_set():
+            tree = _tree()
+            self.peak = max(self.peak, sum(p for _, p in tree.values()))
+            for pid, (name, pss) in tree.items():
+                if "site_batch" in name:
+                    seen.add(pid)
+                if pid in seen:
+                    self.worker_peak[pid] = max(self.worker_peak.get(pid, 0), pss)
+            self._stop.wait(self._interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def _warm(batch):
+    import raycp.preprocess.pipeline  # noqa: F401 - the imports a crops task needs
+
+    return batch
+
+
+def child(n: int, cpus: int | None, workdir: Path) -> dict:
+    """One measurement in this (fresh) process: setup stages, then the timed crops stage."""
+    from raycp import runtime
+    from raycp.io import importers
+    from raycp.preprocess import pipeline
+    from raycp.preprocess.cli import load_run
+
+    folder = make_sites(workdir / f"images{n}", n)
+    out = workdir / f"run{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    index = importers.from_phenix_folder(str(folder), plate="BENCH", channel_map=CHANNELS)
+    sets = ["compute.object_store_memory_gb=0.5"] + ([f"compute.num_cpus={cpus}"] if cpus else [])
+    run = load_run(None, sets, "unused", str(out))
+    runtime.init(run.compute)
+    pipeline.run_illumination(run, index)
+    pipeline.run_nuclei(run, index)
+    runtime.shutdown()  # a fresh cluster: the setup stages' idle workers do not count
+    runtime.init(run.compute)
+    import ray
+
+    # untimed warm-up: start Ray Data's machinery and the task workers, with the stage's imports
+    import pandas as pd
+
+    ray.data.from_pandas([pd.DataFrame({"a": [i]}) for i in range(2 * (cpus or os.cpu_count() or 1))]).map_batches(
+        _warm, num_cpus=1).take_all()
+    peak = TreePeak()
+    before = _tree_pss()
+    t0 = time.perf_counter()
+    result = pipeline.run_crops(run, index)
+    seconds = time.perf_counter() - t0
+    peak_bytes = peak.stop()
+    runtime.shutdown()
+    return {"n_sites": n, "cells": result.figures["cells"], "processed": result.summary["processed"],
+            "pipeline_s": seconds, "peak_pss_mb": peak_bytes / 2**20, "pss_before_mb": before / 2**20,
+            "workers": len(peak.worker_peak),
+            "max_worker_pss_mb": max(peak.worker_peak.values(), default=0) / 2**20,
+            "cluster_cpus": cpus or os.cpu_count()}
+
+
+def bare_decode(folder: Path, n: int) -> float:
+    """Seconds to read and decode the N sites' TIFFs in this process, one thread."""
+    from raycp.io import urls
+    from raycp.io.images import decode_image
+
+    files = sorted(folder.glob("*.tiff"))[: n * len(CHANNELS)]
+    t0 = time.perf_counter()
+    for path in files:
+        decode_image(urls.read_bytes(str(path)), url=str(path))
+    return time.perf_counter() - t0
+
+
+def inprocess_core(workdir: Path, n: int) -> float:
+    """Seconds for the crops stage's per-site work without Ray (same files, same outputs)."""
+    from raycp.io import importers
+    from raycp.preprocess import pipeline
+    from raycp.preprocess.cli import load_run
+
+    index = importers.from_phenix_folder(str(workdir / f"images{n}"), plate="BENCH", channel_map=CHANNELS)
+    rows = index.table.to_dict("records")
+    run = load_run(None, [], "unused", str(workdir / f"run{n}"))
+    spec = pipeline.stage_spec("crops", run, index, correct=True, locate="file",
+                               labels={}, metadata_columns=[c for c in index.table.columns if c.startswith("Metadata_")])
+    ctx = pipeline.SiteContext(spec)
+    t0 = time.perf_counter()
+    for row in rows:
+        out = pipeline.process_row(ctx, row)
+        assert out["status"] == "processed", out["reason"]
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sites", type=int, default=8, help="N (the memory check also runs 10·N)")
+    parser.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
+    parser.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed)")
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(child(args.child, args.cpus, Path(args.workdir))))
+        return
+    if not SITE.exists():
+        sys.exit(f"real data not found at {SITE} (set RAYCP_SHARED_DATA)")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="raycp-bench-crops-"))
+    try:
+        results = {}
+        for n in (args.sites, 10 * args.sites):
+            cmd = [sys.executable, __file__, "--child", str(n), "--workdir", str(workdir)]
+            if args.cpus:
+                cmd += ["--cpus", str(args.cpus)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode or not lines:
+                sys.exit(f"benchmark child failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            results[n] = json.loads(lines[-1])
+        for n, res in results.items():
+            decode_s = min(bare_decode(workdir / f"images{n}", n) for _ in range(2))
+            core_s = inprocess_core(workdir, n)
+            cells = res["cells"]
+            line = {
+                "bench": "crops", "n_sites": n, "cells": cells, "cluster_cpus": res["cluster_cpus"],
+                "pipeline_s": round(res["pipeline_s"], 3),
+                "pipeline_crops_per_s": round(cells / res["pipeline_s"], 1),
+                "bare_decode_s": round(decode_s, 3),
+                "bare_decode_crops_per_s": round(cells / decode_s, 1),
+                "inprocess_core_s": round(core_s, 3),
+                "inprocess_core_crops_per_s": round(cells / core_s, 1),
+                "ratio_vs_bare_decode": round((cells / res["pipeline_s"]) / (cells / decode_s), 3),
+                "peak_pss_mb": round(res["peak_pss_mb"], 1),
+                "stage_pss_mb": round(res["peak_pss_mb"] - res["pss_before_mb"], 1),
+                "workers": res["workers"], "max_worker_pss_mb": round(res["max_worker_pss_mb"], 1),
+                "ratio_vs_inprocess_core": round(core_s / res["pipeline_s"], 3),
+            }
+            line["overhead_vs_bare_decode"] = round(1 - line["ratio_vs_bare_decode"], 3)
+            print(json.dumps(line), flush=True)
+        small, large = results[args.sites], results[10 * args.sites]
+        stage = [r["peak_pss_mb"] - r["pss_before_mb"] for r in (small, large)]
+        print(json.dumps({
+            "bench": "crops_memory", "n_sites": [args.sites, 10 * args.sites],
+            "peak_pss_mb": [round(small["peak_pss_mb"], 1), round(large["peak_pss_mb"], 1)],
+            "growth": round(large["peak_pss_mb"] / small["peak_pss_mb"] - 1, 3),
+            "stage_pss_mb": [round(stage[0], 1), round(stage[1], 1)],
+            "stage_growth": round(stage[1] / stage[0] - 1, 3) if stage[0] > 0 else None,
+            "workers": [small["workers"], large["workers"]],
+            "max_worker_pss_mb": [round(small["max_worker_pss_mb"], 1), round(large["max_worker_pss_mb"], 1)],
+            "worker_growth": round(large["max_worker_pss_mb"] / small["max_worker_pss_mb"] - 1, 3)
+            if small["max_worker_pss_mb"] else None,
+            "target": "< 0.10",
+        }), flush=True)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Single-cell crops (paper Methods): 128×128 boxes centred on each nucleus, no resizing, the cell
+kept in its context (no masking). Boxes that leave the image are zero-padded and flagged.
+
+Storage: Parquet shards (one per site) with a ``Crop`` column of Arrow's canonical
+``fixed_shape_tensor(uint8, [C, S, S])`` extension type plus ``Metadata_*`` columns. Both
+``ray.data.read_parquet`` (a numpy ``N×C×S×S`` column) and plain pyarrow read it::
+
+    import pyarrow.parquet as pq
+    table = pq.read_table("crops/P1/A01_1.parquet")
+    crops = table.column("Crop").combine_chunks().to_numpy_ndarray()   # N×C×S×S uint8
+    meta = table.drop_columns(["Crop"]).to_pandas()
+
+The channel order and crop size are in the schema metadata (``raycp.channels``, ``raycp.crop_size``).
+:func:`read_crops` streams ``(metadata, crops)`` per shard for the later stages.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+
+from raycp.errors import InputError
+from raycp.io import urls
+
+CROP = "Crop"
+CELL_ID, CELL_X, CELL_Y, TOUCHES_BORDER = "Metadata_CellId", "Metadata_X", "Metadata_Y", "Metadata_TouchesBorder"
+LABEL = "Metadata_Label"
+
+
+def box_origin(x: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left corner of each box: the nucleus' pixel ``round(x), round(y)`` lands on ``[S/2, S/2]``."""
+    cx = np.floor(np.asarray(x, dtype=np.float64) + 0.5).astype(np.int64)
+    cy = np.floor(np.asarray(y, dtype=np.float64) + 0.5).astype(np.int64)
+    return cy - size // 2, cx - size // 2
+
+
+def crop_cells(site: np.ndarray, x: np.ndarray, y: np.ndarray, size: int = 128
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """``C×H×W`` site + centres → ``(N×C×S×S crops, N touches-border flags)``; outside pixels are 0."""
+    c, h, w = site.shape
+    top, left = box_origin(x, y, size)
+    n = len(top)
+    crops = np.zeros((n, c, size, size), dtype=site.dtype)
+    border = np.zeros(n, dtype=bool)
+    for i in range(n):
+        t, lft = int(top[i]), int(left[i])
+        y0, y1, x0, x1 = max(t, 0), min(t + size, h), max(lft, 0), min(lft + size, w)
+        border[i] = (y0, y1, x0, x1) != (t, t + size, lft, lft + size)
+        if y1 > y0 and x1 > x0:
+            crops[i, :, y0 - t:y1 - t, x0 - lft:x1 - lft] = site[:, y0:y1, x0:x1]
+    return crops, border
+
+
+def label_image(plane: np.ndarray) -> np.ndarray:
+    """A label image from a mask file: labels as they are, or connected components of a binary mask."""
+    from scipy import ndimage as ndi
+
+    values = np.unique(plane)
+    if values.size <= 2:  # binary (0/1, 0/255 ...): one object per connected component
+        labels, _ = ndi.label(plane > 0)
+        return labels.astype(np.int32)
+    return plane.astype(np.int32)
+
+
+def mask_crops(labels: np.ndarray, x: np.ndarray, y: np.ndarray, size: int = 128) -> np.ndarray:
+    """``N×S×S`` uint8: 255 on the object under each nucleus centre (0 elsewhere, or all 0 when the
+    centre falls on background)."""
+    crops, _ = crop_cells(labels[None], x, y, size)
+    centre = crops[:, 0, size // 2, size // 2]
+    out = (crops[:, 0] == centre[:, None, None]) & (centre[:, None, None] != 0)
+    return (out * np.uint8(255)).astype(np.uint8)
+
+
+def crops_table(crops: np.ndarray, metadata: pd.DataFrame, channels: list[str] | tuple[str, ...]):
+    """A pyarrow table: ``metadata`` columns then the ``Crop`` fixed-shape tensor column."""
+    import pyarrow as pa
+
+    n, c, s, s2 = crops.shape
+    if len(metadata) != n:
+        raise ValueError(f"{len(metadata)} metadata rows for {n} crops")
+    tensor_type = pa.fixed_shape_tensor(pa.uint8(), [c, s, s2])
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(crops, dtype=np.uint8).reshape(-1)),
+                                                c * s * s2)
+    column = pa.ExtensionArray.from_storage(tensor_type, storage)
+    table = pa.Table.from_pandas(metadata.reset_index(drop=True), preserve_index=False)
+    table = table.append_column(CROP, column)
+    meta = dict(table.schema.metadata or {})
+    meta[b"raycp.channels"] = json.dumps(list(channels)).encode()
+    meta[b"raycp.crop_size"] = str(s).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def table_bytes(table) -> bytes:
+    """Parquet bytes (zstd, one row group): deterministic for identical input."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", row_group_size=max(1, table.num_rows))
+    return buf.getvalue()
+
+
+def tensor_to_numpy(column) -> np.ndarray:
+    """``N×C×S×S`` numpy array from a ``Crop`` column (pyarrow Array or ChunkedArray)."""
+    chunks = getattr(column, "chunks", [column])
+    arrays = [chunk.to_numpy_ndarray() for chunk in chunks if len(chunk)]
+    if not arrays:
+        shape = tuple(column.type.shape)
+        return np.zeros((0, *shape), dtype=np.uint8)
+    return np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+
+
+def read_shard(url: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """One crops shard: ``(metadata DataFrame, N×C×S×S uint8)``."""
+    import pyarrow.parquet as pq
+
+    try:
+        data = urls.read_bytes(url)
+    except FileNotFoundError:
+        raise InputError(f"{url}: crops shard not found", fix="re-run `raycp preprocess crops`") from None
+    table = pq.read_table(io.BytesIO(data))
+    if CROP not in table.column_names:
+        raise InputError(f"{url}: no {CROP} column", fix="point at a shard written by `raycp preprocess crops`")
+    return table.drop_columns([CROP]).to_pandas(), tensor_to_numpy(table.column(CROP))
+
+
+def shard_urls(folder: str) -> list[str]:
+    """The shards of a crops folder, in index order, from its ``manifest.parquet`` (no listing)."""
+    try:
+        data = urls.read_bytes(urls.join(folder, "manifest.parquet"))
+    except FileNotFoundError:
+        raise InputError(f"{folder}: no manifest.parquet", fix="run `raycp preprocess crops` to completion") from None
+    manifest = pd.read_parquet(io.BytesIO(data))
+    return [urls.join(folder, p) for p in manifest["path"]]
+
+
+def read_crops(url: str) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
+    """Stream ``(metadata, N×C×S×S uint8 crops)`` per shard of a crops folder (or one shard file)."""
+    shards = [url] if url.endswith(".parquet") else shard_urls(url)
+    for shard in shards:
+        yield read_shard(shard)
+
+
+def channels_of(url: str) -> list[str]:
+    """Channel order of a crops shard (schema metadata)."""
+    import pyarrow.parquet as pq
+
+    fs, path = urls.filesystem(url)
+    with fs.open(path, "rb") as fh:
+        schema = pq.read_schema(fh)
+    return json.loads(schema.metadata[b"raycp.channels"])
+
+
+# -- DeepProfiler interop (export-sc): one PNG strip per cell + sc-metadata.csv -------------------
+
+def deepprofiler_strip(crop: np.ndarray) -> np.ndarray:
+    """``C×S×S`` → ``S×(C·S)``: the channels side by side, DeepProfiler's ``unfold_channels`` layout."""
+    c, s, s2 = crop.shape
+    return np.ascontiguousarray(crop.transpose(1, 0, 2).reshape(s, c * s2))
+
+
+def deepprofiler_image_name(plate: str, well: str, site: int, target: int, x: float, y: float) -> str:
+    """DeepProfiler's ``Image_Name``: ``<plate>/<well>/<site>/<target>@<x>x<y>.png``."""
+    return f"{plate}/{well}/{site}/{int(target)}@{float(x)!r}x{float(y)!r}.png"

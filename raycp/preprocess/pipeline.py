@@ -1,0 +1,919 @@
+"""Ray Data adapters: stream a screen's sites through the pure cores, one stage at a time.
+
+Every stage is ``from_pandas(index blocks) → map_batches(task, one site per call)``: the task
+reads the site's channel files (fsspec, in parallel threads), runs the core, writes the site's
+outputs itself (atomic writes, names from plate/well/site) and returns one small accounting row.
+The driver only sees those rows (and, for illumination, per-plate partial sums), so memory stays
+flat whatever the screen size; nothing is materialised.
+
+Run layout (``<run>`` = ``data.output``)::
+
+    illum/<plate>/<channel>.npy, plate.json      one function per plate × channel
+    compressed/<plate>/<well>/<site>/<ch>.png    + sites.parquet (new index), histograms.parquet
+    nuclei/<plate>/<well>_<site>.parquet         nuclei centres (CellProfiler column names)
+    crops/<plate>/<well>_<site>.parquet          crops + manifest.parquet, labels.json
+    <stage>/_sites/<plate>/<well>_<site>.json    per-site receipt, written last (= site finished)
+    <stage>/ledger.parquet, ledger.json, config.yaml, _SUCCESS
+
+Re-running a stage lists its own ``_sites`` folder once, skips the sites with a receipt and
+retries the quarantined ones; outputs are byte-identical.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from raycp.errors import ConfigError, InputError
+from raycp.io import urls
+from raycp.io.images import ImageReadError, decode_image
+from raycp.io.index import (
+    IS_CONTROL, KEYS, PLATE, SITE, TREATMENT, WELL, ScreenIndex, frame_col, read_index, url_col,
+)
+from raycp.ledger import PROCESSED, QUARANTINED, Ledger, short_reason
+from raycp.preprocess import compress as compress_core
+from raycp.preprocess import crops as crops_core
+from raycp.preprocess import illumination as illum_core
+from raycp.preprocess import locations as loc_core
+from raycp.preprocess import nuclei as nuclei_core
+from raycp.preprocess.config import PreprocessConfig
+
+STAGES = ("illum", "compress", "nuclei", "crops")
+FOLDERS = {"illum": "illum", "compress": "compressed", "nuclei": "nuclei", "crops": "crops"}
+#: Extra per-site ledger columns of each stage (0 for quarantined sites).
+LEDGER_EXTRAS = {
+    "illum": (),
+    "compress": ("raw_bytes", "file_bytes", "png_bytes"),
+    "nuclei": ("n_nuclei",),
+    "crops": ("n_cells", "n_border"),
+}
+COMPRESSED_MARK = b"raycp.preprocessed"
+#: At most this many sites per Ray task (the UDF is still called one site at a time).
+SITES_PER_TASK = 8
+
+Progress = Callable[..., Iterable]
+
+
+# -- run layout ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    """URLs of a run's stage outputs; every name derives from plate/well/site."""
+
+    run: str
+
+    def folder(self, stage: str) -> str:
+        return urls.join(self.run, FOLDERS[stage])
+
+    def receipt(self, stage: str, plate: str, well: str, site: int) -> str:
+        return urls.join(self.folder(stage), "_sites", plate, f"{well}_{site}.json")
+
+    def png(self, plate: str, well: str, site: int, channel: str) -> str:
+        return urls.join(self.folder("compress"), plate, well, str(site), f"{channel}.png")
+
+    def nuclei(self, plate: str, well: str, site: int) -> str:
+        return urls.join(self.folder("nuclei"), plate, f"{well}_{site}.parquet")
+
+    @staticmethod
+    def crops_path(plate: str, well: str, site: int) -> str:
+        return f"{plate}/{well}_{site}.parquet"
+
+    def crops(self, plate: str, well: str, site: int) -> str:
+        return urls.join(self.folder("crops"), plate, f"{well}_{site}.parquet")
+
+    def deepprofiler(self) -> str:
+        return urls.join(self.folder("crops"), "deepprofiler")
+
+    def success(self, stage: str) -> str:
+        return urls.join(self.folder(stage), "_SUCCESS")
+
+
+def site_key(row: dict) -> dict:
+    return {PLATE: str(row[PLATE]), WELL: str(row[WELL]), SITE: int(row[SITE])}
+
+
+# -- what a worker needs, as JSON (no user data is ever unpickled) ----------------------------------
+
+@dataclass
+class StageSpec:
+    stage: str
+    run: str
+    channels: list[str]
+    config: dict
+    correct: bool = True                  # apply the plate's illumination functions
+    compressed_input: bool = False        # the index points at compressed 8-bit PNGs
+    locate: str = "detect"                # crops/nuclei: detect | file | template
+    labels: dict[str, int] = field(default_factory=dict)
+    metadata_columns: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> StageSpec:
+        return cls(**json.loads(text))
+
+
+class SiteContext:
+    """Per-worker state: config, a thread pool for channel reads, the current plate's functions."""
+
+    def __init__(self, spec: StageSpec, *, threads: int | None = None) -> None:
+        self.spec = spec
+        self.cfg = PreprocessConfig.model_validate(spec.config)
+        self.layout = Layout(spec.run)
+        self.pool = ThreadPoolExecutor(max_workers=threads or max(1, min(8, len(spec.channels))))
+        self._functions: dict[tuple, np.ndarray] = {}
+
+    def functions(self, plate: str, channels: list[str]) -> np.ndarray | None:
+        if not self.spec.correct:
+            return None
+        key = (plate, tuple(channels))
+        if key not in self._functions:
+            self._functions.clear()  # sites arrive sorted by plate: one plate's functions at a time
+            self._functions[key] = illum_core.load_plate(self.layout.folder("illum"), plate, channels)
+        return self._functions[key]
+
+    def read(self, row: dict, channels: list[str]) -> tuple[list[np.ndarray], int]:
+        """The site's planes of ``channels`` (fetched and decoded in parallel threads; not stacked,
+        to spare a copy) and the bytes read from storage."""
+        channel_urls = [str(row[url_col(c)]) for c in channels]
+        frames = [int(_nan_to(row.get(frame_col(c), 0), 0)) for c in channels]
+        planes_sizes = list(self.pool.map(_read_plane, channel_urls, frames))
+        planes = [p for p, _ in planes_sizes]
+        first = planes[0]
+        for url, plane in zip(channel_urls[1:], planes[1:]):
+            if plane.shape != first.shape:
+                raise ImageReadError(f"{url}: shape {plane.shape} differs from {channel_urls[0]} {first.shape}",
+                                     fix="all channels of a site must have the same size")
+            if plane.dtype != first.dtype:
+                raise ImageReadError(f"{url}: dtype {plane.dtype} differs from {channel_urls[0]} {first.dtype}",
+                                     fix="all channels of a site must have the same bit depth")
+        return planes, int(sum(s for _, s in planes_sizes))
+
+
+def _nan_to(value, default):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return default
+    return value
+
+
+def _read_plane(url: str, frame: int) -> tuple[np.ndarray, int]:
+    try:
+        data = urls.read_bytes(url)
+    except FileNotFoundError:
+        raise ImageReadError(f"{url}: file not found", fix="check the index's image URLs") from None
+    return decode_image(data, url=url, frame=frame), len(data)
+
+
+# -- per-site work of each stage (called inside a Ray task; callable without Ray in tests) ----------
+
+def _write_receipt(ctx: SiteContext, key: dict, receipt: dict) -> dict:
+    urls.atomic_write_text(ctx.layout.receipt(ctx.spec.stage, key[PLATE], key[WELL], key[SITE]),
+                           json.dumps(receipt, sort_keys=True))
+    return receipt
+
+
+def process_compress(ctx: SiteContext, row: dict) -> dict:
+    """Correct, stretch to the 0.05/99.95 percentiles, 8 bits, one PNG per channel."""
+    key = site_key(row)
+    channels = list(ctx.spec.channels)
+    planes, file_bytes = ctx.read(row, channels)
+    functions = ctx.functions(key[PLATE], channels)
+    cc = ctx.cfg.compression
+    png_total = 0
+    limits, hists = [], []
+    for c, ch in enumerate(channels):
+        u8, _, lo, hi = compress_core.compress_plane(planes[c], None if functions is None else functions[c],
+                                                     low=cc.low_percentile, high=cc.high_percentile,
+                                                     keep_corrected=False)
+        data = compress_core.png_bytes(u8, cc.png_level)
+        urls.atomic_write_bytes(ctx.layout.png(key[PLATE], key[WELL], key[SITE], ch), data)
+        png_total += len(data)
+        limits.append([lo, hi])
+        hists.append(compress_core.histogram(u8).tolist())
+    return _write_receipt(ctx, key, {
+        "raw_bytes": int(sum(p.nbytes for p in planes)), "file_bytes": file_bytes, "png_bytes": png_total,
+        "height": int(planes[0].shape[0]), "width": int(planes[0].shape[1]), "dtype": str(planes[0].dtype),
+        "limits": limits, "histogram": hists,
+    })
+
+
+def _detect(ctx: SiteContext, plane: np.ndarray) -> pd.DataFrame:
+    n = ctx.cfg.nuclei
+    return nuclei_core.detect_nuclei(
+        plane, smoothing_sigma=n.smoothing_sigma, threshold_correction=n.threshold_correction,
+        diameter=n.diameter, min_diameter_fraction=n.min_diameter_fraction,
+        max_diameter_fraction=n.max_diameter_fraction, declump_distance_fraction=n.declump_distance_fraction,
+        min_contrast=n.min_contrast)
+
+
+def _no_nuclei(key: dict, what: str) -> InputError:
+    return InputError(f"{key[PLATE]} {key[WELL]} site {key[SITE]}: zero nuclei {what}",
+                      fix="check the DNA image (blank, out of focus?) or the locations source")
+
+
+def process_nuclei(ctx: SiteContext, row: dict) -> dict:
+    """Nuclei centres of one site (detected on the corrected DNA channel, or its per-site CSV)."""
+    key = site_key(row)
+    if ctx.spec.locate == "template":
+        table = loc_core.read_site_csv(ctx.cfg.nuclei.locations, key[PLATE], key[WELL], key[SITE])
+        shape = None
+    else:
+        dna = ctx.cfg.nuclei.channel
+        (raw,), _ = ctx.read(row, [dna])
+        functions = ctx.functions(key[PLATE], [dna])
+        plane = illum_core.correct(raw, None if functions is None else functions[0])
+        table = _detect(ctx, plane)
+        shape = raw.shape
+    if len(table) == 0:
+        raise _no_nuclei(key, "detected" if shape is not None else "in the locations file")
+    if shape is not None:
+        loc_core.check_inside(table, shape, source=f"{key[PLATE]} {key[WELL]} site {key[SITE]}")
+    _write_nuclei(ctx.layout, key, table)
+    return _write_receipt(ctx, key, {"n_nuclei": int(len(table))})
+
+
+def _write_nuclei(layout: Layout, key: dict, table: pd.DataFrame) -> None:
+    out = table.copy()
+    for k in (SITE, WELL, PLATE):
+        out.insert(0, k, key[k])
+    if nuclei_core.AREA not in out.columns:
+        out[nuclei_core.AREA] = np.int64(0)
+        out[nuclei_core.BORDER] = False
+    out = out[[PLATE, WELL, SITE, *nuclei_core.COLUMNS]]
+    buf = io.BytesIO()
+    out.to_parquet(buf, index=False)
+    urls.atomic_write_bytes(layout.nuclei(key[PLATE], key[WELL], key[SITE]), buf.getvalue())
+
+
+def _read_nuclei(layout: Layout, key: dict) -> pd.DataFrame:
+    url = layout.nuclei(key[PLATE], key[WELL], key[SITE])
+    try:
+        data = urls.read_bytes(url)
+    except FileNotFoundError:
+        raise InputError(f"{url}: no nuclei for this site (the nuclei stage quarantined it)",
+                         fix="see nuclei/ledger.parquet for the reason") from None
+    return pd.read_parquet(io.BytesIO(data))
+
+
+def process_crops(ctx: SiteContext, row: dict) -> dict:
+    """Read → correct → stretch to 8 bits → locate → crop, fused: the site is read once."""
+    key = site_key(row)
+    spec, cfg = ctx.spec, ctx.cfg
+    mask_channel = cfg.crops.mask_channel if cfg.crops.mask else None
+    channels = [c for c in spec.channels if c != mask_channel]
+    dna = channels.index(cfg.nuclei.channel) if spec.locate == "detect" else None
+    planes, _ = ctx.read(row, channels)
+    if spec.compressed_input:
+        if planes[0].dtype != np.uint8:
+            raise ImageReadError(f"{row[url_col(channels[0])]}: compressed index but {planes[0].dtype} pixels",
+                                 fix="point at the sites.parquet written by `raycp preprocess compress`")
+        u8 = np.stack(planes)
+        dna_plane = u8[dna].astype(np.float32) if dna is not None else None
+    else:
+        cc = cfg.compression
+        u8, _, dna_plane = compress_core.compress_site(planes, ctx.functions(key[PLATE], channels),
+                                                       low=cc.low_percentile, high=cc.high_percentile, keep_float=dna)
+    del planes
+    where = f"{key[PLATE]} {key[WELL]} site {key[SITE]}"
+    if spec.locate == "file":
+        table = _read_nuclei(ctx.layout, key)
+    elif spec.locate == "template":
+        table = loc_core.read_site_csv(cfg.nuclei.locations, key[PLATE], key[WELL], key[SITE])
+    else:
+        table = _detect(ctx, dna_plane)
+    del dna_plane
+    if len(table) == 0:
+        raise _no_nuclei(key, "detected" if spec.locate == "detect" else "in the locations")
+    loc_core.check_inside(table, u8.shape[1:], source=where)
+    size = cfg.crops.size
+    xs = table[nuclei_core.X].to_numpy(np.float64)
+    ys = table[nuclei_core.Y].to_numpy(np.float64)
+    crops, border = crops_core.crop_cells(u8, xs, ys, size)
+    out_channels = list(channels)
+    if mask_channel:
+        (mask_plane,), _ = ctx.read(row, [mask_channel])
+        if mask_plane.shape != u8.shape[1:]:
+            raise ImageReadError(f"{row[url_col(mask_channel)]}: mask shape {mask_plane.shape} differs from "
+                                 f"the image's {u8.shape[1:]}", fix="the label image must match the site")
+        masks = crops_core.mask_crops(crops_core.label_image(mask_plane), xs, ys, size)
+        crops = np.concatenate([crops, masks[:, None]], axis=1)
+        out_channels.append(mask_channel)
+    n_border = int(border.sum())
+    keep = ~border if cfg.crops.skip_border else np.ones(len(border), dtype=bool)
+    if not keep.any():
+        raise InputError(f"{where}: all {len(border)} nuclei are border cells and crops.skip_border is on",
+                         fix="turn crops.skip_border off to keep them zero-padded")
+    meta = _crop_metadata(spec, row, key, table, border)[keep].reset_index(drop=True)
+    crops = crops[keep]
+    arrow = crops_core.crops_table(crops, meta, out_channels)
+    arrow = _string_nulls(arrow)
+    urls.atomic_write_bytes(ctx.layout.crops(key[PLATE], key[WELL], key[SITE]), crops_core.table_bytes(arrow))
+    if cfg.crops.export_deepprofiler:
+        _export_deepprofiler(ctx.layout, key, meta, crops)
+    return _write_receipt(ctx, key, {"n_cells": int(len(meta)), "n_border": n_border,
+                                     "channels": out_channels})
+
+
+def _crop_metadata(spec: StageSpec, row: dict, key: dict, table: pd.DataFrame, border: np.ndarray) -> pd.DataFrame:
+    n = len(table)
+    treatment = _nan_to(row.get(TREATMENT), None)
+    meta = pd.DataFrame({
+        PLATE: [key[PLATE]] * n, WELL: [key[WELL]] * n, SITE: np.full(n, key[SITE], dtype=np.int64),
+        crops_core.CELL_ID: table[nuclei_core.NUMBER].to_numpy(np.int64),
+        crops_core.CELL_X: table[nuclei_core.X].to_numpy(np.float64),
+        crops_core.CELL_Y: table[nuclei_core.Y].to_numpy(np.float64),
+        crops_core.TOUCHES_BORDER: border.astype(bool),
+        TREATMENT: pd.Series([treatment] * n, dtype=object),
+        IS_CONTROL: np.full(n, bool(row.get(IS_CONTROL, False)), dtype=bool),
+        crops_core.LABEL: np.full(n, spec.labels.get(treatment, -1) if treatment is not None else -1, dtype=np.int64),
+    })
+    for col in spec.metadata_columns:
+        if col not in meta.columns:
+            meta[col] = pd.Series([_nan_to(row.get(col), None)] * n, dtype=object)
+    return meta
+
+
+def _string_nulls(table):
+    """All-null and large-string metadata columns become strings: every shard has one schema."""
+    import pyarrow as pa
+
+    for i, f in enumerate(table.schema):
+        if pa.types.is_null(f.type) or pa.types.is_large_string(f.type):
+            table = table.set_column(i, pa.field(f.name, pa.string()), table.column(i).cast(pa.string()))
+    return table
+
+
+def _export_deepprofiler(layout: Layout, key: dict, meta: pd.DataFrame, crops: np.ndarray) -> None:
+    """DeepProfiler ``export-sc``: one PNG strip per cell + this site's rows of ``sc-metadata.csv``."""
+    base = layout.deepprofiler()
+    names = []
+    for i, r in enumerate(meta.itertuples(index=False)):
+        x, y = getattr(r, crops_core.CELL_X), getattr(r, crops_core.CELL_Y)
+        target = int(getattr(r, crops_core.LABEL))
+        name = crops_core.deepprofiler_image_name(key[PLATE], key[WELL], key[SITE], target, x, y)
+        urls.atomic_write_bytes(urls.join(base, name), compress_core.png_bytes(crops_core.deepprofiler_strip(crops[i])))
+        names.append(name)
+    part = pd.DataFrame({
+        PLATE: meta[PLATE], WELL: meta[WELL], SITE: meta[SITE],
+        "Nuclei_Location_Center_X": meta[crops_core.CELL_X], "Nuclei_Location_Center_Y": meta[crops_core.CELL_Y],
+        TREATMENT: meta[TREATMENT], crops_core.TOUCHES_BORDER: meta[crops_core.TOUCHES_BORDER],
+        "Key": f"{key[PLATE]}/{key[WELL]}/{key[SITE]}", "Target": meta[crops_core.LABEL], "Image_Name": names,
+    })
+    urls.atomic_write_text(urls.join(base, "_parts", key[PLATE], f"{key[WELL]}_{key[SITE]}.csv"),
+                           part.to_csv(index=False))
+
+
+PROCESSORS = {"compress": process_compress, "nuclei": process_nuclei, "crops": process_crops}
+
+
+def process_row(ctx: SiteContext, row: dict) -> dict:
+    """One accounting row: processed with its receipt, or quarantined with a one-line reason."""
+    key = site_key(row)
+    try:
+        receipt = PROCESSORS[ctx.spec.stage](ctx, row)
+        return {**key, "status": PROCESSED, "reason": "", "receipt": json.dumps(receipt, sort_keys=True)}
+    except Exception as exc:  # noqa: BLE001 - every failure becomes the site's quarantine reason
+        return {**key, "status": QUARANTINED, "reason": short_reason(exc), "receipt": ""}
+
+
+#: One context per worker process, reused by the tasks of a stage (Ray reuses task workers).
+_CONTEXTS: dict[str, SiteContext] = {}
+
+
+def _context(spec_json: str) -> SiteContext:
+    ctx = _CONTEXTS.get(spec_json)
+    if ctx is None:
+        for old in _CONTEXTS.values():
+            old.pool.shutdown(wait=False)
+        _CONTEXTS.clear()
+        ctx = _CONTEXTS[spec_json] = SiteContext(StageSpec.from_json(spec_json))
+    return ctx
+
+
+def _release_memory() -> None:
+    """Give freed heap pages back to the OS after a site (glibc keeps them per thread arena
+    otherwise, and a worker's memory would creep up with the number of sites it has seen)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
+def site_batch(batch: pd.DataFrame, spec_json: str) -> pd.DataFrame:
+    """The Ray Data task of the per-site stages: one accounting row per site of ``batch``."""
+    ctx = _context(spec_json)
+    rows = []
+    for row in batch.to_dict("records"):
+        rows.append(process_row(ctx, row))
+        _release_memory()
+    return pd.DataFrame(rows, columns=[*KEYS, "status", "reason", "receipt"])
+
+
+def illumination_batch(batch: pd.DataFrame, spec_json: str) -> pd.DataFrame:
+    """The illumination task: its sites' thumbnails summed per (plate, image size) — partial sums
+    of the plate means, merged on the driver."""
+    out = pd.DataFrame(illumination_partials(_context(spec_json), batch.to_dict("records")),
+                       columns=[PLATE, "height", "width", "count", "sum", "sites"])
+    _release_memory()
+    return out
+
+
+def illumination_partials(ctx: SiteContext, rows: list[dict]) -> list[dict]:
+    scale = ctx.cfg.illumination.scale
+    sums: dict[tuple, illum_core.PlateSum] = {}
+    quarantined = []
+    for row in rows:
+        key = site_key(row)
+        try:
+            planes, _ = ctx.read(row, list(ctx.spec.channels))
+            thumbs = illum_core.site_thumbnails(planes, scale)
+        except Exception as exc:  # noqa: BLE001
+            quarantined.append({**key, "status": QUARANTINED, "reason": short_reason(exc)})
+            continue
+        shape = tuple(int(s) for s in planes[0].shape)
+        acc = sums.setdefault((key[PLATE], shape), illum_core.PlateSum(key[PLATE], shape))
+        acc.add(thumbs, {**key, "status": PROCESSED, "reason": ""})
+    out = [{PLATE: p, "height": s[0], "width": s[1], "count": a.count, "sum": a.to_bytes(),
+            "sites": json.dumps(a.sites)} for (p, s), a in sums.items()]
+    if quarantined:
+        out.append({PLATE: "", "height": 0, "width": 0, "count": 0, "sum": b"", "sites": json.dumps(quarantined)})
+    return out
+
+
+# -- driver side --------------------------------------------------------------------------------------
+
+def load_index(url: str, channels: list[str] | None = None) -> tuple[ScreenIndex, bool]:
+    """The index and whether it is a compressed index (8-bit PNGs already corrected and stretched)."""
+    import pyarrow.parquet as pq
+
+    index = read_index(url, channels=channels)
+    compressed = False
+    if url.endswith(".parquet"):
+        fs, path = urls.filesystem(url)
+        with fs.open(path, "rb") as fh:
+            compressed = (pq.read_schema(fh).metadata or {}).get(COMPRESSED_MARK) == b"compressed"
+    return index, compressed
+
+
+def _stream(ray, table: pd.DataFrame, fn: Callable, spec: StageSpec, *, batch_size: int, compute) -> Iterator[dict]:
+    """Accounting rows of ``table``'s sites, computed by Ray Data tasks (one CPU each).
+
+    Tasks, not actors: the per-site work is stateless but for small caches that live in the
+    worker process (:func:`_context`), so no actor pool has to start per stage and every CPU
+    works on a small machine. The source is the in-memory index, so there are no read tasks
+    to starve.
+    """
+    from raycp import runtime
+    from raycp.sites import index_blocks
+
+    cpus = max(1, int(runtime.cluster_cpus()))
+    concurrency = min(cpus, compute.read_concurrency) if compute is not None and compute.read_concurrency else cpus
+    # A task takes one block: several sites per block amortise Ray Data's scheduling gap between
+    # two tasks of a worker (~0.2 s measured on 2 cores, about one site's work), while about four
+    # blocks per CPU keep the workers evenly busy to the end.
+    per_block = max(batch_size, min(SITES_PER_TASK, math.ceil(len(table) / (cpus * 4))))
+    n_blocks = max(1, math.ceil(len(table) / per_block))
+    concurrency = min(concurrency, n_blocks)
+    ds = ray.data.from_pandas(index_blocks(table.reset_index(drop=True), n_blocks))
+    ds = ds.map_batches(fn, fn_kwargs={"spec_json": spec.to_json()}, batch_size=batch_size, batch_format="pandas",
+                        compute=ray.data.TaskPoolStrategy(size=concurrency), num_cpus=1)
+    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        yield from batch.to_dict("records")
+
+
+def _list_receipts(layout: Layout, stage: str) -> set[tuple[str, str, int]]:
+    """Sites with a receipt: one listing of the stage's own ``_sites`` folder."""
+    folder = urls.join(layout.folder(stage), "_sites")
+    fs, path = urls.filesystem(folder)
+    fs.invalidate_cache(path)  # object-store listings are cached per process
+    try:
+        found = fs.find(path)
+    except FileNotFoundError:
+        return set()
+    out = set()
+    for p in found:
+        parts = p.rstrip("/").split("/")
+        if len(parts) < 2 or not parts[-1].endswith(".json") or parts[-1].startswith("."):
+            continue
+        well, _, site = parts[-1][:-5].rpartition("_")
+        if site.isdigit():
+            out.add((parts[-2], well, int(site)))
+    return out
+
+
+def _read_receipts(layout: Layout, stage: str, keys: list[dict], *, chunk: int = 256) -> Iterator[dict]:
+    """Accounting rows of finished sites from their receipts, read in parallel, a chunk at a time
+    (so a large screen's receipts never sit in memory together)."""
+    def one(key: dict) -> dict:
+        text = urls.read_bytes(layout.receipt(stage, key[PLATE], key[WELL], key[SITE])).decode()
+        return {**key, "status": PROCESSED, "reason": "", "receipt": text}
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for start in range(0, len(keys), chunk):
+            yield from pool.map(one, keys[start:start + chunk])
+
+
+@dataclass
+class StageResult:
+    """What a stage did: its ledger and stage-specific figures (printed by the CLI)."""
+
+    stage: str
+    ledger: Ledger
+    figures: dict = field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict:
+        return {**self.ledger.summary(), **self.figures}
+
+
+def _ledger_row(stage: str, row: dict) -> dict:
+    receipt = json.loads(row["receipt"]) if row.get("receipt") else {}
+    out = {PLATE: row[PLATE], WELL: row[WELL], SITE: int(row[SITE]), "status": row["status"],
+           "reason": row["reason"] or ""}
+    for col in LEDGER_EXTRAS[stage]:
+        out[col] = int(receipt.get(col, 0))
+    return out
+
+
+def _run_site_stage(stage: str, index: ScreenIndex, spec: StageSpec, *, compute, progress: Progress | None,
+                    on_row: Callable[[dict], None] | None = None) -> Ledger:
+    """Skip sites with a receipt, stream the others through :func:`site_batch`, account for all."""
+    from raycp import runtime
+
+    layout = Layout(spec.run)
+    urls.ensure_writable(layout.folder(stage))
+    table = index.table
+    done = _list_receipts(layout, stage)
+    is_done = np.array([(p, w, int(s)) in done for p, w, s in table[list(KEYS)].itertuples(index=False)], dtype=bool)
+    ledger = Ledger(stage)
+    resumed = _read_receipts(layout, stage, [site_key(r) for r in table[is_done].to_dict("records")])
+    todo = table[~is_done]
+
+    def rows() -> Iterator[dict]:
+        yield from resumed
+        if len(todo):
+            ray = runtime.init(compute)
+            yield from _stream(ray, todo, site_batch, spec, batch_size=1, compute=compute)
+
+    stream = rows()
+    if progress is not None:
+        stream = progress(stream, total=len(table), description=f"{stage}: sites")
+    for row in stream:
+        if on_row is not None and row["status"] == PROCESSED:
+            on_row(row)
+        ledger.rows.append(_ledger_row(stage, row))
+    return ledger
+
+
+def _finish(stage: str, run, layout: Layout, ledger: Ledger, figures: dict) -> StageResult:
+    from raycp import config as cfg
+
+    folder = layout.folder(stage)
+    if ledger.rows:
+        ledger.write(folder)
+    cfg.save_resolved(run, folder)
+    result = StageResult(stage, ledger, figures)
+    urls.atomic_write_text(layout.success(stage), json.dumps(result.summary, indent=2, sort_keys=True))
+    return result
+
+
+def _require_illumination(run, layout: Layout, compressed_input: bool = False) -> bool:
+    """Whether to correct; an error when correction is on but the illum stage has not finished."""
+    pre = PreprocessConfig.of(run)
+    if compressed_input or not pre.illumination.enabled:
+        return False
+    if not urls.exists(layout.success("illum")):
+        raise InputError(f"{layout.folder('illum')}: no illumination functions (illum/_SUCCESS missing)",
+                         fix="run `raycp preprocess illum` first, or set illumination.enabled=false")
+    return True
+
+
+def stage_spec(stage: str, run, index: ScreenIndex, **kw) -> StageSpec:
+    return StageSpec(stage=stage, run=run.data.output, channels=list(index.channels),
+                     config=PreprocessConfig.of(run).model_dump(mode="json"), **kw)
+
+
+# -- the four stages ------------------------------------------------------------------------------
+
+def run_illumination(run, index: ScreenIndex, *, progress: Progress | None = None) -> StageResult:
+    """Stage 1: per plate × channel functions from a distributed sum of 25 % thumbnails."""
+    from raycp import runtime
+
+    pre = PreprocessConfig.of(run)
+    layout = Layout(run.data.output)
+    folder = layout.folder("illum")
+    urls.ensure_writable(folder)
+    table = index.table
+    ledger = Ledger("illum")
+    todo_plates = []
+    for plate, grp in table.groupby(PLATE, sort=True):
+        info = _read_plate_json(folder, plate)
+        wanted = sorted((w, int(s)) for w, s in grp[[WELL, SITE]].itertuples(index=False))
+        if info is not None and sorted((r[WELL], int(r[SITE])) for r in info["sites"]) == wanted \
+                and info.get("config") == pre.illumination.model_dump(mode="json"):
+            ledger.rows.extend(_illum_ledger_rows(info["sites"]))
+        else:
+            todo_plates.append(plate)
+    todo = table[table[PLATE].isin(todo_plates)]
+    expected = todo.groupby(PLATE).size().to_dict()
+    seen = dict.fromkeys(expected, 0)
+    sums: dict[str, dict[tuple[int, int], illum_core.PlateSum]] = {p: {} for p in expected}
+    quarantined: dict[str, list[dict]] = {p: [] for p in expected}
+
+    def finish_plate(plate: str) -> list[dict]:
+        """Functions of one complete plate from its summed thumbnails; its sites' ledger rows."""
+        candidates = sorted(sums.pop(plate).values(), key=lambda a: (-a.count, a.shape))
+        rows = quarantined.pop(plate)
+        if candidates:
+            main = candidates[0]
+            for other in candidates[1:]:
+                reason = (f"image size {other.shape[0]}×{other.shape[1]} differs from the plate's "
+                          f"{main.shape[0]}×{main.shape[1]} ({main.count} sites) "
+                          "(fix: all sites of a plate must have one image size)")
+                rows.extend({**s, "status": QUARANTINED, "reason": reason} for s in other.sites)
+            rows.extend(main.sites)
+            functions = illum_core.plate_functions(main, main.shape, median_radius=pre.illumination.median_radius,
+                                                   robust_percentile=pre.illumination.robust_percentile)
+            illum_core.save_plate(folder, plate, index.channels, functions, {
+                "plate": plate, "channels": list(index.channels), "shape": list(main.shape),
+                "n_sites": main.count, "config": pre.illumination.model_dump(mode="json"),
+                "sites": _sorted_sites(rows)})
+        return _sorted_sites(rows)
+
+    if len(todo):
+        ray = runtime.init(run.compute)
+        spec = stage_spec("illum", run, index, correct=False)
+        stream: Iterable = _stream(ray, todo, illumination_batch, spec, batch_size=8, compute=run.compute)
+        if progress is not None:
+            stream = _progress_by_sites(progress, stream, total=len(todo), description="illum: sites")
+        # A plate is finished as soon as all its sites are accounted for, and its sums are
+        # dropped then: the driver holds the running sums of a few plates, whatever the screen.
+        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+            futures = []
+            for part in stream:
+                sites = json.loads(part["sites"])
+                if part[PLATE]:
+                    shape = (int(part["height"]), int(part["width"]))
+                    incoming = illum_core.PlateSum.from_bytes(part[PLATE], shape, part["count"], part["sum"], sites)
+                    sums[part[PLATE]].setdefault(shape, illum_core.PlateSum(part[PLATE], shape)).merge(incoming)
+                else:
+                    for q in sites:
+                        quarantined[q[PLATE]].append(q)
+                for plate in {s[PLATE] for s in sites}:
+                    seen[plate] += sum(1 for s in sites if s[PLATE] == plate)
+                    if seen[plate] == expected[plate]:
+                        futures.append(pool.submit(finish_plate, plate))
+            for future in futures:
+                ledger.rows.extend(_illum_ledger_rows(future.result()))
+    return _finish("illum", run, layout, ledger, {"plates": int(table[PLATE].nunique())})
+
+
+def _progress_by_sites(progress: Progress, parts: Iterable[dict], *, total: int, description: str) -> Iterator[dict]:
+    """Advance a per-site progress bar from partial-sum rows (each covers several sites)."""
+    def expand() -> Iterator[tuple[dict | None]]:
+        for part in parts:
+            n = len(json.loads(part["sites"]))
+            for i in range(n):
+                yield part if i == n - 1 else None
+
+    for item in progress(expand(), total=total, description=description):
+        if item is not None:
+            yield item
+
+
+def _sorted_sites(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: (r[PLATE], r[WELL], int(r[SITE])))
+
+
+def _illum_ledger_rows(rows: list[dict]) -> list[dict]:
+    return [{PLATE: r[PLATE], WELL: r[WELL], SITE: int(r[SITE]), "status": r["status"], "reason": r["reason"]}
+            for r in rows]
+
+
+def _read_plate_json(folder: str, plate: str) -> dict | None:
+    try:
+        return json.loads(urls.read_bytes(illum_core.plate_json_url(folder, plate)))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def run_compression(run, index: ScreenIndex, *, progress: Progress | None = None) -> StageResult:
+    """Stage 2: PNGs + a new index pointing at them; compression ratio and control histograms."""
+    layout = Layout(run.data.output)
+    spec = stage_spec("compress", run, index, correct=_require_illumination(run, layout))
+    channels = list(index.channels)
+    hist = {"controls": np.zeros((len(channels), 256), dtype=np.int64),
+            "all": np.zeros((len(channels), 256), dtype=np.int64)}
+    totals = {"raw_bytes": 0, "file_bytes": 0, "png_bytes": 0}
+    controls = {(p, w, int(s)) for p, w, s, c in index.table[[*KEYS, IS_CONTROL]].itertuples(index=False) if c}
+
+    def on_row(row: dict) -> None:
+        receipt = json.loads(row["receipt"])
+        h = np.asarray(receipt["histogram"], dtype=np.int64)
+        hist["all"] += h
+        if (row[PLATE], row[WELL], int(row[SITE])) in controls:
+            hist["controls"] += h
+        for k in totals:
+            totals[k] += int(receipt[k])
+
+    ledger = _run_site_stage("compress", index, spec, compute=run.compute, progress=progress, on_row=on_row)
+    folder = layout.folder("compress")
+    processed = {(r[PLATE], r[WELL], r[SITE]) for r in ledger.rows if r["status"] == PROCESSED}
+    new = index.table[[(p, w, int(s)) in processed for p, w, s in index.table[list(KEYS)].itertuples(index=False)]]
+    new = new.drop(columns=[c for c in new.columns if c.startswith("Frame_")]).copy()
+    for ch in channels:
+        new[url_col(ch)] = [layout.png(p, w, int(s), ch) for p, w, s in new[list(KEYS)].itertuples(index=False)]
+    if len(new):
+        _write_compressed_index(new, channels, urls.join(folder, "sites.parquet"))
+    rows = [{"group": g, "channel": ch, "bin": b, "count": int(hist[g][c, b])}
+            for g in ("controls", "all") for c, ch in enumerate(channels) for b in range(256)]
+    buf = io.BytesIO()
+    pd.DataFrame(rows).to_parquet(buf, index=False)
+    urls.atomic_write_bytes(urls.join(folder, "histograms.parquet"), buf.getvalue())
+    n_controls = int(sum(1 for k in processed if k in controls))
+    group = "controls" if n_controls else "all"
+    figures = {
+        "ratio_vs_raw": round(totals["raw_bytes"] / totals["png_bytes"], 3) if totals["png_bytes"] else None,
+        "ratio_vs_files": round(totals["file_bytes"] / totals["png_bytes"], 3) if totals["png_bytes"] else None,
+        **totals, "control_sites": n_controls,
+        # 8-bit intensity at the 1st / 50th / 99th percentile of each channel's histogram
+        f"{group}_p1_p50_p99": {ch: compress_core.histogram_percentiles(hist[group][c]) for c, ch in enumerate(channels)},
+    }
+    return _finish("compress", run, layout, ledger, figures)
+
+
+def _write_compressed_index(table: pd.DataFrame, channels: list[str], url: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = pa.Table.from_pandas(table.reset_index(drop=True), preserve_index=False)
+    meta = dict(arrow.schema.metadata or {})
+    meta[b"raycp.channels"] = json.dumps(channels).encode()
+    meta[COMPRESSED_MARK] = b"compressed"
+    buf = io.BytesIO()
+    pq.write_table(arrow.replace_schema_metadata(meta), buf)
+    urls.atomic_write_bytes(url, buf.getvalue())
+
+
+def _check_channel(index: ScreenIndex, channel: str, what: str) -> None:
+    if channel not in index.channels:
+        raise ConfigError(f"{what} {channel!r} is not among the index's channels {list(index.channels)}",
+                          fix=f"set {what} to one of them")
+
+
+def run_nuclei(run, index: ScreenIndex, *, progress: Progress | None = None,
+               compressed_input: bool = False) -> StageResult:
+    """Stage 3: nuclei centres per site, imported (CellProfiler) or detected on the DNA channel."""
+    pre = PreprocessConfig.of(run)
+    layout = Layout(run.data.output)
+    source = pre.nuclei.locations
+    if source and not loc_core.is_template(source):
+        ledger = _import_locations(run, index, source, progress=progress)
+        return _finish("nuclei", run, layout, ledger, {"source": source})
+    locate = "template" if source else "detect"
+    if locate == "detect":
+        _check_channel(index, pre.nuclei.channel, "nuclei.channel")
+    correct = locate == "detect" and _require_illumination(run, layout, compressed_input)
+    spec = stage_spec("nuclei", run, index, correct=correct, locate=locate, compressed_input=compressed_input)
+    ledger = _run_site_stage("nuclei", index, spec, compute=run.compute, progress=progress)
+    return _finish("nuclei", run, layout, ledger, {"source": source or "detect"})
+
+
+def _import_locations(run, index: ScreenIndex, source: str, *, progress: Progress | None) -> Ledger:
+    """A whole-screen table (SQLite/Parquet/CSV) split into per-site files on the driver (no images)."""
+    layout = Layout(run.data.output)
+    urls.ensure_writable(layout.folder("nuclei"))
+    locations = loc_core.read_table(source)
+    groups = {k: g for k, g in locations.groupby([PLATE, WELL, SITE], sort=False)}
+    ledger = Ledger("nuclei")
+
+    def one(key: dict) -> dict:
+        group = groups.get((key[PLATE], key[WELL], key[SITE]))
+        try:
+            if group is None or len(group) == 0:
+                raise _no_nuclei(key, f"in {source}")
+            table = group.drop(columns=[PLATE, WELL, SITE]).reset_index(drop=True)
+            _write_nuclei(layout, key, table)
+            receipt = json.dumps({"n_nuclei": int(len(table))}, sort_keys=True)
+            urls.atomic_write_text(layout.receipt("nuclei", key[PLATE], key[WELL], key[SITE]), receipt)
+            return {**key, "status": PROCESSED, "reason": "", "receipt": receipt}
+        except Exception as exc:  # noqa: BLE001
+            return {**key, "status": QUARANTINED, "reason": short_reason(exc), "receipt": ""}
+
+    keys = [site_key(r) for r in index.table[list(KEYS)].to_dict("records")]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        stream: Iterable = pool.map(one, keys)
+        if progress is not None:
+            stream = progress(stream, total=len(keys), description="nuclei: sites")
+        for row in stream:
+            ledger.rows.append(_ledger_row("nuclei", row))
+    return ledger
+
+
+def treatment_labels(index: ScreenIndex) -> dict[str, int]:
+    """``Metadata_Label``: the position of each treatment in the sorted list of the index's treatments."""
+    values = sorted({str(t) for t in index.table[TREATMENT] if t is not None and not (isinstance(t, float) and math.isnan(t))})
+    return {t: i for i, t in enumerate(values)}
+
+
+def run_crops(run, index: ScreenIndex, *, progress: Progress | None = None,
+              compressed_input: bool = False) -> StageResult:
+    """Stage 4: fused read → correct → 8 bits → locate → crop, one Parquet shard per site."""
+    pre = PreprocessConfig.of(run)
+    layout = Layout(run.data.output)
+    if pre.crops.mask:
+        _check_channel(index, pre.crops.mask_channel, "crops.mask_channel")
+    if urls.exists(layout.success("nuclei")):
+        locate = "file"
+    elif pre.nuclei.locations and not loc_core.is_template(pre.nuclei.locations):
+        raise InputError(f"nuclei.locations {pre.nuclei.locations} is a whole-screen table",
+                         fix="run `raycp preprocess nuclei` first: it splits the table per site")
+    else:
+        locate = "template" if pre.nuclei.locations else "detect"
+    if locate == "detect":
+        _check_channel(index, pre.nuclei.channel, "nuclei.channel")
+        if pre.nuclei.channel == pre.crops.mask_channel and pre.crops.mask:
+            raise ConfigError("nuclei.channel cannot be the mask channel", fix="set nuclei.channel=DNA")
+    labels = treatment_labels(index)
+    extra = [c for c in index.table.columns if c.startswith("Metadata_")]
+    spec = stage_spec("crops", run, index, correct=_require_illumination(run, layout, compressed_input),
+                 compressed_input=compressed_input, locate=locate, labels=labels, metadata_columns=extra)
+    ledger = _run_site_stage("crops", index, spec, compute=run.compute, progress=progress)
+    folder = layout.folder("crops")
+    done = [r for r in _sorted_sites(ledger.rows) if r["status"] == PROCESSED]
+    manifest = pd.DataFrame({
+        PLATE: [r[PLATE] for r in done], WELL: [r[WELL] for r in done],
+        SITE: np.array([r[SITE] for r in done], dtype=np.int64),
+        "path": [Layout.crops_path(r[PLATE], r[WELL], r[SITE]) for r in done],
+        "n_cells": np.array([r["n_cells"] for r in done], dtype=np.int64),
+    })
+    buf = io.BytesIO()
+    manifest.to_parquet(buf, index=False)
+    urls.atomic_write_bytes(urls.join(folder, "manifest.parquet"), buf.getvalue())
+    urls.atomic_write_text(urls.join(folder, "labels.json"), json.dumps(labels, indent=2, sort_keys=True))
+    if pre.crops.export_deepprofiler and done:
+        _concat_sc_metadata(layout, done)
+    figures = {"cells": int(manifest["n_cells"].sum()),
+               "border_cells": int(sum(r["n_border"] for r in done)), "locate": locate}
+    return _finish("crops", run, layout, ledger, figures)
+
+
+def _concat_sc_metadata(layout: Layout, done: list[dict]) -> None:
+    """``sc-metadata.csv`` from the per-site parts, streamed through a local temp file."""
+    base = layout.deepprofiler()
+    with tempfile.TemporaryDirectory() as tmpdir:
+        local = os.path.join(tmpdir, "sc-metadata.csv")
+        with open(local, "wb") as out:
+            for i, r in enumerate(done):
+                data = urls.read_bytes(urls.join(base, "_parts", r[PLATE], f"{r[WELL]}_{r[SITE]}.csv"))
+                out.write(data if i == 0 else data.split(b"\n", 1)[1])
+        _upload(local, urls.join(base, "sc-metadata.csv"))
+
+
+def _upload(local: str, url: str) -> None:
+    """Move a finished local file to ``url`` atomically (rename locally, one PUT on object stores)."""
+    import shutil
+    import uuid
+
+    fs, path = urls.filesystem(url)
+    if urls.protocol_of(url) == "file":
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, path)
+    else:
+        urls.with_retries(lambda: fs.put_file(local, path), url=url)
+
+
+def run_all(run, index: ScreenIndex, *, progress: Progress | None = None,
+            on_stage: Callable[[StageResult], None] | None = None) -> list[StageResult]:
+    """illum → compress → nuclei → crops; each stage resumes where it stopped."""
+    results = []
+    pre = PreprocessConfig.of(run)
+    steps = ([run_illumination] if pre.illumination.enabled else []) + [run_compression, run_nuclei, run_crops]
+    for step in steps:
+        result = step(run, index, progress=progress)
+        results.append(result)
+        if on_stage is not None:
+            on_stage(result)
+    return results
