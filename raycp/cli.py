@@ -234,9 +234,10 @@ def _register_stage_apps() -> None:
     from raycp.profiles import cli as profiles_cli
     from raycp.screens import cli as screens_cli
 
-    app.add_typer(screens_cli.app, name="screen")
-    app.add_typer(preprocess_cli.app, name="preprocess")
-    app.add_typer(profiles_cli.app, name="profile")
+    have = {group.name for group in app.registered_groups}
+    for name, sub in (("screen", screens_cli.app), ("preprocess", preprocess_cli.app), ("profile", profiles_cli.app)):
+        if name not in have:
+            app.add_typer(sub, name=name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,7 @@ def init(compute: ComputeConfig | None = None, *, log_to_driver: bool = False):
     import ray
 
     if ray.is_initialized():
+        _quiet_data_context()
         return ray
     from raycp.config import ComputeConfig
 
