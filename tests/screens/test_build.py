@@ -126,7 +126,7 @@ def test_manifest_and_readme_explain_every_program_and_confounder(mini_screen):
     names = {c["name"] for c in manifest["confounders"]["list"]}
     assert len(manifest["confounders"]["per_plate"]) == 2 and len(names) == 6
     assert manifest["cells"]["n_cells"] >= 25 and "5-channel" in manifest["cells"]["rule"]
-    readme = (Path(__file__).parents[2] / "raycp" / "screens" / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()  # the screen builder section
     for name in [*prog.MOAS, "plate gain/offset", "illumination field", "well position", "plate density",
                  "focus", "camera", "Fill rule"]:
         assert name in readme, name
