@@ -97,11 +97,17 @@ def expand_stem(weight: torch.Tensor, in_chans: int, *, mode: str = "replicate")
     raise InputError(f"stem mode {mode!r} unknown", fix="use 'replicate' (the paper's) or 'timm'")
 
 
-def load_imagenet_init(model: nn.Module, path: str | Path, *, stem: str = "replicate") -> nn.Module:
+def load_imagenet_init(model: nn.Module, path: str | Path | dict[str, torch.Tensor], *,
+                       stem: str = "replicate") -> nn.Module:
     """Initialise ``model`` from local ImageNet weights: all layers but the classifier; the stem
-    expanded to the model's input channels (:func:`expand_stem`)."""
+    expanded to the model's input channels (:func:`expand_stem`).
+
+    ``path`` may also be the tensors already read by :func:`read_state_dict` (e.g. shipped to
+    training workers that cannot see the driver's file)."""
     target = model.state_dict()
-    source = _align(read_state_dict(path), target, path=str(path))
+    tensors = path if isinstance(path, dict) else read_state_dict(path)
+    where = "ImageNet weights" if isinstance(path, dict) else str(path)
+    source = _align(tensors, target, path=where)
     new = {}
     for name, value in target.items():
         if name.startswith("classifier"):

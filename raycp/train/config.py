@@ -1,0 +1,131 @@
+"""Training configuration: the paper's recipe as defaults (Moshkov et al. 2024, Methods).
+
+Every default below is a constant of the paper or of DeepProfiler's training code:
+
+- EfficientNet-B0, 5 channels, ImageNet init with the stem replicated R,G,B,R,G ("Network");
+- SGD, lr 0.005, batch 32, 30 epochs ("Training cell painting models"); momentum 0.9 with
+  Nesterov and L2 1e-5 on kernels (DeepProfiler's Keras recipe);
+- balanced epochs: the median number of cells per class, redrawn every epoch;
+- augmentations: p=0.5 random crop of 80–100 % resized back, horizontal flip and 90° rotation,
+  per-channel brightness ±0.1 and contrast 0.8–1.2 ("Data augmentation");
+- leave-cells-out split with 60 % of every well's cells in training ("Data splits").
+
+``compute`` holds the knobs that change speed, never the science (except ``lr_scaling`` with
+more than one worker, which is the linear scaling rule of a larger global batch).
+
+Architecture: ``efficientnet_b0`` (timm, PyTorch padding) is the default: it is the paper's
+network, runs faster than the Keras-padded variant (static symmetric padding; cuDNN and
+channels_last friendly), and the ImageNet weights users hold locally are timm/torchvision files for
+it. ``tf_efficientnet_b0`` reproduces Keras' "same" padding and BN epsilon 1e-3: choose it to start
+from (or compare against) the published Keras Cell Painting CNN weights bit for bit in layout.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from raycp.io.index import DEFAULT_CHANNELS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Strict):
+    arch: str = Field("efficientnet_b0", description=(
+        "timm EfficientNet: efficientnet_b0 (the paper's, PyTorch padding), tf_efficientnet_b0 (Keras 'same' "
+        "padding and BN eps, to continue from the published Keras weights), efficientnet_lite0 (tests)"))
+    imagenet_weights: str | None = Field(None, description="local ImageNet weights file (.safetensors/.pth); none: random init")
+    stem: Literal["replicate", "timm"] = Field("replicate", description=(
+        "5-channel stem from RGB filters: replicate R,G,B,R,G (DeepProfiler) or timm's rescaled adapt_input_conv"))
+    drop_rate: float = Field(0.2, ge=0, lt=1, description="dropout before the classifier (Keras EfficientNet-B0: 0.2)")
+
+
+class OptimSection(_Strict):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1, description="crops per worker and step")
+    lr: float = Field(0.005, gt=0, description="learning rate of one worker with batch_size crops")
+    lr_scaling: Literal["linear", "none"] = Field("linear", description=(
+        "linear: lr × workers (global batch = batch_size × workers); none: lr as given"))
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    l2: float = Field(1e-5, ge=0, description=(
+        "Keras kernel_regularizer l2: loss += l2·Σw² over conv/dense kernels (= weight_decay 2·l2, BN and biases excluded)"))
+    schedule: Literal["constant", "cosine"] = Field("constant", description=(
+        "constant (the paper) or DeepProfiler's cosine: lr/(w−t) for t < w warm-up epochs, then ½(1+cos(πt/E))·lr"))
+    warmup_epochs: int = Field(5, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class AugmentSection(_Strict):
+    enabled: bool = True
+    crop_prob: float = Field(0.5, ge=0, le=1, description="probability of a random square crop resized back")
+    crop_min: float = Field(0.8, gt=0, le=1, description="smallest crop side as a fraction of the crop")
+    flip: bool = True
+    rot90: bool = True
+    brightness: float = Field(0.1, ge=0, description="per-channel additive Δ ~ U(−b, b) on normalised pixels")
+    contrast: tuple[float, float] = Field((0.8, 1.2), description="per-channel factor ~ U(lo, hi) about the channel mean")
+
+
+class SplitSection(_Strict):
+    strategy: Literal["leave_cells_out", "leave_plates_out", "column"] = "leave_cells_out"
+    train_fraction: float = Field(0.6, gt=0, lt=1, description="leave-cells-out: fraction of each well's cells in training")
+    val_plates: list[str] | None = Field(None, description="leave-plates-out: plates held out (default: chosen)")
+    min_val_wells: int = Field(2, ge=1, description="leave-plates-out: replicate wells every treatment keeps in validation")
+    column: str = Field("Metadata_Split", description="strategy=column: a column of the crop shards with train/val")
+    val_max_cells: int | None = Field(10_000, ge=1, description="validation cells scored per epoch (fixed random subset)")
+
+
+class TrainCompute(_Strict):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU)")
+    use_gpu: bool | None = Field(None, description="default: use GPUs when the cluster has them")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    data_cpus: float = Field(0.5, gt=0, description="CPUs of each Ray Data read task that feeds the workers")
+    reader: Literal["ray_data", "local"] = Field("ray_data", description=(
+        "ray_data: crops read by Ray Data tasks; local: read by threads inside each worker"))
+    max_cached_crops: int = Field(32_768, ge=64, description=(
+        "crops a worker keeps in memory (5×128×128 uint8 = 80 KiB each: 2.5 GiB); a screen that fits is read once, "
+        "larger epochs are read in windows every epoch"))
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the latest checkpoint (-1: unlimited)")
+    keep_checkpoints: int | None = Field(3, ge=1, description="checkpoints kept (latest ones); none: all")
+    bf16: bool = Field(True, description="bf16 autocast on GPU (never on CPU)")
+    channels_last: bool = Field(True, description="channels_last memory format on GPU")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (tests, benchmarks)")
+
+
+class TrainConfig(_Strict):
+    crops: str = Field(..., description="crop shards: a folder (or file) URL of Parquet written by `raycp preprocess`")
+    output: str = Field(..., description="run folder URL; training writes <output>/train/")
+    name: str = Field("checkpoints", description="Ray Train run name under <output>/train (same name = resume)")
+    label: str = Field("Metadata_Treatment", description="the class column (treatments, controls included)")
+    classes: list[str] | None = Field(None, description="classes in output order (default: every label, sorted)")
+    channels: list[str] = Field(default_factory=lambda: list(DEFAULT_CHANNELS))
+    crop_column: str | None = Field(None, description="tensor column of the shards (default: detected)")
+    exclude_border_cells: bool = Field(False, description="drop crops with Metadata_TouchesBorder")
+    seed: int = Field(0, ge=0)
+    resume: bool = Field(True, description="resume from the latest checkpoint of <output>/train/<name>")
+    resume_from: str | None = Field(None, description=(
+        "a checkpoint folder (<output>/train/<name>/epoch_NNNN) to continue from when this run has no "
+        "checkpoint of its own, e.g. a new name after the latest checkpoint of an old run was corrupt"))
+    model: ModelSection = Field(default_factory=ModelSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+    split: SplitSection = Field(default_factory=SplitSection)
+    compute: TrainCompute = Field(default_factory=TrainCompute)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        lo, hi = self.augment.contrast
+        if not 0 < lo <= hi:
+            raise ValueError("augment.contrast must be (lo, hi) with 0 < lo <= hi")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes has duplicates")
+        return self
+
+    def science(self) -> dict:
+        """The fields a resumed run must share with the run that wrote its checkpoints."""
+        tree = self.model_dump(mode="json", exclude={"compute", "output", "name", "resume", "resume_from", "crops"})
+        tree["optim"].pop("epochs")
+        return tree

@@ -1,0 +1,418 @@
+"""Ray Train driver: validate the inputs, launch ``TorchTrainer``, resume, export the model.
+
+:func:`fit` (the Python API behind ``raycp train CONFIG``):
+
+1. reads the crop shards' metadata only (:func:`raycp.train.data.read_crop_metadata`), encodes the
+   classes (controls are classes), assigns the split and checks every bad input *before* any worker
+   starts: a class with zero cells, crops without labels, too few samples for one step, an
+   unreadable latest checkpoint;
+2. writes ``<output>/train/config.yaml`` and ``split.parquet`` (the split column);
+3. runs ``ray.train.torch.TorchTrainer`` (Train V2) with ``ScalingConfig(num_workers, use_gpu)``
+   and ``RunConfig(storage_path=<output>/train, name=<name>, failure_config=FailureConfig(...))``:
+   local folders or ``s3://`` (a pyarrow S3 filesystem built from the environment, honouring
+   ``RAYCP_S3_ENDPOINT_URL``). A second ``fit`` with the same output and name resumes from the
+   latest checkpoint; a worker lost mid-run is replaced and resumes the same way (``max_failures``);
+4. exports the trained network as ``<output>/train/model/model.safetensors`` + ``model.json``
+   (classes, channels, crop size, normalisation, feature layer), read back by :func:`load_model`,
+   and writes the metrics reports (learning curve, per-class table).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from raycp.errors import ConfigError, InputError, RaycpError, StorageError
+from raycp.io import urls
+from raycp.train import data as D
+from raycp.train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE, MODEL_JSON = "model.safetensors", "model.json"
+_EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
+
+
+@dataclass
+class Prepared:
+    """The driver's view of a training run, before any worker starts."""
+
+    cfg: TrainConfig
+    crops: D.CropSet
+    classes: list[str]
+    codes: np.ndarray
+    is_val: np.ndarray
+    keep: np.ndarray  # crops used (border filter)
+    controls: set[str] = field(default_factory=set)
+
+    @property
+    def train_sids(self) -> np.ndarray:
+        return np.flatnonzero(self.keep & ~self.is_val)
+
+    @property
+    def val_sids(self) -> np.ndarray:
+        return np.flatnonzero(self.keep & self.is_val)
+
+    def summary(self) -> dict:
+        counts, per_class = D.balanced_counts(self.codes[self.train_sids], len(self.classes))
+        return {"crops": int(self.keep.sum()), "train": int(len(self.train_sids)), "val": int(len(self.val_sids)),
+                "classes": len(self.classes), "per_class_draw": per_class,
+                "epoch_samples": per_class * len(self.classes), "smallest_class": int(counts.min()),
+                "largest_class": int(counts.max()), "shape": list(self.crops.shape)}
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]
+    classes: list[str]
+    model_dir: str
+    train_dir: str
+    reports: dict[str, str]
+    summary: dict
+    checkpoint: str | None = None
+
+    @property
+    def last(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def train_dir(cfg: TrainConfig) -> str:
+    return urls.join(cfg.output, "train")
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Read metadata, encode classes, split; every input error surfaces here as one line."""
+    crops = D.read_crop_metadata(cfg.crops, label=cfg.label, crop_column=cfg.crop_column,
+                                 extra=(cfg.split.column,) if cfg.split.strategy == "column" else ())
+    meta = crops.meta
+    channels, size = crops.shape[0], crops.shape[1]
+    if channels != len(cfg.channels):
+        raise InputError(f"{cfg.crops}: crops have {channels} channels, the config lists {len(cfg.channels)} "
+                         f"({', '.join(cfg.channels)})", fix="set channels to the crops' channel order")
+    if crops.channels and list(crops.channels) != list(cfg.channels):
+        raise InputError(f"{cfg.crops}: crops hold channels {crops.channels}, the config lists {cfg.channels}",
+                         fix="set channels to the crops' channel order")
+    if crops.shape[1] != crops.shape[2] or size < 32:
+        raise InputError(f"{cfg.crops}: crops are {crops.shape[1]}×{crops.shape[2]}", fix="crop squares of ≥32 px (paper: 128)")
+    keep = np.ones(len(meta), dtype=bool)
+    if cfg.exclude_border_cells and D.TOUCHES_BORDER in meta.columns:
+        keep &= ~meta[D.TOUCHES_BORDER].fillna(False).astype(bool).to_numpy()
+    used = meta.loc[keep]
+    codes_used, classes = D.encode_labels(used, cfg.label, cfg.classes)
+    codes = np.full(len(meta), -1, dtype=np.int32)
+    codes[keep] = codes_used
+    is_val = np.zeros(len(meta), dtype=bool)
+    is_val[keep] = D.assign_split(used.reset_index(drop=True), codes_used, classes, cfg.split, cfg.seed)
+    controls = set()
+    if D.IS_CONTROL in meta.columns:
+        controls = set(used.loc[used[D.IS_CONTROL].fillna(False).astype(bool), cfg.label].astype(str))
+    prep = Prepared(cfg, crops, classes, codes, is_val, keep, controls)
+    world = cfg.compute.num_workers
+    epoch = prep.summary()["epoch_samples"]
+    if D.steps_per_epoch(epoch, world, cfg.optim.batch_size) == 0:
+        raise InputError(f"a balanced epoch has {epoch} crops: fewer than batch_size × workers "
+                         f"({cfg.optim.batch_size} × {world}), so not one step can run",
+                         fix="lower optim.batch_size or compute.num_workers, or crop more cells")
+    return prep
+
+
+def split_table(prep: Prepared) -> pd.DataFrame:
+    meta = prep.crops.meta
+    cols = [c for c in (D.PLATE, D.WELL, D.SITE, "Metadata_CellId", prep.cfg.label) if c in meta.columns]
+    out = meta.loc[:, cols].copy()
+    out["Metadata_Split"] = np.where(~prep.keep, "unused", np.where(prep.is_val, "val", "train"))
+    return out
+
+
+# ------------------------------------------------------------------------------- storage
+
+
+def ray_storage(url: str):
+    """``(storage_path, storage_filesystem)`` for Ray Train: local paths as is; ``s3://`` through a
+    pyarrow S3 filesystem when an endpoint override is set (S3-compatible stores, moto)."""
+    import os
+
+    proto = urls.protocol_of(url)
+    if proto == "file":
+        path = url.split("://", 1)[1] if url.startswith("file://") else url
+        return str(Path(path).absolute()), None
+    if proto != "s3":
+        return url, None
+    endpoint = os.environ.get("RAYCP_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return url, None
+    import pyarrow.fs as pafs
+
+    scheme, _, host = endpoint.partition("://")
+    if not host:
+        scheme, host = "https", endpoint
+    fs = pafs.S3FileSystem(endpoint_override=host, scheme=scheme,
+                           region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                           anonymous=os.environ.get("RAYCP_S3_ANON") == "1")
+    return url.split("://", 1)[1], fs
+
+
+def checkpoint_dirs(cfg: TrainConfig) -> list[tuple[int, str]]:
+    """``(epoch, url)`` of the run's checkpoint folders, oldest first."""
+    run = urls.join(train_dir(cfg), cfg.name)
+    fs, path = urls.filesystem(run)
+    if not fs.exists(path):
+        return []
+    out = []
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        match = _EPOCH_DIR.match(name)
+        if match:
+            out.append((int(match.group(1)), urls.join(run, name)))
+    return sorted(out)
+
+
+def _read_state(url: str) -> tuple[dict, bytes]:
+    """``state.pt`` of a checkpoint folder URL (validated) and its bytes."""
+    import tempfile
+
+    from raycp.train.loop import STATE_FILE, load_state
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = b""
+        try:
+            data = urls.read_bytes(urls.join(url, STATE_FILE))
+            Path(tmp, STATE_FILE).write_bytes(data)
+        except FileNotFoundError:
+            pass
+        return load_state(tmp, where=url), data
+
+
+def _check_recipe(cfg: TrainConfig, state: dict, url: str) -> None:
+    from raycp.train.loop import fingerprint
+
+    if state.get("fingerprint") != fingerprint(cfg.science()):
+        raise ConfigError(f"checkpoint {url} was written by a run with another recipe "
+                          "(model, optimiser, augmentation, split, classes or seed differ)",
+                          fix="restore that config, or train into a new output or name")
+
+
+def _check_latest_checkpoint(cfg: TrainConfig) -> str | None:
+    """Fail early, with one line, when the checkpoint a resume would start from is unreadable
+    (the fix names the previous checkpoint to continue from under a new run name)."""
+    found = checkpoint_dirs(cfg)
+    if not found:
+        return None
+    if not cfg.resume:
+        raise ConfigError(f"{urls.join(train_dir(cfg), cfg.name)} already holds checkpoints and resume is off",
+                          fix="set resume: true to continue it, or choose another output or name")
+    _, url = found[-1]
+    try:
+        state, _ = _read_state(url)
+    except InputError as exc:
+        if len(found) > 1:
+            exc.fix = (f"continue from the previous checkpoint as a new run: --set name={cfg.name}-2 "
+                       f"--set resume_from={found[-2][1]}")
+        else:
+            exc.fix = "train into a new output or name (this run has no earlier checkpoint)"
+        raise InputError(exc.message, fix=exc.fix) from None
+    _check_recipe(cfg, state, url)
+    return url
+
+
+def _resume_state(cfg: TrainConfig, latest: str | None) -> bytes | None:
+    """``resume_from``'s state (validated), used only while the run has no checkpoint of its own."""
+    if latest is not None or not cfg.resume_from:
+        return None
+    state, data = _read_state(cfg.resume_from)
+    _check_recipe(cfg, state, cfg.resume_from)
+    return data
+
+
+# ---------------------------------------------------------------------------------- fit
+
+
+def _imagenet(cfg: TrainConfig, n_classes: int) -> dict | None:
+    if not cfg.model.imagenet_weights:
+        return None
+    from raycp.train.model import create_model, load_imagenet_init, read_state_dict
+
+    tensors = read_state_dict(cfg.model.imagenet_weights)
+    load_imagenet_init(create_model(cfg.model.arch, num_classes=n_classes, in_chans=len(cfg.channels)), tensors,
+                       stem=cfg.model.stem)  # checks the file fits the architecture, on the driver
+    return tensors
+
+
+def _unwrap(exc: BaseException) -> BaseException | None:
+    """The raycp error inside a Ray Train failure, if any (worker or controller)."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RaycpError):
+            return e
+        for attr in ("worker_failures",):
+            todo.extend(getattr(e, attr, {}).values() if isinstance(getattr(e, attr, None), dict) else [])
+        todo.extend([getattr(e, "controller_failure", None), getattr(e, "cause", None), e.__cause__, e.__context__])
+    return None
+
+
+def _check_resources(cfg: TrainConfig, use_gpu: bool) -> None:
+    from raycp import runtime
+
+    import ray
+
+    total = runtime.cluster_cpus()
+    need = cfg.compute.num_workers * cfg.compute.cpus_per_worker
+    spare = cfg.compute.data_cpus if cfg.compute.reader == "ray_data" else 0.0
+    if need + spare > total + 1e-9:
+        raise ConfigError(f"{cfg.compute.num_workers} workers × {cfg.compute.cpus_per_worker} CPU + "
+                          f"{spare} CPU for Ray Data reads > the cluster's {total:g} CPUs",
+                          fix="lower compute.num_workers or compute.cpus_per_worker (or compute.data_cpus)")
+    if use_gpu:
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        if gpus < cfg.compute.num_workers:
+            raise ConfigError(f"{cfg.compute.num_workers} GPU workers but the cluster has {gpus:g} GPUs",
+                              fix="lower compute.num_workers or add GPU nodes")
+
+
+def fit(cfg: TrainConfig, *, compute=None, inject_failure: dict | None = None, export: bool = True) -> TrainResult:
+    """Train (or resume) and export. ``inject_failure`` is a test hook (see ``loop._maybe_fail``)."""
+    from raycp import runtime
+    from raycp.config import save_resolved
+    from raycp.train.loop import WorkerSpec, fingerprint, train_loop_per_worker
+
+    prep = prepare(cfg)
+    out = train_dir(cfg)
+    urls.ensure_writable(out)
+    latest = _check_latest_checkpoint(cfg)
+    resume_state = _resume_state(cfg, latest)
+    imagenet = _imagenet(cfg, len(prep.classes)) if latest is None and resume_state is None else None
+    ray = runtime.init(compute)
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = cfg.compute.use_gpu
+    if use_gpu is None:
+        use_gpu = float(ray.cluster_resources().get("GPU", 0)) >= cfg.compute.num_workers
+    _check_resources(cfg, use_gpu)
+
+    save_resolved(cfg, out)
+    buf = io.BytesIO()
+    split_table(prep).to_parquet(buf, index=False)
+    urls.atomic_write_bytes(urls.join(out, "split.parquet"), buf.getvalue())
+
+    val_all = prep.val_sids
+    val = D.validation_subset(val_all, max_cells=cfg.split.val_max_cells, seed=cfg.seed)
+    source = D.CropSource(files=prep.crops.files, column=prep.crops.crop_column, shape=prep.crops.shape,
+                          locations=prep.crops.locations(), reader=cfg.compute.reader, data_cpus=cfg.compute.data_cpus)
+    spec = WorkerSpec(cfg=cfg.model_dump(mode="json"), classes=prep.classes, source=source,
+                      train_sids=prep.train_sids, train_codes=prep.codes[prep.train_sids],
+                      val_sids=val, val_codes=prep.codes[val], fingerprint=fingerprint(cfg.science()),
+                      imagenet=imagenet, resume_state=resume_state, inject_failure=inject_failure)
+    storage_path, storage_fs = ray_storage(out)
+    resources = {"CPU": cfg.compute.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": ray.put(spec)},
+        scaling_config=ScalingConfig(num_workers=cfg.compute.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(storage_path=storage_path, storage_filesystem=storage_fs, name=cfg.name,
+                             failure_config=FailureConfig(max_failures=cfg.compute.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.compute.keep_checkpoints)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001
+        inner = _unwrap(exc)
+        if inner is not None:
+            raise inner from None
+        raise
+    if result.error is not None:
+        inner = _unwrap(result.error)
+        raise inner if inner is not None else result.error
+    final = result.checkpoint
+    if final is None:
+        raise StorageError(f"{out}: the run reported no checkpoint", fix="check the Ray Train logs")
+    from raycp.train.loop import load_state
+
+    with final.as_directory() as folder:
+        state = load_state(folder, where=final.path)
+    model_dir = urls.join(out, "model")
+    if export:
+        export_model(state, prep, model_dir)
+    from raycp.train import metrics as M
+
+    title = f"{cfg.model.arch}, {cfg.split.strategy}, {cfg.compute.num_workers} worker(s)"
+    reports = M.write_reports(state["history"], prep.classes, out, controls=prep.controls, title=title)
+    return TrainResult(history=state["history"], classes=prep.classes, model_dir=model_dir, train_dir=out,
+                       reports=reports, summary=prep.summary(), checkpoint=final.path)
+
+
+# ------------------------------------------------------------------------------- export
+
+
+def export_model(state: dict, prep: Prepared, folder: str) -> dict:
+    """``model.safetensors`` (float32 timm state dict) + ``model.json`` for the extraction stage."""
+    from safetensors.torch import save as save_safetensors
+
+    from raycp import __version__
+    from raycp.train.model import DEFAULT_LAYER
+
+    cfg = prep.cfg
+    tensors = {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+               for k, v in state["model"].items()}
+    info = {
+        "format": "raycp.train/1",
+        "arch": cfg.model.arch,
+        "num_classes": len(prep.classes),
+        "classes": prep.classes,
+        "controls": sorted(prep.controls),
+        "label": cfg.label,
+        "channels": list(cfg.channels),
+        "in_chans": len(cfg.channels),
+        "crop_size": int(prep.crops.shape[1]),
+        "normalization": D.NORMALIZATION,
+        "feature_layer": DEFAULT_LAYER,
+        "epochs_trained": int(state["epoch"]) + 1,
+        "split": cfg.split.strategy,
+        "seed": cfg.seed,
+        "imagenet_init": bool(cfg.model.imagenet_weights),
+        "stem": cfg.model.stem,
+        "final_metrics": {k: v for k, v in (state["history"][-1] if state["history"] else {}).items()
+                          if k in ("epoch", "lr")} | {
+            f"{part}_{key}": (state["history"][-1][part] or {}).get(key)
+            for part in ("train", "val") for key in ("loss", "accuracy", "macro_f1")
+            if state["history"] and state["history"][-1].get(part)},
+        "raycp_version": __version__,
+    }
+    urls.atomic_write_bytes(urls.join(folder, MODEL_FILE), save_safetensors(tensors, metadata={"format": "pt"}))
+    urls.atomic_write_text(urls.join(folder, MODEL_JSON), json.dumps(info, indent=2))
+    return info
+
+
+def load_model(folder: str):
+    """``(model in eval mode, info)`` from an exported folder; ``FeatureModel(model)`` gives the
+    block6a features, ``raycp.train.data.normalize`` the matching crop normalisation."""
+    from safetensors.torch import load as load_safetensors
+
+    from raycp.train.model import create_model
+
+    try:
+        info = json.loads(urls.read_bytes(urls.join(folder, MODEL_JSON)))
+        tensors = load_safetensors(urls.read_bytes(urls.join(folder, MODEL_FILE)))
+    except FileNotFoundError:
+        raise InputError(f"{folder}: no {MODEL_JSON} + {MODEL_FILE}", fix="point at <output>/train/model") from None
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"{folder}: unreadable trained model ({type(exc).__name__})",
+                         fix="re-export it with `raycp train` (it resumes and re-exports)") from None
+    model = create_model(info["arch"], num_classes=info["num_classes"], in_chans=info["in_chans"])
+    model.load_state_dict(tensors)
+    return model.eval(), info
