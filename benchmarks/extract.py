@@ -49,6 +49,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _memory import tree_pss  # noqa: E402 - benchmarks/ is the script's folder
 SHARED = Path(os.environ.get("RAYCP_SHARED_DATA", REPO.parent / "shared" / "data"))
 SITE = SHARED / "images" / "pediatric_5ch_BR00143976_C03_s3" / "images" / "orig"
 PHENIX = {"DNA": 5, "ER": 2, "RNA": 6, "AGP": 3, "Mito": 4}
@@ -181,29 +183,6 @@ def make_index(work: Path, base: dict, kind: str, n: int, run: Path) -> str:
 
 # -- measuring -------------------------------------------------------------------------------------
 
-def _tree() -> dict[int, int]:
-    """``{pid: PSS bytes}`` of this process and its descendants (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    out, stack = {}, [os.getpid()]
-    while stack:
-        pid = stack.pop()
-        stack.extend(children.get(pid, []))
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as fh:
-                out[pid] = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("Pss:"))
-        except (OSError, StopIteration):
-            continue
-    return out
-
-
 class Sampler:
     """Peak summed PSS of the process tree (every 100 ms) and, optionally, GPU utilisation."""
 
@@ -228,7 +207,7 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, sum(_tree().values()))
+            self.peak = max(self.peak, tree_pss())
             self._stop.wait(0.1)
 
     def stop(self) -> dict:

@@ -230,14 +230,21 @@ def version() -> None:
 
 
 def _register_stage_apps() -> None:
+    from raycp.extract import cli as extract_cli
     from raycp.preprocess import cli as preprocess_cli
     from raycp.profiles import cli as profiles_cli
+    from raycp.run import cli as run_cli
     from raycp.screens import cli as screens_cli
+    from raycp.train import cli as train_cli
 
     have = {group.name for group in app.registered_groups}
-    for name, sub in (("screen", screens_cli.app), ("preprocess", preprocess_cli.app), ("profile", profiles_cli.app)):
+    stages = (("screen", screens_cli.app), ("preprocess", preprocess_cli.app), ("train", train_cli.app),
+              ("extract", extract_cli.app), ("profile", profiles_cli.app))
+    for name, sub in stages:
         if name not in have:
             app.add_typer(sub, name=name)
+    if "run" not in {command.name for command in app.registered_commands}:
+        app.command("run")(run_cli.run)
 
 
 def main(argv: list[str] | None = None) -> int:

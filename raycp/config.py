@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from raycp.errors import ConfigError, InputError
 from raycp.io import urls
 from raycp.io.index import DEFAULT_CHANNELS, check_channels
+from raycp.preprocess.config import CompressionConfig, CropsConfig, IlluminationConfig, NucleiConfig
 
 _SECRET = re.compile(r"(secret|password|token|credential|access_key|session_key)", re.IGNORECASE)
 
@@ -53,17 +54,17 @@ class DataConfig(_Strict):
             raise ValueError(exc.one_line()) from None
 
 
-class CropConfig(_Strict):
-    """Paper Methods: 128×128 crops centred on nuclei, cells kept in context (no masking)."""
-
-    size: int = Field(128, ge=16, le=1024)
-    skip_border: bool = False
-    mask: bool = False
-
-
 class RunConfig(_Strict):
+    """A run of the image stages: inputs/outputs, the paper's preprocessing constants, compute.
+
+    ``raycp run`` extends it with training, feature sets and profiles
+    (:class:`raycp.run.config.PipelineConfig`); ``raycp preprocess`` reads exactly this."""
+
     data: DataConfig
-    crops: CropConfig = Field(default_factory=CropConfig)
+    illumination: IlluminationConfig = Field(default_factory=IlluminationConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    nuclei: NucleiConfig = Field(default_factory=NucleiConfig)
+    crops: CropsConfig = Field(default_factory=CropsConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
 
@@ -106,6 +107,8 @@ def _config_error(exc: ValidationError, source: str) -> ConfigError:
     if err["type"] == "missing":
         return ConfigError(f"{source}: missing key {where!r}", fix=f"set it in the file or with --set {where}=...")
     msg = str(err["msg"]).removeprefix("Value error, ")
+    if not where:
+        return ConfigError(f"{source}: {msg}", fix="fix the config file or pass --set KEY=VALUE")
     return ConfigError(f"{source}: {where}: {msg}", fix=f"fix {where} in the file or with --set {where}=...")
 
 

@@ -62,3 +62,22 @@ def map_sites(index: ScreenIndex, fn: Callable[[np.ndarray, dict], Any], *, comp
             yield key, None, out["reason"]
         else:
             yield key, json.loads(out["result"]), None
+
+
+_MALLOC_TRIM = None
+
+
+def release_memory() -> None:
+    """Give freed heap pages back to the OS after a site (glibc keeps them per thread arena
+    otherwise, and a worker's memory would creep up with the number of sites it has seen)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)

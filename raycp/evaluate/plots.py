@@ -64,10 +64,15 @@ def plot_pr_curve(curve: pd.DataFrame, path: str | os.PathLike, label: str | Non
 
 def umap_embedding(X: np.ndarray, random_state: int = 0, n_neighbors: int = 15, metric: str = "cosine") -> np.ndarray:
     """2-D UMAP (umap-learn) of profiles."""
+    import warnings
+
     import umap
 
     n_neighbors = max(2, min(n_neighbors, len(X) - 1))
-    return umap.UMAP(n_neighbors=n_neighbors, metric=metric, random_state=random_state).fit_transform(np.asarray(X))
+    with warnings.catch_warnings():  # a seed makes umap single-threaded, and it says so every call
+        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+        return umap.UMAP(n_neighbors=n_neighbors, metric=metric, random_state=random_state,
+                         n_jobs=1).fit_transform(np.asarray(X))
 
 
 def plot_umaps(

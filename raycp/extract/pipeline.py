@@ -40,6 +40,7 @@ from raycp.extract import writers
 from raycp.io import urls
 from raycp.io.index import KEYS, PLATE, SITE, WELL, ScreenIndex, url_col
 from raycp.ledger import PROCESSED, QUARANTINED, Ledger, short_reason
+from raycp.sites import release_memory
 
 Progress = Callable[..., Iterable]
 ACCOUNT_COLUMNS = (*KEYS, "status", "reason", "n_cells", "forward_calls", "decode_s", "model_s", "write_s",
@@ -193,7 +194,7 @@ def decode_batch(batch: pd.DataFrame, spec_json: str):
     """Ray Data task: index rows -> site rows (``crops`` large_binary, ``meta`` Arrow IPC)."""
     spec, source = _source(spec_json)
     rows = decode_rows(batch.to_dict("records"), spec, source)
-    _release_memory()
+    release_memory()
     return _table(rows, binary=("meta", "crops"))
 
 
@@ -267,7 +268,6 @@ def _account(key: dict, *, status: str, reason: str = "", n_cells: int = 0, forw
 def write_rows(batch, spec: ExtractSpec) -> list[dict]:
     """Write each site's outputs (cells, npz, median last); one accounting row per site."""
     out = []
-    layout = spec.layout
     for i in range(batch.num_rows):
         item = {k: batch.column(k)[i].as_py() for k in (*KEYS, "reason", "info", "decode_s", "model_s",
                                                         "forward_calls", "dim")}
@@ -300,7 +300,7 @@ def write_features(spec: ExtractSpec, key: dict, meta: pd.DataFrame, feats: np.n
 def write_batch(batch, spec_json: str) -> pd.DataFrame:
     spec = ExtractSpec.from_json(spec_json)
     rows = write_rows(batch, spec)
-    _release_memory()
+    release_memory()
     return pd.DataFrame(rows, columns=list(ACCOUNT_COLUMNS))
 
 
@@ -333,26 +333,8 @@ def cellprofiler_rows(rows: list[dict], spec: ExtractSpec, source: src.SiteSourc
 def cellprofiler_batch(batch: pd.DataFrame, spec_json: str) -> pd.DataFrame:
     spec, source = _source(spec_json)
     rows = cellprofiler_rows(batch.to_dict("records"), spec, source)
-    _release_memory()
+    release_memory()
     return pd.DataFrame(rows, columns=list(ACCOUNT_COLUMNS))
-
-
-def _release_memory() -> None:
-    """Return freed heap pages to the OS after a site (glibc arenas otherwise keep a worker's peak)."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM = None
 
 
 # -- driver ---------------------------------------------------------------------------------------

@@ -225,17 +225,10 @@ class SiteSource:
             raise InputError(f"nuclei.channel {cfg.nuclei.channel} is not among {channels}",
                              fix="set nuclei.channel to the DNA channel")
         planes = self.read(row, channels)
-        if spec.compressed:
-            if planes[0].dtype != np.uint8:
-                raise ImageReadError(f"{row[url_col(channels[0])]}: compressed index but {planes[0].dtype} pixels",
-                                     fix="point at the sites.parquet written by `raycp preprocess compress`")
-            u8 = np.stack(planes)
-            dna_plane = u8[dna].astype(np.float32) if dna is not None else None
-        else:
-            cc = cfg.compression
-            u8, _, dna_plane = compress_core.compress_site(planes, self.functions(key[PLATE], channels),
-                                                           low=cc.low_percentile, high=cc.high_percentile,
-                                                           keep_float=dna)
+        cc = cfg.compression
+        u8, dna_plane = compress_core.site_to_u8(
+            planes, None if spec.compressed else self.functions(key[PLATE], channels), compressed=spec.compressed,
+            dna=dna, low=cc.low_percentile, high=cc.high_percentile, source=row[url_col(channels[0])])
         del planes
         table = self.nuclei_table(key, dna_plane)
         del dna_plane

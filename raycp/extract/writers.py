@@ -24,7 +24,6 @@ import io
 import json
 import os
 import tempfile
-import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -292,22 +291,8 @@ def compact_sites(layout: FeatureLayout, keys: list[dict]) -> dict[tuple, int]:
                 flush()
         flush()
         writer.close()
-        _upload(local, layout.sites_table)
+        urls.upload_file(local, layout.sites_table)
     return counts
-
-
-def _upload(local: str, url: str) -> None:
-    """Move a finished local file to ``url`` atomically (rename locally, one PUT on object stores)."""
-    import shutil
-
-    fs, path = urls.filesystem(url)
-    if urls.protocol_of(url) == "file":
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, path)
-    else:
-        urls.with_retries(lambda: fs.put_file(local, path), url=url)
 
 
 def read_cells(url: str) -> tuple[pd.DataFrame, np.ndarray, list[str]]:

@@ -129,6 +129,21 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
                            fix="choose an output URL you can write to") from None
 
 
+def upload_file(local: str, url: str) -> None:
+    """Store a finished local file at ``url`` atomically (copy + rename locally, one PUT on object
+    stores), for outputs too large to build in memory."""
+    import shutil
+
+    fs, path = filesystem(url)
+    if protocol_of(url) == "file":
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, path)
+    else:
+        with_retries(lambda: fs.put_file(local, path), url=url)
+
+
 def atomic_write_text(url: str, text: str) -> None:
     atomic_write_bytes(url, text.encode("utf-8"))
 

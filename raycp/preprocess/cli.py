@@ -9,9 +9,6 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
-from pydantic import Field
-
-from raycp.preprocess.config import CompressionConfig, CropsConfig, IlluminationConfig, NucleiConfig
 
 app = typer.Typer(help="Images to single-cell crops: illumination, compression, nuclei, crops (Ray Data).",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -24,24 +21,6 @@ IndexOpt = Annotated[Optional[str], typer.Option("--index", "-i", help="screen i
 OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="run folder (default: data.output)")]
 
 
-def _run_config_model():
-    """The run config: the foundation's RunConfig once it has these sections, else a stand-in."""
-    from raycp import config as cfg
-
-    if "illumination" in cfg.RunConfig.model_fields:
-        return cfg.RunConfig
-
-    class PreprocessRunConfig(cfg._Strict):
-        data: cfg.DataConfig
-        illumination: IlluminationConfig = Field(default_factory=IlluminationConfig)
-        compression: CompressionConfig = Field(default_factory=CompressionConfig)
-        nuclei: NucleiConfig = Field(default_factory=NucleiConfig)
-        crops: CropsConfig = Field(default_factory=CropsConfig)
-        compute: cfg.ComputeConfig = Field(default_factory=cfg.ComputeConfig)
-
-    return PreprocessRunConfig
-
-
 def load_run(config: str | None, overrides: list[str] | None, index: str | None, output: str | None):
     from raycp import config as cfg
 
@@ -50,7 +29,7 @@ def load_run(config: str | None, overrides: list[str] | None, index: str | None,
         sets.append(f"data.index={index}")
     if output:
         sets.append(f"data.output={output}")
-    return cfg.build_config(_run_config_model(), config, sets)
+    return cfg.build_config(cfg.RunConfig, config, sets)
 
 
 def _index(run):

@@ -112,6 +112,24 @@ def compress_site(site, functions: np.ndarray | None = None, *, low: float = 0.0
     return out, limits, kept
 
 
+def site_to_u8(planes: list[np.ndarray], functions: np.ndarray | None, *, compressed: bool, dna: int | None,
+               low: float, high: float, source: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """A site's planes as ``C×H×W`` uint8 plus the float32 DNA plane for nuclei detection: as
+    stored when the index is compressed already (8-bit PNGs), else corrected and stretched
+    (:func:`compress_site`). ``source`` names the site in the error for 16-bit planes in a
+    compressed index."""
+    if compressed:
+        if planes[0].dtype != np.uint8:
+            from raycp.io.images import ImageReadError
+
+            raise ImageReadError(f"{source}: compressed index but {planes[0].dtype} pixels",
+                                 fix="point at the sites.parquet written by `raycp preprocess compress`")
+        u8 = np.stack(planes)
+        return u8, (u8[dna].astype(np.float32) if dna is not None else None)
+    u8, _, dna_plane = compress_site(planes, functions, low=low, high=high, keep_float=dna)
+    return u8, dna_plane
+
+
 def histogram(plane_u8: np.ndarray) -> np.ndarray:
     """256-bin intensity histogram (int64) of an 8-bit image."""
     return np.bincount(plane_u8.reshape(-1), minlength=256).astype(np.int64)

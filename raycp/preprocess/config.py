@@ -1,8 +1,7 @@
 """Configuration of the image stages; defaults are the paper's / DeepProfiler's constants.
 
-Every section is strict (unknown keys are errors). The sections plug into the run config as
-``illumination``, ``compression``, ``nuclei`` and ``crops`` (``crops`` is a superset of the
-foundation's ``CropConfig``: ``size``, ``skip_border`` and ``mask`` keep their meaning).
+Every section is strict (unknown keys are errors). The sections are the run config's
+``illumination``, ``compression``, ``nuclei`` and ``crops`` (:class:`raycp.config.RunConfig`).
 This module imports only pydantic so that :mod:`raycp.config` can import it.
 """
 

@@ -40,6 +40,7 @@ from raycp.io.index import (
     IS_CONTROL, KEYS, PLATE, SITE, TREATMENT, WELL, ScreenIndex, frame_col, read_index, url_col,
 )
 from raycp.ledger import PROCESSED, QUARANTINED, Ledger, short_reason
+from raycp.sites import release_memory
 from raycp.preprocess import compress as compress_core
 from raycp.preprocess import crops as crops_core
 from raycp.preprocess import illumination as illum_core
@@ -273,16 +274,11 @@ def process_crops(ctx: SiteContext, row: dict) -> dict:
     channels = [c for c in spec.channels if c != mask_channel]
     dna = channels.index(cfg.nuclei.channel) if spec.locate == "detect" else None
     planes, _ = ctx.read(row, channels)
-    if spec.compressed_input:
-        if planes[0].dtype != np.uint8:
-            raise ImageReadError(f"{row[url_col(channels[0])]}: compressed index but {planes[0].dtype} pixels",
-                                 fix="point at the sites.parquet written by `raycp preprocess compress`")
-        u8 = np.stack(planes)
-        dna_plane = u8[dna].astype(np.float32) if dna is not None else None
-    else:
-        cc = cfg.compression
-        u8, _, dna_plane = compress_core.compress_site(planes, ctx.functions(key[PLATE], channels),
-                                                       low=cc.low_percentile, high=cc.high_percentile, keep_float=dna)
+    cc = cfg.compression
+    u8, dna_plane = compress_core.site_to_u8(
+        planes, None if spec.compressed_input else ctx.functions(key[PLATE], channels),
+        compressed=spec.compressed_input, dna=dna, low=cc.low_percentile, high=cc.high_percentile,
+        source=row[url_col(channels[0])])
     del planes
     where = f"{key[PLATE]} {key[WELL]} site {key[SITE]}"
     if spec.locate == "file":
@@ -400,32 +396,13 @@ def _context(spec_json: str) -> SiteContext:
     return ctx
 
 
-def _release_memory() -> None:
-    """Give freed heap pages back to the OS after a site (glibc keeps them per thread arena
-    otherwise, and a worker's memory would creep up with the number of sites it has seen)."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM = None
-
-
 def site_batch(batch: pd.DataFrame, spec_json: str) -> pd.DataFrame:
     """The Ray Data task of the per-site stages: one accounting row per site of ``batch``."""
     ctx = _context(spec_json)
     rows = []
     for row in batch.to_dict("records"):
         rows.append(process_row(ctx, row))
-        _release_memory()
+        release_memory()
     return pd.DataFrame(rows, columns=[*KEYS, "status", "reason", "receipt"])
 
 
@@ -434,7 +411,7 @@ def illumination_batch(batch: pd.DataFrame, spec_json: str) -> pd.DataFrame:
     of the plate means, merged on the driver."""
     out = pd.DataFrame(illumination_partials(_context(spec_json), batch.to_dict("records")),
                        columns=[PLATE, "height", "width", "count", "sum", "sites"])
-    _release_memory()
+    release_memory()
     return out
 
 
@@ -887,22 +864,7 @@ def _concat_sc_metadata(layout: Layout, done: list[dict]) -> None:
             for i, r in enumerate(done):
                 data = urls.read_bytes(urls.join(base, "_parts", r[PLATE], f"{r[WELL]}_{r[SITE]}.csv"))
                 out.write(data if i == 0 else data.split(b"\n", 1)[1])
-        _upload(local, urls.join(base, "sc-metadata.csv"))
-
-
-def _upload(local: str, url: str) -> None:
-    """Move a finished local file to ``url`` atomically (rename locally, one PUT on object stores)."""
-    import shutil
-    import uuid
-
-    fs, path = urls.filesystem(url)
-    if urls.protocol_of(url) == "file":
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, path)
-    else:
-        urls.with_retries(lambda: fs.put_file(local, path), url=url)
+        urls.upload_file(local, urls.join(base, "sc-metadata.csv"))
 
 
 def run_all(run, index: ScreenIndex, *, progress: Progress | None = None,

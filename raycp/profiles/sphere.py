@@ -77,6 +77,9 @@ def fit_sphere(controls: np.ndarray, lam: float) -> Spherer:
     Xc = C64 - mu
     cov = (1.0 / n) * (Xc.T @ Xc)
     s, U = np.linalg.eigh(cov)  # numpy's LAPACK: one BLAS thread pool with the GEMMs
+    # Σ is positive semi-definite; round-off leaves its null directions at ≈ −1e-16·max(s), which
+    # exceeds λ when features have large scales (CellProfiler areas ~1e4): clip them to 0.
+    s = np.clip(s, 0.0, None)
     with np.errstate(divide="ignore"):
         scale = 1.0 / np.sqrt(s + lam)
     Q = (U * scale) @ U.T

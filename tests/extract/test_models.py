@@ -52,12 +52,12 @@ def test_random_floor_is_reproducible_from_its_seed(real_crops):
     np.testing.assert_array_equal(a.features(crops[:4]), b.features(crops[:4]))
 
 
-def test_imagenet_baseline_is_five_single_channel_passes_of_672(lite0, real_crops):
+def test_imagenet_baseline_is_five_single_channel_passes_of_672(lite0_weights, real_crops):
     """Paper: each channel alone through an ImageNet EfficientNet, 672 each, concatenated: 3,360."""
     from raycp.extract.imagenet import imagenet_input
 
     _, crops = real_crops
-    ex = load_extractor(ModelConfig(kind="imagenet", path=lite0, arch="efficientnet_lite0"), CHANNELS, run="unused")
+    ex = load_extractor(ModelConfig(kind="imagenet", path=lite0_weights, arch="efficientnet_lite0"), CHANNELS, run="unused")
     feats = ex.features(crops[:2])
     assert feats.shape == (2, 3360) and ex.info.feature_names[672] == "ER_efn_0000"
     with torch.inference_mode():

@@ -74,7 +74,7 @@ def test_deepprofiler_npz_files_read_like_deepprofilers(trained_run):
 
 
 @pytest.mark.slow
-def test_imagenet_baseline_gives_3360_features_per_cell(site_5ch, lite0, real_crops, ray_cluster, tmp_path):
+def test_imagenet_baseline_gives_3360_features_per_cell(site_5ch, lite0_weights, real_crops, ray_cluster, tmp_path):
     """Through the actor pool, from the crops stage's shards (the unit test is in test_models.py)."""
     from raycp.extract.config import load_extract_config
     from raycp.extract.imagenet import ImageNetBaseline
@@ -84,13 +84,13 @@ def test_imagenet_baseline_gives_3360_features_per_cell(site_5ch, lite0, real_cr
     index = real_index(site_5ch)
     index_url = save_index(index, tmp_path)
     write_crops_shards(tmp_path / "run", index, table, crops, cells=4)
-    cfg = load_extract_config(None, [*RAY, "model.kind=imagenet", f"model.path={lite0}", "model.arch=efficientnet_lite0",
+    cfg = load_extract_config(None, [*RAY, "model.kind=imagenet", f"model.path={lite0_weights}", "model.arch=efficientnet_lite0",
                                      "inference.batch_size=4"], index=index_url, output=str(tmp_path / "run"))
     result = run_extract(cfg)
     assert result.summary["processed"] == 1 and result.figures["input"] == "crops"
     _, feats, names = read_cells(str(tmp_path / "run" / "features" / "imagenet" / "cells" / PLATE / "C03_3.parquet"))
     assert feats.shape == (4, 3360) and names[0] == "DNA_efn_0000" and names[-1] == "Mito_efn_0671"
-    model = ImageNetBaseline.from_weights(lite0, arch="efficientnet_lite0")
+    model = ImageNetBaseline.from_weights(lite0_weights, arch="efficientnet_lite0")
     with torch.inference_mode():
         direct = model(torch.from_numpy(crops[:4])).numpy()
     np.testing.assert_allclose(feats, direct, rtol=1e-5, atol=1e-5)

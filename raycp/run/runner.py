@@ -1,0 +1,184 @@
+"""``raycp run``: the stages in order, resumable, each with its folder, config, status and accounting.
+
+A stage's ``status.json`` records ``state`` (``running`` → ``complete``), its wall time, its
+summary and a fingerprint of the config it ran with (chained through the stages before it). On a
+re-run a complete stage with the same fingerprint is skipped, so a killed run resumes at the first
+unfinished stage (and that stage resumes per site). A complete image, training or extraction stage
+whose config changed is an error before any work (its per-site outputs would mix two configs);
+the cheap stages after extraction simply run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from raycp.config import save_resolved
+from raycp.errors import ConfigError, InputError
+from raycp.io import urls
+from raycp.run import stages as S
+from raycp.run.config import STAGES, PipelineConfig
+
+RUNNERS: dict[str, Callable[[S.Context], dict]] = {
+    "index": S.run_index, "illum": S.run_illum, "compress": S.run_compress, "nuclei": S.run_nuclei,
+    "crops": S.run_crops, "train": S.run_train, "extract": S.run_extract, "profiles": S.run_profiles,
+    "evaluate": S.run_evaluate, "effect": S.run_effect, "report": None,  # the report is set below
+}
+EXPENSIVE = ("index", "illum", "compress", "nuclei", "crops", "train", "extract")
+"""Stages whose outputs are per-site or per-epoch files: a changed config must not mix into them."""
+
+
+def _science(cfg: PipelineConfig, stage: str) -> dict:
+    """The config a stage's outputs depend on (compute knobs excluded)."""
+    d = cfg.model_dump(mode="json")
+    own = {
+        "index": {"index": d["data"]["index"], "channels": d["data"]["channels"]},
+        "illum": d["illumination"],
+        "compress": d["compression"],
+        "nuclei": d["nuclei"],
+        "crops": d["crops"],
+        "train": cfg.train.model_dump(mode="json", exclude={"compute"}) | {"imagenet_weights": d["imagenet_weights"]},
+        "extract": {"features": d["features"], "cellprofiler": d["cellprofiler"], "outputs": d["outputs"],
+                    "imagenet_weights": d["imagenet_weights"]},
+        "profiles": {},
+        "evaluate": d["profiles"],
+        "effect": d["profiles"],
+        "report": {},
+    }
+    return own[stage]
+
+
+def fingerprints(cfg: PipelineConfig) -> dict[str, str]:
+    """Per stage: sha256 of its own science and the fingerprint of the stage before it."""
+    out, previous = {}, ""
+    for stage in STAGES:
+        blob = json.dumps({"stage": stage, "science": _science(cfg, stage), "previous": previous}, sort_keys=True)
+        previous = out[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return out
+
+
+def status_url(cfg: PipelineConfig, stage: str) -> str:
+    return urls.join(cfg.data.output, S.FOLDERS[stage], "status.json")
+
+
+def read_status(cfg: PipelineConfig, stage: str) -> dict | None:
+    url = status_url(cfg, stage)
+    if not urls.exists(url):
+        return None
+    try:
+        return json.loads(urls.read_bytes(url))
+    except ValueError:
+        return None  # a torn status file (writes are atomic, so only a foreign file) means: not finished
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    state: str  # complete | skipped (finished earlier) | failed
+    seconds: float
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    output: str
+    records: list[StageRecord]
+    report: str | None
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.records if r.state == "complete")
+
+
+def select_stages(start: str | None, stop: str | None) -> list[str]:
+    for name, value in (("--from", start), ("--to", stop)):
+        if value is not None and value not in STAGES:
+            raise ConfigError(f"{name} {value!r} is not a stage", fix=f"use one of: {', '.join(STAGES)}")
+    i = STAGES.index(start) if start else 0
+    j = STAGES.index(stop) if stop else len(STAGES) - 1
+    if i > j:
+        raise ConfigError(f"--from {start} comes after --to {stop}", fix=f"stages run in order: {' → '.join(STAGES)}")
+    return list(STAGES[i:j + 1])
+
+
+def preflight(cfg: PipelineConfig, chosen: list[str], force: set[str]) -> dict[str, str]:
+    """Everything that can be checked before work: stage configs, the index, the output, the
+    weights files, and that no finished expensive stage ran with another config."""
+    try:
+        cfg.feature_sets()
+        if cfg.train.enabled:
+            cfg.train_config()
+    except ValueError as exc:
+        raise ConfigError(f"config: {' '.join(str(exc).split())}", fix="fix the config file or --set") from None
+    if not urls.exists(cfg.data.index):
+        raise InputError(f"{cfg.data.index}: screen index not found",
+                         fix="build it with `raycp index build` (or `raycp screen build`) and set data.index")
+    urls.ensure_writable(cfg.data.output)
+    weights = [cfg.imagenet_weights] + [f.path for f in cfg.feature_sets() if f.kind == "imagenet"]
+    if cfg.train.model.imagenet_weights:
+        weights.append(cfg.train.model.imagenet_weights)
+    for path in filter(None, dict.fromkeys(weights)):
+        if not urls.exists(path):
+            raise InputError(f"{path}: ImageNet weights file not found",
+                             fix="pass a local .safetensors/.pth file (raycp never downloads weights)")
+    prints = fingerprints(cfg)
+    for stage in chosen:
+        st = read_status(cfg, stage)
+        if (stage in EXPENSIVE and stage not in force and st and st.get("state") == "complete"
+                and st.get("fingerprint") != prints[stage]):
+            folder = urls.join(cfg.data.output, S.FOLDERS[stage])
+            raise ConfigError(f"stage {stage!r} in {cfg.data.output} was finished with another config",
+                              fix=f"use a new data.output, or delete {folder} and the stages after it")
+    return prints
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_status(cfg: PipelineConfig, stage: str, **fields) -> None:
+    S.write_json(status_url(cfg, stage), {"stage": stage, **fields})
+
+
+def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, stop: str | None = None,
+                 progress: Callable | None = None, echo: Callable[[str], None] = print) -> RunResult:
+    """Run (or resume) the stages from ``start`` to ``stop``; see the module docstring."""
+    from raycp.run.report import build_report
+
+    chosen = select_stages(start, stop)
+    force = set(chosen) if start else set()  # --from: the chosen stages run again (they still resume per site)
+    prints = preflight(cfg, chosen, force)
+    ctx = S.Context(cfg=cfg, progress=progress, echo=echo)
+    runners = {**RUNNERS, "report": build_report}
+    records = []
+    for n, stage in enumerate(chosen, 1):
+        st = read_status(cfg, stage)
+        done = st is not None and st.get("state") == "complete" and st.get("fingerprint") == prints[stage]
+        if done and stage not in force and stage != "report":
+            ctx.summaries[stage] = st.get("summary", {})
+            records.append(StageRecord(stage, "skipped", float(st.get("seconds", 0.0)), st.get("summary", {})))
+            echo(f"[{n}/{len(chosen)}] {stage}: finished earlier ({st.get('seconds', 0):.1f} s), skipped")
+            continue
+        echo(f"[{n}/{len(chosen)}] {stage} …")
+        folder = urls.join(cfg.data.output, S.FOLDERS[stage])
+        started = _now()
+        _write_status(cfg, stage, state="running", fingerprint=prints[stage], started=started)
+        t0 = time.perf_counter()
+        ctx.summaries["_records"] = records
+        summary = runners[stage](ctx)
+        seconds = time.perf_counter() - t0
+        save_resolved(cfg, folder)
+        _write_status(cfg, stage, state="complete", fingerprint=prints[stage], started=started, finished=_now(),
+                      seconds=round(seconds, 2), summary=summary)
+        ctx.summaries[stage] = summary
+        records.append(StageRecord(stage, "complete", seconds, summary))
+        q = summary.get("quarantined", 0)
+        echo(f"[{n}/{len(chosen)}] {stage}: {summary.get('processed', 0)} processed · {q} quarantined · "
+             f"{seconds:.1f} s")
+    save_resolved(cfg, cfg.data.output)
+    report = urls.join(cfg.data.output, "report.html") if "report" in chosen else None
+    return RunResult(output=cfg.data.output, records=records, report=report)

@@ -1,0 +1,118 @@
+"""``raycp run`` on a tiny real-pixel screen: every stage, its folder, status and accounting; the
+report; resumption; config changes; and bad configs refused before any work (issue 8)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from run_helper import run_overrides
+from raycp.cli import main
+from raycp.errors import ConfigError
+from raycp.run import load, run
+from raycp.run.config import STAGES
+from raycp.run.stages import FOLDERS
+
+
+def _status(out: Path, stage: str) -> dict:
+    return json.loads((out / FOLDERS[stage] / "status.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_screen, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    sets = run_overrides(tiny_screen, out)
+    result = run(load(None, sets), echo=lambda line: None)
+    return out, result, sets
+
+
+def test_every_stage_runs_and_accounts_for_every_input(tiny_run):
+    out, result, _ = tiny_run
+    assert [r.stage for r in result.records] == list(STAGES)
+    assert all(r.state == "complete" for r in result.records)
+    sites = pd.read_parquet(out / "index" / "screen.parquet")
+    for stage in STAGES:
+        st = _status(out, stage)
+        s = st["summary"]
+        assert st["state"] == "complete" and st["seconds"] >= 0, stage
+        assert s["processed"] + s["quarantined"] == s["total"], stage
+        assert (out / FOLDERS[stage] / "config.yaml").exists(), stage
+    for stage in ("index", "compress", "crops"):
+        assert _status(out, stage)["summary"]["total"] == len(sites), stage
+    extract = _status(out, "extract")["summary"]
+    assert extract["total"] == 3 * len(sites) and set(extract["per_set"]) == {"cnn", "random", "cellprofiler"}
+    wells = pd.read_parquet(out / "profiles" / "cnn" / "wells.parquet")
+    assert wells["Metadata_MoA"].notna().sum() == 12 and wells["Metadata_IsControl"].sum() == 6
+    assert len([c for c in wells.columns if not c.startswith("Metadata_")]) == 672
+
+
+def test_comparison_table_and_lambda_curve(tiny_run):
+    out, _, _ = tiny_run
+    table = pd.read_parquet(out / "evaluate" / "comparison.parquet")
+    assert len(table) == 6 and set(table["feature_set"]) == {"cnn", "random", "cellprofiler"}
+    assert table["map_paper"].between(0, 1).all() and (table["treatments"] == 6).all()
+    curve = pd.read_parquet(out / "evaluate" / "cellprofiler" / "lambda_curve.parquet")
+    assert curve["sphere_lambda"].isna().sum() == 1 and sorted(curve["sphere_lambda"].dropna()) == [0.01, 1.0]
+    effect = pd.read_parquet(out / "effect" / "effect.parquet")
+    assert len(effect) == 6 and len(pd.read_parquet(out / "effect" / "subsets" / "strongest.parquet")) >= 1
+
+
+def test_report_is_self_contained(tiny_run):
+    out, result, _ = tiny_run
+    page = (out / "report.html").read_text()
+    assert result.report.endswith("report.html")
+    for title in ("Comparison of feature sets", "Sphering λ", "CNN training", "Treatment effect",
+                  "Input accounting", "Wall time per stage"):
+        assert title in page, title
+    assert page.count("data:image/png;base64,") >= 4 and "src='http" not in page and 'src="http' not in page
+
+
+def test_rerun_skips_finished_stages_and_keeps_bytes(tiny_run):
+    out, _, sets = tiny_run
+    cells = sorted((out / "features" / "cnn" / "cells").rglob("*.parquet"))
+    before = {p: p.read_bytes() for p in cells}
+    finished = {s: _status(out, s)["finished"] for s in STAGES}
+    again = run(load(None, sets), echo=lambda line: None)
+    assert [r.state for r in again.records] == ["skipped"] * (len(STAGES) - 1) + ["complete"]
+    assert {p: p.read_bytes() for p in cells} == before
+    assert all(_status(out, s)["finished"] == finished[s] for s in STAGES if s != "report")
+
+
+def test_changed_profiles_config_reruns_only_the_cheap_stages(tiny_run):
+    out, _, sets = tiny_run
+    again = run(load(None, [*sets, "profiles.sphere_lambda=0.1"]), start=None, stop="evaluate", echo=lambda line: None)
+    states = {r.stage: r.state for r in again.records}
+    assert states["extract"] == "skipped" and states["profiles"] == "skipped" and states["evaluate"] == "complete"
+    table = pd.read_parquet(out / "evaluate" / "comparison.parquet")
+    assert "sphered λ=0.1" in set(table["correction"])
+
+
+def test_changed_science_of_a_finished_stage_is_refused_before_work(tiny_run):
+    out, _, sets = tiny_run
+    stamp = (out / "crops" / "status.json").read_bytes()
+    with pytest.raises(ConfigError, match="stage 'crops'.*another config"):
+        run(load(None, [*sets, "crops.size=48"]), echo=lambda line: None)
+    assert (out / "crops" / "status.json").read_bytes() == stamp
+
+
+@pytest.mark.parametrize("args, message, code", [
+    (["--from", "segmentation"], "--from 'segmentation' is not a stage", 2),
+    (["--set", "data.index={tmp}/nowhere.parquet"], "screen index not found", 2),
+    (["--set", "data.output={tmp}/a-file/run"], "output location is not writable", 4),
+    (["--set", "profiles.sphere_lambda=0"], "profiles.sphere_lambda: Input should be greater than 0", 2),
+    (["--set", "profiles.lambdas=[0.1, -1]"], "every λ must be > 0", 2),
+    (["--set", "train.optim.lr=-1"], "train.optim.lr", 2),
+    (["--set", "features=[{kind: imagenet}]"], "needs imagenet_weights", 2),
+])
+def test_bad_config_is_one_line_before_any_work(tiny_screen, tmp_path, capsys, args, message, code):
+    (tmp_path / "a-file").write_text("not a folder")
+    out = tmp_path / "run"
+    sets = [a.format(tmp=tmp_path) for a in args]
+    base = [f"--set={o}" for o in run_overrides(tiny_screen, out)]
+    got = main(["run", *base, *sets])
+    err = capsys.readouterr().err.strip()
+    assert got == code and message in err and len(err.splitlines()) == 1, err
+    assert not (out / "index").exists()  # no stage started
