@@ -9,11 +9,7 @@
 # sites are the real field (38 nuclei detected per site).
 # Usage on the device machine:  bash benchmarks/extract_gpu.sh   (JSON lines on stdout, also in $OUT)
 set -euo pipefail
-OUTDIR=${OUT:-/tmp/raycp-bench}
-mkdir -p "$OUTDIR"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 RAYCP_RAY_TMPDIR=/tmp/rayt
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUTDIR/gpu.txt"
+source "$(dirname "$0")/gpu_env.sh"
 nproc | tee -a "$OUTDIR/gpu.txt"
 timeout 270 python3 benchmarks/extract.py --device cuda --site .whl/site_u8.npy --input crops,png,tiff \
     --sites 1000,400,200 --repeat 8 --scale 0 --cpus 16 --gpus 1 --object-store-gb 4 --batch 256 \

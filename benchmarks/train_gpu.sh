@@ -14,11 +14,7 @@
 #     save_site_u8('../shared/data/images/pediatric_5ch_BR00143976_C03_s3', '.whl/site_u8.npy')"
 # Usage on the device machine:  bash benchmarks/train_gpu.sh   (JSON lines on stdout, also in $OUT)
 set -euo pipefail
-OUTDIR=${OUT:-/tmp/raycp-bench}
-mkdir -p "$OUTDIR"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 RAYCP_RAY_TMPDIR=/tmp/rayt
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUTDIR/gpu.txt"
+source "$(dirname "$0")/gpu_env.sh"
 python3 -c "import torch, ray, timm; print('torch', torch.__version__, 'ray', ray.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUTDIR/gpu.txt"
 # paper recipe: B0, 128 px, batch 32 per worker, bf16 autocast + channels_last
 python3 benchmarks/train.py --device cuda --site .whl/site_u8.npy --size 128 --cells 400 --batch 32 \

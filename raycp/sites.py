@@ -81,3 +81,41 @@ def release_memory() -> None:
             _MALLOC_TRIM = False
     if _MALLOC_TRIM:
         _MALLOC_TRIM(0)
+
+
+class JsonSpec:
+    """Mixin of the dataclasses a stage ships to its Ray workers: JSON both ways (no user data is
+    ever pickled), keys sorted so equal specs give equal text."""
+
+    def to_json(self) -> str:
+        from dataclasses import asdict
+
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls(**json.loads(text))
+
+
+def list_site_files(folder: str, suffix: str) -> set[tuple[str, str, int]]:
+    """``(plate, well, site)`` of every ``<folder>/<plate>/<well>_<site><suffix>`` in one listing
+    (no per-site probes; object-store listings are re-read, not cached). Hidden and temporary
+    files are ignored, so a write in progress never counts as finished."""
+    from raycp.io import urls
+
+    fs, path = urls.filesystem(folder)
+    fs.invalidate_cache(path)
+    try:
+        found = fs.find(path)
+    except FileNotFoundError:
+        return set()
+    out = set()
+    for p in found:
+        parts = p.rstrip("/").split("/")
+        name = parts[-1]
+        if len(parts) < 2 or not name.endswith(suffix) or name.startswith("."):
+            continue
+        well, _, site = name[: -len(suffix)].rpartition("_")
+        if site.isdigit() and well:
+            out.add((parts[-2], well, int(site)))
+    return out

@@ -40,7 +40,7 @@ from raycp.extract import writers
 from raycp.io import urls
 from raycp.io.index import KEYS, PLATE, SITE, WELL, ScreenIndex, url_col
 from raycp.ledger import PROCESSED, QUARANTINED, Ledger, short_reason
-from raycp.sites import release_memory
+from raycp.sites import JsonSpec, release_memory
 
 Progress = Callable[..., Iterable]
 ACCOUNT_COLUMNS = (*KEYS, "status", "reason", "n_cells", "forward_calls", "decode_s", "model_s", "write_s",
@@ -48,7 +48,7 @@ ACCOUNT_COLUMNS = (*KEYS, "status", "reason", "n_cells", "forward_calls", "decod
 
 
 @dataclass
-class ExtractSpec:
+class ExtractSpec(JsonSpec):
     """Everything a worker needs, as JSON: where crops come from, the model, where features go."""
 
     source: dict                     # SourceSpec as a dict
@@ -68,12 +68,6 @@ class ExtractSpec:
     pad_batches: bool = False
     sites_per_call: int = 1
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ExtractSpec:
-        return cls(**json.loads(text))
 
     @property
     def source_spec(self) -> src.SourceSpec:

@@ -19,7 +19,7 @@ import io
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -33,10 +33,11 @@ from raycp.preprocess import crops as crops_core
 from raycp.preprocess import illumination as illum_core
 from raycp.preprocess import locations as loc_core
 from raycp.preprocess import nuclei as nuclei_core
+from raycp.sites import JsonSpec
 
 
 @dataclass
-class SourceSpec:
+class SourceSpec(JsonSpec):
     """What a worker needs to make a site's crops, as JSON (no user data is ever unpickled)."""
 
     run: str
@@ -48,12 +49,6 @@ class SourceSpec:
     locate: str = "detect"                       # images: detect | file | template
     metadata_columns: list[str] = field(default_factory=list)
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> SourceSpec:
-        return cls(**json.loads(text))
 
 
 def site_key(row: dict) -> dict:

@@ -220,22 +220,9 @@ def write_site(layout: FeatureLayout, key: dict, meta: pd.DataFrame, features: n
 
 def list_finished(layout: FeatureLayout) -> set[tuple[str, str, int]]:
     """Sites with a median file: one listing of ``sites/`` (no per-site probes)."""
-    folder = urls.join(layout.folder, "sites")
-    fs, path = urls.filesystem(folder)
-    try:
-        found = fs.find(path)
-    except FileNotFoundError:
-        return set()
-    out = set()
-    for p in found:
-        parts = p.rstrip("/").split("/")
-        name = parts[-1]
-        if len(parts) < 2 or not name.endswith(".parquet") or name.startswith("."):
-            continue
-        well, _, site = name[: -len(".parquet")].rpartition("_")
-        if site.isdigit() and well:
-            out.add((parts[-2], well, int(site)))
-    return out
+    from raycp.sites import list_site_files
+
+    return list_site_files(urls.join(layout.folder, "sites"), ".parquet")
 
 
 def _read_site_table(url: str):

@@ -28,7 +28,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -40,7 +40,7 @@ from raycp.io.index import (
     IS_CONTROL, KEYS, PLATE, SITE, TREATMENT, WELL, ScreenIndex, frame_col, read_index, url_col,
 )
 from raycp.ledger import PROCESSED, QUARANTINED, Ledger, short_reason
-from raycp.sites import release_memory
+from raycp.sites import JsonSpec, list_site_files, release_memory
 from raycp.preprocess import compress as compress_core
 from raycp.preprocess import crops as crops_core
 from raycp.preprocess import illumination as illum_core
@@ -105,7 +105,7 @@ def site_key(row: dict) -> dict:
 # -- what a worker needs, as JSON (no user data is ever unpickled) ----------------------------------
 
 @dataclass
-class StageSpec:
+class StageSpec(JsonSpec):
     stage: str
     run: str
     channels: list[str]
@@ -116,12 +116,6 @@ class StageSpec:
     labels: dict[str, int] = field(default_factory=dict)
     metadata_columns: list[str] = field(default_factory=list)
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> StageSpec:
-        return cls(**json.loads(text))
 
 
 class SiteContext:
@@ -480,22 +474,7 @@ def _stream(ray, table: pd.DataFrame, fn: Callable, spec: StageSpec, *, batch_si
 
 def _list_receipts(layout: Layout, stage: str) -> set[tuple[str, str, int]]:
     """Sites with a receipt: one listing of the stage's own ``_sites`` folder."""
-    folder = urls.join(layout.folder(stage), "_sites")
-    fs, path = urls.filesystem(folder)
-    fs.invalidate_cache(path)  # object-store listings are cached per process
-    try:
-        found = fs.find(path)
-    except FileNotFoundError:
-        return set()
-    out = set()
-    for p in found:
-        parts = p.rstrip("/").split("/")
-        if len(parts) < 2 or not parts[-1].endswith(".json") or parts[-1].startswith("."):
-            continue
-        well, _, site = parts[-1][:-5].rpartition("_")
-        if site.isdigit():
-            out.add((parts[-2], well, int(site)))
-    return out
+    return list_site_files(urls.join(layout.folder(stage), "_sites"), ".json")
 
 
 def _read_receipts(layout: Layout, stage: str, keys: list[dict], *, chunk: int = 256) -> Iterator[dict]:

@@ -38,6 +38,10 @@ class ProfilesConfig(_Strict):
     annotation_col: str = Field("Metadata_MoA", description="MoA/pathway column: a hit shares ≥1 annotation")
     annotation_sep: str = Field("|", description="separator of several annotations in one cell")
     control_query: str = Field("Metadata_IsControl == True", description="pandas query selecting control wells")
+    standardize: list[str] = Field(default_factory=lambda: ["cellprofiler"], description=(
+        "feature sets whose well profiles are first standardised to the control wells (one mean and sd "
+        "for the screen: classical features span 1e-3 to 1e4, and λ is an absolute floor on variances); "
+        "CNN features are sphered as they are"))
     sphere_lambda: float = Field(0.01, gt=0, description="sphering λ of the comparison (paper: 1e-2 for "
                                  "CNN features)")
     lambdas: list[float] = Field(default_factory=lambda: [1.0, 0.1, 0.01, 0.001, 0.0001],

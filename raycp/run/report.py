@@ -143,8 +143,10 @@ def effect_section(ctx: S.Context) -> Section:
         u = urls.join(folder, "subsets", f"{name}.parquet")
         if urls.exists(u):
             subsets[name] = S.read_parquet(u)
+    name = (ctx.summaries.get("effect") or {}).get("feature_set", "")
+    how = ", standardised to the control wells" if name in ctx.cfg.profiles.standardize else ""
     sec.text = (f"Mean z-scored distance of a treatment's wells to its plate's median control well "
-                f"({(ctx.summaries.get('effect') or {}).get('feature_set', '')} features, sphered); "
+                f"({name} features{how}, sphered); "
                 f"the weakest, median and strongest {ctx.cfg.profiles.effect_fraction:.0%} of treatments are the "
                 "reusable subsets under effect/subsets/.")
 

@@ -44,7 +44,7 @@ def _science(cfg: PipelineConfig, stage: str) -> dict:
         "train": cfg.train.model_dump(mode="json", exclude={"compute"}) | {"imagenet_weights": d["imagenet_weights"]},
         "extract": {"features": d["features"], "cellprofiler": d["cellprofiler"], "outputs": d["outputs"],
                     "imagenet_weights": d["imagenet_weights"]},
-        "profiles": {},
+        "profiles": {"standardize": d["profiles"]["standardize"]},
         "evaluate": d["profiles"],
         "effect": d["profiles"],
         "report": {},

@@ -279,6 +279,9 @@ def run_profiles(ctx: Context) -> dict:
         keep = [c for c in annotations.columns if c not in wells.columns or c in (PLATE, WELL)]
         wells = wells.merge(cells, on=[PLATE, WELL]).merge(annotations[keep], on=[PLATE, WELL], how="left")
         wells = wells[[c for c in wells.columns if c.startswith("Metadata_")] + feats]
+        standardized = name in ctx.cfg.profiles.standardize
+        if standardized:
+            wells = _standardize(ctx, wells, feats)
         write_parquet(wells, urls.join(ctx.folder("profiles"), name, "wells.parquet"))
         got = set(map(tuple, wells[[PLATE, WELL]].to_numpy()))
         ledger = Ledger(f"profiles/{name}")
@@ -287,10 +290,22 @@ def run_profiles(ctx: Context) -> dict:
              else ledger.quarantined(key, "no site of this well has features (all quarantined upstream)"))
         ledger.write(urls.join(ctx.folder("profiles"), name))
         parts[name] = ledger.summary()
-        figures[name] = {"wells": len(wells), "features": len(feats), "sites": len(sites),
+        figures[name] = {"wells": len(wells), "features": len(feats), "sites": len(sites), "standardized": standardized,
                          "cells": int(sites["Metadata_n_cells"].sum()),
                          "median_cells_per_well": float(wells["Metadata_n_cells"].median())}
     return jsonable({**_sum_summaries(parts), "feature_sets": figures})
+
+
+def _standardize(ctx: Context, wells: pd.DataFrame, feats: list[str]) -> pd.DataFrame:
+    """z-scores against the screen's control wells (:mod:`raycp.profiles.normalize`): a change of
+    units, not a batch correction (one mean and sd for all plates), so "no correction" stays so."""
+    from raycp.evaluate import control_mask_from_query
+    from raycp.profiles.io import feature_matrix
+    from raycp.profiles.normalize import standardize_to_controls
+
+    ctrl = control_mask_from_query(wells, ctx.cfg.profiles.control_query)
+    Z = standardize_to_controls(feature_matrix(wells, feats), ctrl)
+    return pd.concat([wells.drop(columns=feats), pd.DataFrame(Z, columns=feats, index=wells.index)], axis=1)
 
 
 def _wells(ctx: Context, name: str) -> pd.DataFrame:

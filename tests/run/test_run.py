@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -47,6 +48,11 @@ def test_every_stage_runs_and_accounts_for_every_input(tiny_run):
     wells = pd.read_parquet(out / "profiles" / "cnn" / "wells.parquet")
     assert wells["Metadata_MoA"].notna().sum() == 12 and wells["Metadata_IsControl"].sum() == 6
     assert len([c for c in wells.columns if not c.startswith("Metadata_")]) == 672
+    cp = pd.read_parquet(out / "profiles" / "cellprofiler" / "wells.parquet")  # standardised to the controls
+    controls = cp.loc[cp["Metadata_IsControl"], [c for c in cp.columns if not c.startswith("Metadata_")]]
+    varying = controls.std(ddof=0) > 1e-3
+    assert float(controls.mean().abs().max()) < 1e-4 and np.allclose(controls.std(ddof=0)[varying], 1, atol=1e-3)
+    assert _status(out, "profiles")["summary"]["feature_sets"]["cellprofiler"]["standardized"]
 
 
 def test_comparison_table_and_lambda_curve(tiny_run):
