@@ -116,7 +116,7 @@ def test_changed_science_of_a_finished_stage_is_refused_before_work(tiny_run):
 def test_bad_config_is_one_line_before_any_work(tiny_screen, tmp_path, capsys, args, message, code):
     (tmp_path / "a-file").write_text("not a folder")
     out = tmp_path / "run"
-    sets = [a.format(tmp=tmp_path) for a in args]
+    sets = [a.replace("{tmp}", str(tmp_path)) for a in args]
     base = [f"--set={o}" for o in run_overrides(tiny_screen, out)]
     got = main(["run", *base, *sets])
     err = capsys.readouterr().err.strip()
