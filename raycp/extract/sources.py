@@ -144,7 +144,7 @@ class SiteSource:
         self.spec = spec
         self.cfg = ExtractConfig.model_validate(spec.config)
         self.pool = ThreadPoolExecutor(max_workers=threads or max(1, min(8, len(spec.channels) + 1)))
-        self._functions: dict[tuple, np.ndarray] = {}
+        self._illum = illum_core.PlateFunctions(urls.join(spec.run, "illum") if spec.correct else None)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
@@ -165,13 +165,7 @@ class SiteSource:
         return planes
 
     def functions(self, plate: str, channels: list[str]) -> np.ndarray | None:
-        if not self.spec.correct:
-            return None
-        key = (plate, tuple(channels))
-        if key not in self._functions:
-            self._functions.clear()  # sites arrive sorted by plate: one plate's functions at a time
-            self._functions[key] = illum_core.load_plate(urls.join(self.spec.run, "illum"), plate, channels)
-        return self._functions[key]
+        return self._illum.get(plate, channels)
 
     def nuclei_table(self, key: dict, dna: np.ndarray | None) -> pd.DataFrame:
         """Nuclei centres (canonical CellProfiler columns) from the nuclei stage, a template, or detection."""

@@ -165,3 +165,22 @@ def load_plate(folder: str, plate: str, channels: list[str] | tuple[str, ...]) -
                              fix="see illum/ledger.parquet, then re-run `raycp preprocess illum`") from None
         planes.append(np.load(io.BytesIO(data), allow_pickle=False))
     return np.stack(planes).astype(np.float32, copy=False)
+
+
+class PlateFunctions:
+    """The illumination functions of one plate at a time, for a worker whose sites arrive sorted
+    by plate; ``folder`` None means no correction (``get`` returns None)."""
+
+    def __init__(self, folder: str | None) -> None:
+        self.folder = folder
+        self._key: tuple | None = None
+        self._functions: np.ndarray | None = None
+
+    def get(self, plate: str, channels: list[str] | tuple[str, ...]) -> np.ndarray | None:
+        if self.folder is None:
+            return None
+        key = (plate, tuple(channels))
+        if key != self._key:
+            self._functions, self._key = None, None  # free the previous plate's before loading
+            self._functions, self._key = load_plate(self.folder, plate, channels), key
+        return self._functions

@@ -126,16 +126,10 @@ class SiteContext:
         self.cfg = PreprocessConfig.model_validate(spec.config)
         self.layout = Layout(spec.run)
         self.pool = ThreadPoolExecutor(max_workers=threads or max(1, min(8, len(spec.channels))))
-        self._functions: dict[tuple, np.ndarray] = {}
+        self._illum = illum_core.PlateFunctions(self.layout.folder("illum") if spec.correct else None)
 
     def functions(self, plate: str, channels: list[str]) -> np.ndarray | None:
-        if not self.spec.correct:
-            return None
-        key = (plate, tuple(channels))
-        if key not in self._functions:
-            self._functions.clear()  # sites arrive sorted by plate: one plate's functions at a time
-            self._functions[key] = illum_core.load_plate(self.layout.folder("illum"), plate, channels)
-        return self._functions[key]
+        return self._illum.get(plate, channels)
 
     def read(self, row: dict, channels: list[str]) -> tuple[list[np.ndarray], int]:
         """The site's planes of ``channels`` (fetched and decoded in parallel threads; not stacked,
