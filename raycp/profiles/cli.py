@@ -6,7 +6,6 @@ prints it as one line, exit code 2)."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +14,7 @@ import pandas as pd
 import typer
 
 from raycp.errors import InputError
+from raycp.io.outputs import jsonable, write_json, write_parquet
 
 app = typer.Typer(
     help="Profiles: cells → sites → wells → treatments, sphering, treatment effect and the paper's evaluation.",
@@ -27,34 +27,6 @@ def _cols(text: str, option: str) -> list[str]:
     if not cols:
         raise InputError(f"{option} is empty", fix=f"pass {option} COL[,COL...]")
     return cols
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(payload), indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    df = df.copy()
-    df.columns = [str(c) for c in df.columns]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(path)
 
 
 def _read_wells(path: Path) -> pd.DataFrame:
@@ -96,10 +68,10 @@ def evaluate_cmd(
     )
     output.mkdir(parents=True, exist_ok=True)
     q = run.evaluation.queries
-    _write_parquet(q[q["is_query_map"]].reset_index(drop=True), output / "queries_map.parquet")
-    _write_parquet(q[q["is_query_foe"]].reset_index(drop=True), output / "queries_foe.parquet")
-    _write_parquet(run.library, output / "treatments.parquet")
-    _write_parquet(run.evaluation.pr_curve, output / "pr_curve.parquet")
+    write_parquet(q[q["is_query_map"]].reset_index(drop=True), output / "queries_map.parquet")
+    write_parquet(q[q["is_query_foe"]].reset_index(drop=True), output / "queries_foe.parquet")
+    write_parquet(run.library, output / "treatments.parquet")
+    write_parquet(run.evaluation.pr_curve, output / "pr_curve.parquet")
     metrics = {
         **run.evaluation.summary,
         "input": str(wells),
@@ -112,9 +84,9 @@ def evaluate_cmd(
     }
     if plots:
         metrics["plots"] = _evaluation_plots(df, control_query, sphere_lambda, sphere_scope_col, plate_col, run, output)
-    _write_json(output / "metrics.json", metrics)
+    write_json(output / "metrics.json", metrics)
     s = run.evaluation.summary
-    typer.echo(json.dumps(_jsonable({k: s[k] for k in ("map_paper", "map", "folds_of_enrichment", "n_treatments", "n_queries_map", "n_queries_foe")})))
+    typer.echo(json.dumps(jsonable({k: s[k] for k in ("map_paper", "map", "folds_of_enrichment", "n_treatments", "n_queries_map", "n_queries_foe")})))
 
 
 def _evaluation_plots(df, control_query, sphere_lambda, scope_col, plate_col, run, output: Path) -> list[str]:
@@ -161,10 +133,10 @@ def sweep_cmd(
     table = sweep_lambdas(df, _cols(treatment_cols, "--treatment-cols"), annotation_col, control_query, lams,
                           sep=annotation_sep, sphere_scope_col=sphere_scope_col, source=str(wells))
     output.mkdir(parents=True, exist_ok=True)
-    _write_parquet(table, output / "sweep.parquet")
+    write_parquet(table, output / "sweep.parquet")
     plot_map_vs_lambda(table, output / "map_vs_lambda.png")
     for row in table.to_dict("records"):
-        typer.echo(json.dumps(_jsonable(row)))
+        typer.echo(json.dumps(jsonable(row)))
 
 
 @app.command("aggregate")
@@ -189,8 +161,8 @@ def aggregate_cmd(
         spill_dir=output,
         sites_out=output / "sites.parquet",
     )
-    _write_parquet(res.wells, output / "wells.parquet")
-    _write_json(output / "aggregation.json", res.accounting)
+    write_parquet(res.wells, output / "wells.parquet")
+    write_json(output / "aggregation.json", res.accounting)
     a = res.accounting
     typer.echo(json.dumps({k: a[k] for k in ("cells_read", "cells_dropped_nan", "sites", "wells", "path")}))
 
@@ -226,12 +198,12 @@ def effect_cmd(
                        pd.DataFrame(X[ok], columns=feats)], axis=1)
     res = treatment_effect(frame, _cols(treatment_cols, "--treatment-cols"), ctrl[ok], plate_col=plate_col, features=feats)
     output.mkdir(parents=True, exist_ok=True)
-    _write_parquet(res.treatments, output / "effect.parquet")
+    write_parquet(res.treatments, output / "effect.parquet")
     (output / "subsets").mkdir(exist_ok=True)
     subsets = select_subsets(res.treatments, fraction)
     for name, table in subsets.items():
         table.to_csv(output / "subsets" / f"{name}.csv", index=False)
     acct = {**res.accounting, "wells_dropped_nan": int((~ok).sum()), "sphere_lambda": None if no_sphere else sphere_lambda,
             "subset_sizes": {k: len(v) for k, v in subsets.items()}}
-    _write_json(output / "effect.json", acct)
-    typer.echo(json.dumps(_jsonable({"treatments": len(res.treatments), **acct["subset_sizes"]})))
+    write_json(output / "effect.json", acct)
+    typer.echo(json.dumps(jsonable({"treatments": len(res.treatments), **acct["subset_sizes"]})))

@@ -117,10 +117,6 @@ class PipelineConfig(RunConfig):
             raise ValueError("features: a trained set needs train.enabled or a model.path")
         return self
 
-    def feature_sets(self) -> list[ModelConfig]:
-        """The feature sets, in the order of the comparison."""
-        return list(self.features)
-
     def train_config(self) -> TrainConfig:
         """``raycp train``'s config for this run (crops from the crops stage, output = the run)."""
         tree = self.train.model_dump(mode="json", exclude={"enabled"})

@@ -10,12 +10,12 @@ subsets (Fig. 3B), then input accounting and wall time per stage.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from raycp.io import urls
+from raycp.io.outputs import read_parquet, write_json
 from raycp.report import Section, render_report
 from raycp.run import stages as S
 from raycp.run.config import STAGES
@@ -58,7 +58,7 @@ def comparison_section(ctx: S.Context) -> Section:
                   "with ≥1 match); folds of enrichment: odds ratio of hits in the top 1 %; significant: queries "
                   "whose enrichment is significant after Benjamini–Hochberg (α 0.05).")
     if urls.exists(url):
-        table = S.read_parquet(url)
+        table = read_parquet(url)
         sec.tables.append(("feature set × correction", table))
         lam = ctx.cfg.profiles.sphere_lambda
         wide = table.assign(correction=np.where(table["correction"] == "none", "none", "sphered")).pivot(
@@ -73,10 +73,10 @@ def lambda_section(ctx: S.Context) -> Section:
     sec = Section("Sphering λ (paper Fig. 6B)", "mAP of each feature set without correction (left) and sphered "
                   "with decreasing λ (stronger whitening to the right); sphering is fitted on the control wells.")
     curves = []
-    for model in ctx.cfg.feature_sets():
+    for model in ctx.cfg.features:
         url = urls.join(ctx.folder("evaluate"), model.folder_name, "lambda_curve.parquet")
         if urls.exists(url):
-            curves.append(S.read_parquet(url))
+            curves.append(read_parquet(url))
     if not curves:
         return sec
     table = pd.concat(curves, ignore_index=True)
@@ -104,7 +104,7 @@ def umap_section(ctx: S.Context) -> Section:
                   "separate; after, controls should mix across plates.")
     if not ctx.cfg.profiles.umap:
         sec.text = "Not drawn (profiles.umap is false)."
-    for model in ctx.cfg.feature_sets():
+    for model in ctx.cfg.features:
         png = _png(urls.join(ctx.folder("evaluate"), model.folder_name, "umap.png"))
         if png:
             sec.figures.append((model.folder_name, png))
@@ -137,12 +137,12 @@ def effect_section(ctx: S.Context) -> Section:
         return sec
     from raycp.profiles.effect import EFFECT_COL
 
-    effect = S.read_parquet(url)
+    effect = read_parquet(url)
     subsets = {}
     for name in ("weakest", "median", "strongest"):
         u = urls.join(folder, "subsets", f"{name}.parquet")
         if urls.exists(u):
-            subsets[name] = S.read_parquet(u)
+            subsets[name] = read_parquet(u)
     name = (ctx.summaries.get("effect") or {}).get("feature_set", "")
     how = ", standardised to the control wells" if name in ctx.cfg.profiles.standardize else ""
     sec.text = (f"Mean z-scored distance of a treatment's wells to its plate's median control well "
@@ -183,7 +183,7 @@ def accounting_section(ctx: S.Context, statuses: dict[str, dict]) -> Section:
                   "(processed + quarantined = total); per-site tables are each stage's ledger.parquet.",
                   tables=[("per stage", pd.DataFrame(rows))])
     wells_url = None
-    for model in ctx.cfg.feature_sets():
+    for model in ctx.cfg.features:
         u = urls.join(ctx.folder("profiles"), model.folder_name, "wells.parquet")
         if urls.exists(u):
             wells_url = u
@@ -232,16 +232,10 @@ def build_report(ctx: S.Context) -> dict:
     url = urls.join(cfg.data.output, "report.html")
     urls.atomic_write_text(url, page)
     figures = sum(len(s.figures) for s in sections)
-    S.write_json(urls.join(ctx.folder("report"), "contents.json"),
+    write_json(urls.join(ctx.folder("report"), "contents.json"),
                  {"sections": [s.title for s in sections], "figures": figures, "bytes": len(page)})
     return {"total": len(sections), "processed": len(sections), "quarantined": 0, "reasons": {},
             "report": url, "figures": figures, "bytes": len(page)}
 
 
-def report_path(cfg) -> Path | None:
-    """The local path of the report when the run is on local disk (for printing)."""
-    url = urls.join(cfg.data.output, "report.html")
-    return Path(url) if "://" not in url else None
-
-
-__all__ = ["build_report", "report_path"]
+__all__ = ["build_report"]

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from raycp.config import save_resolved
 from raycp.errors import ConfigError, InputError
 from raycp.io import urls
+from raycp.io.outputs import write_json
 from raycp.run import stages as S
 from raycp.run.config import STAGES, PipelineConfig
 
@@ -109,7 +110,6 @@ def preflight(cfg: PipelineConfig, chosen: list[str], force: set[str]) -> dict[s
     """Everything that can be checked before work: stage configs, the index, the output, the
     weights files, and that no finished expensive stage ran with another config."""
     try:
-        cfg.feature_sets()
         if cfg.train.enabled:
             cfg.train_config()
     except ValueError as exc:
@@ -118,7 +118,7 @@ def preflight(cfg: PipelineConfig, chosen: list[str], force: set[str]) -> dict[s
         raise InputError(f"{cfg.data.index}: screen index not found",
                          fix="build it with `raycp index build` (or `raycp screen build`) and set data.index")
     urls.ensure_writable(cfg.data.output)
-    weights = [cfg.imagenet_weights] + [f.path for f in cfg.feature_sets() if f.kind == "imagenet"]
+    weights = [cfg.imagenet_weights] + [f.path for f in cfg.features if f.kind == "imagenet"]
     if cfg.train.model.imagenet_weights:
         weights.append(cfg.train.model.imagenet_weights)
     for path in filter(None, dict.fromkeys(weights)):
@@ -141,7 +141,7 @@ def _now() -> str:
 
 
 def _write_status(cfg: PipelineConfig, stage: str, **fields) -> None:
-    S.write_json(status_url(cfg, stage), {"stage": stage, **fields})
+    write_json(status_url(cfg, stage), {"stage": stage, **fields})
 
 
 def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, stop: str | None = None,
@@ -168,7 +168,6 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, stop: str | N
         started = _now()
         _write_status(cfg, stage, state="running", fingerprint=prints[stage], started=started)
         t0 = time.perf_counter()
-        ctx.summaries["_records"] = records
         summary = runners[stage](ctx)
         seconds = time.perf_counter() - t0
         save_resolved(cfg, folder)

@@ -10,9 +10,6 @@ effect.
 
 from __future__ import annotations
 
-import io
-import json
-import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +20,7 @@ import pandas as pd
 
 from raycp.errors import InputError
 from raycp.io import urls
+from raycp.io.outputs import jsonable, read_parquet, write_json, write_parquet
 from raycp.ledger import Ledger
 
 FOLDERS = {"index": "index", "illum": "illum", "compress": "compressed", "nuclei": "nuclei", "crops": "crops",
@@ -48,37 +46,6 @@ class Context:
 
 
 # -- small writers --------------------------------------------------------------------------------
-
-def jsonable(obj):
-    """JSON-safe copy: numpy scalars to Python, NaN/inf to null."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(float(obj)) else None
-    return obj
-
-
-def write_json(url: str, payload: dict) -> None:
-    urls.atomic_write_text(url, json.dumps(jsonable(payload), indent=2) + "\n")
-
-
-def write_parquet(frame: pd.DataFrame, url: str) -> None:
-    buf = io.BytesIO()
-    frame = frame.copy()
-    frame.columns = [str(c) for c in frame.columns]
-    frame.to_parquet(buf, index=False)
-    urls.atomic_write_bytes(url, buf.getvalue())
-
-
-def read_parquet(url: str) -> pd.DataFrame:
-    return pd.read_parquet(io.BytesIO(urls.read_bytes(url)))
-
 
 def save_png(draw: Callable[[Path], Path], url: str) -> None:
     """Run a plotting function that writes a local PNG and store the bytes at ``url``."""
@@ -237,7 +204,7 @@ def run_extract(ctx: Context) -> dict:
     from raycp.extract.pipeline import run_extract as extract
 
     parts, figures = {}, {}
-    for model in ctx.cfg.feature_sets():
+    for model in ctx.cfg.features:
         ctx.echo(f"  feature set {model.folder_name} ({model.kind})")
         result = extract(ctx.cfg.extract_config(model), progress=ctx.progress)
         parts[model.folder_name] = result.ledger.summary()
@@ -270,7 +237,7 @@ def run_profiles(ctx: Context) -> dict:
     annotations = well_annotations(index.table)
     all_wells = annotations[[PLATE, WELL]]
     parts, figures = {}, {}
-    for model in ctx.cfg.feature_sets():
+    for model in ctx.cfg.features:
         name = model.folder_name
         sites = read_parquet(urls.join(ctx.out, "features", name, "sites.parquet"))
         feats = [c for c in sites.columns if not c.startswith("Metadata_")]
@@ -362,7 +329,7 @@ def run_evaluate(ctx: Context) -> dict:
     """The paper's evaluation of every feature set without correction and sphered (λ from the
     config), the λ curve (Fig. 6B) and UMAPs (Fig. 6A/C); ``comparison.parquet`` holds the table."""
     rows = []
-    for model in ctx.cfg.feature_sets():
+    for model in ctx.cfg.features:
         name = model.folder_name
         ctx.echo(f"  evaluating {name}")
         rows += _evaluate_one(ctx, name, _wells(ctx, name), urls.join(ctx.folder("evaluate"), name))
@@ -375,7 +342,7 @@ def run_evaluate(ctx: Context) -> dict:
 # -- treatment effect -----------------------------------------------------------------------------
 
 def effect_feature_set(cfg) -> str:
-    names = [f.folder_name for f in cfg.feature_sets()]
+    names = [f.folder_name for f in cfg.features]
     want = cfg.profiles.effect_features
     return want if want in names else names[0]
 

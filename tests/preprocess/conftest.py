@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -84,3 +85,14 @@ def pediatric_run(site_5ch, ray_cluster, tmp_path_factory):
                        "--set", "compute.num_cpus=2", "--set", "compute.object_store_memory_gb=0.5"])
     assert code == 0
     return {"run": run, "index": index, "index_url": index_url}
+
+
+def emptiest_window(image: np.ndarray, size: int = 256) -> tuple[int, int]:
+    """Top-left ``(y, x)`` of the ``size``² window (on a 32-px grid) whose brightest pixel is dimmest."""
+    best = None
+    for y in range(0, image.shape[0] - size + 1, 32):
+        for x in range(0, image.shape[1] - size + 1, 32):
+            peak = image[y:y + size, x:x + size].max()
+            if best is None or peak < best[0]:
+                best = (peak, y, x)
+    return best[1], best[2]

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import tifffile
 
+from tests.preprocess.conftest import emptiest_window
 from raycp.io import importers
 from raycp.io.index import validate, write_index
 from tests.conftest import PHENIX_5CH_MAP
@@ -23,16 +24,6 @@ CH = {"DNA": 5, "ER": 2, "RNA": 6, "AGP": 3, "Mito": 4}
 
 def _name(field: int, ch: int) -> str:
     return f"r03c03f{field:02d}p01-ch{ch}sk1fk1fl1.tiff"
-
-
-def _emptiest_window(image: np.ndarray, size: int = 256) -> np.ndarray:
-    best = None
-    for y in range(0, image.shape[0] - size + 1, 32):
-        for x in range(0, image.shape[1] - size + 1, 32):
-            peak = image[y:y + size, x:x + size].max()
-            if best is None or peak < best[0]:
-                best = (peak, y, x)
-    return image[best[1]:best[1] + size, best[2]:best[2] + size]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +41,9 @@ def bad_sites(site_5ch, tmp_path_factory):
     er = tifffile.imread(src / _name(3, CH["ER"]))
     tifffile.imwrite(folder / _name(3, CH["ER"]), er[:500], compression="zlib")
     for ch in CH.values():
-        window = _emptiest_window(tifffile.imread(src / _name(3, ch)))
+        plane = tifffile.imread(src / _name(3, ch))
+        y, x = emptiest_window(plane)
+        window = plane[y:y + 256, x:x + 256]
         tifffile.imwrite(folder / _name(4, ch), np.tile(window, (5, 5))[:1080, :1080], compression="zlib")
     return folder
 

@@ -10,6 +10,7 @@ import pytest
 import tifffile
 from scipy import ndimage as ndi
 
+from tests.preprocess.conftest import emptiest_window
 from raycp.errors import InputError
 from raycp.preprocess import locations as loc
 from raycp.preprocess.nuclei import BORDER, NUMBER, X, Y, detect_nuclei, match_centres
@@ -84,19 +85,9 @@ def test_blank_site_has_no_nuclei(site_5ch):
     """A real background-only field (the emptiest 256×256 window of the DNA image) gives zero
     nuclei, not noise blobs."""
     dna = tifffile.imread(site_5ch / "images/orig/r03c03f03p01-ch5sk1fk1fl1.tiff")
-    y, x = _emptiest_window(dna, 256)
+    y, x = emptiest_window(dna, 256)
     assert len(detect_nuclei(dna[y:y + 256, x:x + 256])) == 0
     assert len(detect_nuclei(np.zeros((64, 64), np.uint16))) == 0
-
-
-def _emptiest_window(image: np.ndarray, size: int) -> tuple[int, int]:
-    best = None
-    for y in range(0, image.shape[0] - size + 1, 32):
-        for x in range(0, image.shape[1] - size + 1, 32):
-            peak = image[y:y + size, x:x + size].max()
-            if best is None or peak < best[0]:
-                best = (peak, y, x)
-    return best[1], best[2]
 
 
 def test_cellprofiler_sqlite_importer(shared_data):

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from run_helper import PEDIATRIC, TINY_SCREEN  # noqa: E402
+from tests.run.run_helper import PEDIATRIC, TINY_SCREEN
 
 
 @pytest.fixture(scope="session")

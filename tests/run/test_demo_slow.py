@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from run_helper import run_overrides
+from tests.run.run_helper import run_overrides
 from raycp.run import load, run
 from raycp.run.config import STAGES
 from raycp.run.stages import FOLDERS

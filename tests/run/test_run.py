@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from run_helper import run_overrides
+from tests.run.run_helper import run_overrides
 from raycp.cli import main
 from raycp.errors import ConfigError
 from raycp.run import load, run
