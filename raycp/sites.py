@@ -65,12 +65,17 @@ def map_sites(index: ScreenIndex, fn: Callable[[np.ndarray, dict], Any], *, comp
 
 
 _MALLOC_TRIM = None
+_RELEASE_CALLS = 0
 
 
-def release_memory() -> None:
-    """Give freed heap pages back to the OS after a site (glibc keeps them per thread arena
-    otherwise, and a worker's memory would creep up with the number of sites it has seen)."""
-    global _MALLOC_TRIM
+def release_memory(every: int = 1) -> None:
+    """Give freed heap pages back to the OS (glibc keeps them per thread arena otherwise, and a
+    worker's memory would creep up with the number of sites it has seen), on every ``every``-th
+    call of this process: trimming costs the next site the page faults of its memory."""
+    global _MALLOC_TRIM, _RELEASE_CALLS
+    _RELEASE_CALLS += 1
+    if _RELEASE_CALLS % every:
+        return
     if _MALLOC_TRIM is None:
         import ctypes
         import ctypes.util

@@ -94,7 +94,7 @@ def read_crops_shard(url: str, channels: list[str]) -> tuple[pd.DataFrame, np.nd
     if crops_core.CROP not in table.column_names:
         raise InputError(f"{url}: no {crops_core.CROP} column", fix="point at a shard written by `raycp preprocess crops`")
     stored = json.loads((table.schema.metadata or {}).get(b"raycp.channels", b"null") or "null")
-    crops = crops_core.tensor_to_numpy(table.column(crops_core.CROP))
+    crops = crops_core.tensor_to_numpy(table.column(crops_core.CROP), crops_core.crop_shape(table.schema))
     meta = table.drop_columns([crops_core.CROP]).to_pandas()
     if stored is None:
         stored = list(channels)[: crops.shape[1]] if crops.ndim == 4 else []

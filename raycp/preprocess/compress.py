@@ -78,9 +78,72 @@ def to_uint8(plane: np.ndarray, lo: float, hi: float, *, inplace: bool = False) 
 
 
 def compress_plane(plane: np.ndarray, function: np.ndarray | None = None, *, low: float = 0.05,
-                   high: float = 99.95, keep_corrected: bool = True
-                   ) -> tuple[np.ndarray, np.ndarray | None, float, float]:
-    """Correct one channel and stretch it to 8 bits: ``(uint8, corrected float32 or None, lo, hi)``."""
+                   high: float = 99.95, keep_corrected: bool = True, out: np.ndarray | None = None,
+                   scratch: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, float, float]:
+    """Correct one channel and stretch it to 8 bits: ``(uint8, corrected float32 or None, lo, hi)``.
+
+    8- and 16-bit planes take the fused loops of :mod:`raycp.preprocess._kernels` (three passes
+    over the plane, the same numbers); other dtypes the numpy path (:func:`compress_plane_numpy`).
+    ``out`` (uint8) and ``scratch`` (float32, used when the corrected plane is not kept) are
+    optional buffers of the plane's shape, so a site's channels reuse their memory."""
+    if plane.dtype not in (np.uint8, np.uint16) or plane.ndim != 2:
+        u8, corrected, lo, hi = compress_plane_numpy(plane, function, low=low, high=high,
+                                                     keep_corrected=keep_corrected)
+        if out is not None:
+            out[...] = u8
+            u8 = out
+        return u8, corrected, lo, hi
+    if function is not None and function.shape != plane.shape:
+        correct(plane, function)  # raises the shape error
+    from raycp.preprocess import _kernels as k
+
+    reuse = scratch is not None and not keep_corrected and scratch.shape == plane.shape
+    corrected = scratch if reuse else np.empty(plane.shape, dtype=np.float32)
+    hist = np.zeros(k.N_BINS, dtype=np.int64)
+    use = function is not None
+    k.correct_and_count(np.ascontiguousarray(plane), np.ascontiguousarray(function, dtype=np.float32) if use
+                        else np.ones((1, 1), np.float32), use, corrected, hist)
+    lo, hi = _limits_from_bins(corrected, hist, low, high)
+    if out is None:
+        out = np.empty(plane.shape, dtype=np.uint8)
+    if hi > lo:
+        k.stretch_to_uint8(corrected, np.float32(lo), np.float32(255.0 / (hi - lo)), out)
+    else:
+        out[:] = 0
+    return out, (corrected if keep_corrected else None), lo, hi
+
+
+def _limits_from_bins(values: np.ndarray, hist: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """:func:`stretch_limits` from a histogram of ``floor(values)``: only the values of the (at
+    most four) integer bins holding the needed ranks are gathered and sorted."""
+    from raycp.preprocess import _kernels as k
+
+    n = values.size
+    positions = [q / 100.0 * (n - 1) for q in (low, high)]
+    ranks = sorted({min(n - 1, int(np.floor(p)) + d) for p in positions for d in (0, 1)})
+    cumulative = np.cumsum(hist)
+    bins = [int(np.searchsorted(cumulative, r, side="right")) for r in ranks]
+    wanted = sorted(set(bins))
+    slot = np.full(k.N_BINS, -1, dtype=np.int32)
+    slot[wanted] = np.arange(len(wanted), dtype=np.int32)
+    gathered, starts = k.gather_bins(values, slot, hist[wanted].astype(np.int64))
+    by_rank = {}
+    for r, b in zip(ranks, bins):
+        j = wanted.index(b)
+        group = np.sort(gathered[starts[j]:starts[j + 1]])
+        by_rank[r] = float(group[r - (int(cumulative[b - 1]) if b else 0)])
+    out = []
+    for p in positions:
+        i = int(np.floor(p))
+        lo_v, hi_v = by_rank[i], by_rank[min(n - 1, i + 1)]
+        out.append(lo_v + (hi_v - lo_v) * (p - i))
+    return out[0], out[1]
+
+
+def compress_plane_numpy(plane: np.ndarray, function: np.ndarray | None = None, *, low: float = 0.05,
+                         high: float = 99.95, keep_corrected: bool = True
+                         ) -> tuple[np.ndarray, np.ndarray | None, float, float]:
+    """:func:`compress_plane` in numpy: any dtype, and the reference the fused loops are tested on."""
     corrected = correct(plane, function)
     lo, hi = stretch_limits(corrected, low, high)
     if keep_corrected:
@@ -99,13 +162,13 @@ def compress_site(site, functions: np.ndarray | None = None, *, low: float = 0.0
     """
     planes = list(site)
     out = np.empty((len(planes), *planes[0].shape), dtype=np.uint8)
+    scratch = np.empty(planes[0].shape, dtype=np.float32)
     limits = []
     kept = None
     for c, plane in enumerate(planes):
         keep = keep_float == c
-        u8, corrected, lo, hi = compress_plane(plane, None if functions is None else functions[c],
-                                               low=low, high=high, keep_corrected=keep)
-        out[c] = u8
+        _, corrected, lo, hi = compress_plane(plane, None if functions is None else functions[c], low=low,
+                                              high=high, keep_corrected=keep, out=out[c], scratch=scratch)
         limits.append((lo, hi))
         if keep:
             kept = corrected

@@ -222,6 +222,10 @@ def crops_to_numpy(column, shape: tuple[int, ...] | None = None) -> np.ndarray:
         if shape is None:
             raise InputError("crop column holds raw bytes but no crop shape is declared",
                              fix="write the shape in the Parquet schema metadata (raycp.crop_shape)")
+        if pa.types.is_fixed_size_binary(typ):
+            from raycp.preprocess.crops import binary_to_numpy
+
+            return _check_crops(binary_to_numpy(column, shape), shape)
         flat = np.frombuffer(b"".join(column.to_pylist()), dtype=np.uint8)
         return _check_crops(flat.reshape((n, *shape)), shape)
     dims = []

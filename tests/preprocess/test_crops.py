@@ -10,9 +10,11 @@ import json
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+import pytest
 import tifffile
 from scipy import ndimage as ndi
 
+from raycp.errors import InputError
 from raycp.io.images import read_image, read_site
 from raycp.io.index import validate
 from raycp.preprocess import compress as cc
@@ -53,9 +55,13 @@ def test_crops_stage_centres_each_cellprofiler_nucleus(pediatric_run, pediatric_
     equal to the 8-bit site cut around (round(x), round(y)), with the index's metadata."""
     run, index = pediatric_run["run"], pediatric_run["index"]
     shard = run / "crops" / "BR00143976" / "C03_3.parquet"
-    # plain pyarrow
+    # plain pyarrow, as the module's docstring shows: raw C×S×S bytes per row, the shape in the schema
     table = pq.read_table(shard)
-    crops = table.column(cr.CROP).combine_chunks().to_numpy_ndarray()
+    shape = json.loads(table.schema.metadata[b"raycp.crop_shape"])
+    col = table.column(cr.CROP).combine_chunks()
+    assert shape == [5, S, S] and col.type.byte_width == 5 * S * S
+    crops = np.frombuffer(col.buffers()[1], np.uint8)[col.offset * col.type.byte_width:][
+        : len(col) * col.type.byte_width].reshape(-1, *shape)
     meta = table.drop_columns([cr.CROP]).to_pandas()
     assert crops.shape == (5, 5, S, S) and crops.dtype == np.uint8
     assert json.loads(table.schema.metadata[b"raycp.channels"]) == list(index.channels)
@@ -71,8 +77,10 @@ def test_crops_stage_centres_each_cellprofiler_nucleus(pediatric_run, pediatric_
         cx, cy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
         np.testing.assert_array_equal(crop, u8[:, cy - 64:cy + 64, cx - 64:cx + 64])
     # Ray Data reads the same tensors; the reader API streams (metadata, N×C×S×S)
-    ray_batch = ray_cluster.data.read_parquet(str(shard)).take_batch(10)
+    ds = ray_cluster.data.read_parquet(str(shard)).map_batches(cr.crops_batch_to_numpy, fn_kwargs={"shape": shape})
+    ray_batch = ds.take_batch(10)
     np.testing.assert_array_equal(ray_batch[cr.CROP], crops)
+    np.testing.assert_array_equal(ray_batch["Metadata_CellId"], meta.Metadata_CellId)
     (meta2, crops2), = list(cr.read_crops(str(run / "crops")))
     np.testing.assert_array_equal(crops2, crops)
     assert meta2.Metadata_CellId.tolist() == meta.Metadata_CellId.tolist()
@@ -166,4 +174,21 @@ def test_crops_shard_bytes_do_not_depend_on_the_run(site_5ch, pediatric_cp_locat
     b = cr.table_bytes(cr.crops_table(crops.copy(), meta.copy(), ["DNA", "ER", "RNA", "AGP", "Mito"]))
     assert a == b
     back = pq.read_table(io.BytesIO(a))
-    np.testing.assert_array_equal(cr.tensor_to_numpy(back.column(cr.CROP)), crops)
+    np.testing.assert_array_equal(cr.tensor_to_numpy(back.column(cr.CROP), cr.crop_shape(back.schema)), crops)
+
+
+def test_crops_shards_of_the_tensor_layout_still_read(tmp_path):
+    """Shards written before the binary layout (Arrow's fixed_shape_tensor) read to the same array."""
+    import pyarrow as pa
+
+    crops = np.random.default_rng(0).integers(0, 256, (3, 2, 8, 8), dtype=np.uint8)
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(crops.reshape(-1)), 2 * 8 * 8)
+    column = pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.uint8(), [2, 8, 8]), storage)
+    table = pa.table({"Metadata_CellId": [1, 2, 3], cr.CROP: column})
+    pq.write_table(table, tmp_path / "old.parquet")
+    meta, back = cr.read_shard(str(tmp_path / "old.parquet"))
+    np.testing.assert_array_equal(back, crops)
+    assert meta.Metadata_CellId.tolist() == [1, 2, 3]
+    # the binary layout needs its shape, and says so
+    with pytest.raises(InputError, match="shape"):
+        cr.tensor_to_numpy(cr.crops_table(crops, {"Metadata_CellId": [1, 2, 3]}, ["A", "B"]).column(cr.CROP))
