@@ -15,8 +15,8 @@ For N and 10·N sites, each in a fresh process with its own local Ray (``--cpus`
 3. in the same process, before and after (the faster of the two): a bare loop that only reads
    and decodes the same TIFFs (``raycp.io.images.decode_image``), on one thread and on as many
    threads as the cluster has CPUs;
-4. memory, a second run of the stage on a fresh cluster: the process tree's summed PSS
-   (proportional set size: shared object-store pages count once) sampled every 100 ms. Kept
+4. memory, from a run of the stage before all that on a fresh cluster: the process tree's summed
+   PSS (proportional set size: shared object-store pages count once) sampled every 100 ms. Kept
    apart from the timed run because reading every process' ``smaps_rollup`` 20 times a second
    costs a CPU core's worth on a 2-core machine.
 
@@ -152,8 +152,8 @@ def bare_decode(files: list[Path], threads: int = 1) -> tuple[float, float]:
 
 
 def child(n: int, cpus: int | None, workdir: Path) -> dict:
-    """One measurement in this (fresh) process: setup stages, the timed crops stage, the bare
-    decode loops, then the memory run."""
+    """One measurement in this (fresh) process: setup stages, the memory run, then the timed
+    crops stage between two rounds of the bare decode loops."""
     from raycp import runtime
     from raycp.io import importers
     from raycp.preprocess import pipeline
@@ -170,8 +170,16 @@ def child(n: int, cpus: int | None, workdir: Path) -> dict:
     pipeline.run_nuclei(run, index)
     n_cpus = cpus or os.cpu_count() or 1
     files = [Path(u) for c in index.channels for u in index.table[f"URL_{c}"]]
-    decode = [bare_decode(files), bare_decode(files, n_cpus)]
 
+    # memory first, so that the decode loops' freed heap in this process does not count
+    _fresh_cluster(run, cpus)
+    peak = TreePeak(interval=0.1)
+    before = tree_pss()
+    pipeline.run_crops(run, index)
+    peak_bytes = peak.stop()
+    shutil.rmtree(out / "crops")  # the timed run redoes the stage from scratch
+
+    decode = [bare_decode(files), bare_decode(files, n_cpus)]
     _fresh_cluster(run, cpus)
     cpu0 = tree_cpu_seconds()
     t0 = time.perf_counter()
@@ -181,16 +189,8 @@ def child(n: int, cpus: int | None, workdir: Path) -> dict:
     cpu_s = tree_cpu_seconds() - cpu0
     done = sorted(p.stat().st_mtime - wall0 for p in (out / "crops" / "_sites").rglob("*.json"))
     steady = (len(done) - 1) / (done[-1] - done[0]) if len(done) > 1 and done[-1] > done[0] else None
-
-    decode = [min(a, b) for a, b in zip(decode, [bare_decode(files), bare_decode(files, n_cpus)])]
-
-    shutil.rmtree(out / "crops")  # the memory run redoes the stage from scratch
-    _fresh_cluster(run, cpus)
-    peak = TreePeak(interval=0.1)
-    before = tree_pss()
-    pipeline.run_crops(run, index)
-    peak_bytes = peak.stop()
     runtime.shutdown()
+    decode = [min(a, b) for a, b in zip(decode, [bare_decode(files), bare_decode(files, n_cpus)])]
     return {"n_sites": n, "cells": result.figures["cells"], "processed": result.summary["processed"],
             "pipeline_s": seconds, "pipeline_cpu_s": cpu_s, "steady_sites_per_s": steady,
             "first_site_s": done[0] if done else None,

@@ -2,8 +2,7 @@
 
 The numpy path of :func:`raycp.preprocess.compress.compress_plane` walks a 1080×1080 plane about
 ten times (divide, a sample sort, two tail selections, six in-place passes for the stretch); these
-loops walk it three times and give the same numbers: the corrected values are float32
-``plane / function`` as ``np.divide(..., dtype=float32)``, the limits are ``np.percentile``'s
+loops walk it twice more after numpy's ``plane / function`` (float32) and give the same numbers: the limits are ``np.percentile``'s
 (linear interpolation) exactly, and the stretch repeats :func:`compress.to_uint8`'s float32
 operations in the same order. Tests check both paths against each other on the real site.
 
@@ -26,17 +25,10 @@ N_BINS = 65536
 
 
 @njit(nogil=True, cache=_CACHE)
-def correct_and_count(plane, function, use_function, out, hist):  # pragma: no cover - compiled
-    """``out = plane / function`` (float32) and a histogram of ``floor(out)`` in 65536 bins."""
-    flat_in = plane.ravel()
-    flat_out = out.ravel()
-    flat_f = function.ravel()
-    for i in range(flat_in.size):
-        v = np.float32(flat_in[i])
-        if use_function:
-            v = v / flat_f[i]
-        flat_out[i] = v
-        hist[int(v)] += 1
+def count_bins(values, hist):  # pragma: no cover - compiled
+    """Histogram of ``floor(values)`` (1-D, 0 ≤ v ≤ 65535) in 65536 integer bins."""
+    for i in range(values.size):
+        hist[int(values[i])] += 1
 
 
 @njit(nogil=True, cache=_CACHE)
