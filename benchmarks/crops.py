@@ -24,8 +24,13 @@ Prints JSON lines: per N the pipeline's crops/s, the decode loop's crops/s and t
 ≥ 0.8: overhead ≤ 20 %), the same against decoding on all CPUs, CPU seconds per site of each; and
 the peak-memory growth from N to 10·N (target < 10 %).
 
-    python benchmarks/crops.py                  # N = 8
-    python benchmarks/crops.py --sites 4 --cpus 2
+    python benchmarks/crops.py                  # N = 40 and 400: about 8 minutes on 2 CPUs
+    python benchmarks/crops.py --sites 8 --cpus 2
+
+Measured on a 2-vCPU VM (2026-11-28): at 400 sites the stage ran 383 crops/s end to end (403
+steady) against 452 for the one-thread decode loop, ratio 0.85; at 40 sites 0.61 (Ray Data's
+start and two blocks per CPU weigh on a 5 s run). Per CPU second the stage does more than decode:
+182 ms of CPU a site (all processes) against 84 ms to decode it. Peak PSS 1,580 → 1,583 MB (+0.2 %).
 """
 
 from __future__ import annotations
@@ -204,7 +209,7 @@ def child(n: int, cpus: int | None, workdir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sites", type=int, default=8, help="N (the memory check also runs 10·N)")
+    parser.add_argument("--sites", type=int, default=40, help="N (the memory check also runs 10·N)")
     parser.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed)")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)

@@ -19,10 +19,14 @@ def stretch_limits(plane: np.ndarray, low: float = 0.05, high: float = 99.95) ->
     few pixels in the bracket are partially sorted (falls back to a full partition if the bracket
     misses, e.g. for heavily tied images)."""
     flat = plane.reshape(-1)
-    n = flat.size
+    return _interpolated(flat.size, low, high, lambda ranks: _ranked_values(flat, ranks))
+
+
+def _interpolated(n: int, low: float, high: float, ranked) -> tuple[float, float]:
+    """``np.percentile``'s linear interpolation at ``low`` and ``high`` of ``n`` values, given
+    ``ranked(ranks) -> {rank: value}`` for the (at most four) ranks it needs."""
     positions = [q / 100.0 * (n - 1) for q in (low, high)]
-    ranks = {min(n - 1, int(np.floor(p)) + d) for p in positions for d in (0, 1)}
-    values = _ranked_values(flat, sorted(ranks))
+    values = ranked(sorted({min(n - 1, int(np.floor(p)) + d) for p in positions for d in (0, 1)}))
     out = []
     for p in positions:
         i = int(np.floor(p))
@@ -120,26 +124,18 @@ def _limits_from_bins(values: np.ndarray, hist: np.ndarray, low: float, high: fl
     most four) integer bins holding the needed ranks are gathered and sorted."""
     from raycp.preprocess import _kernels as k
 
-    n = values.size
-    positions = [q / 100.0 * (n - 1) for q in (low, high)]
-    ranks = sorted({min(n - 1, int(np.floor(p)) + d) for p in positions for d in (0, 1)})
-    cumulative = np.cumsum(hist)
-    bins = [int(np.searchsorted(cumulative, r, side="right")) for r in ranks]
-    wanted = sorted(set(bins))
-    slot = np.full(k.N_BINS, -1, dtype=np.int32)
-    slot[wanted] = np.arange(len(wanted), dtype=np.int32)
-    gathered, starts = k.gather_bins(values, slot, hist[wanted].astype(np.int64))
-    by_rank = {}
-    for r, b in zip(ranks, bins):
-        j = wanted.index(b)
-        group = np.sort(gathered[starts[j]:starts[j + 1]])
-        by_rank[r] = float(group[r - (int(cumulative[b - 1]) if b else 0)])
-    out = []
-    for p in positions:
-        i = int(np.floor(p))
-        lo_v, hi_v = by_rank[i], by_rank[min(n - 1, i + 1)]
-        out.append(lo_v + (hi_v - lo_v) * (p - i))
-    return out[0], out[1]
+    def ranked(ranks: list[int]) -> dict[int, float]:
+        cumulative = np.cumsum(hist)
+        bins = [int(np.searchsorted(cumulative, r, side="right")) for r in ranks]
+        wanted = sorted(set(bins))
+        slot = np.full(k.N_BINS, -1, dtype=np.int32)
+        slot[wanted] = np.arange(len(wanted), dtype=np.int32)
+        gathered, starts = k.gather_bins(values, slot, hist[wanted].astype(np.int64))
+        groups = [np.sort(gathered[starts[j]:starts[j + 1]]) for j in range(len(wanted))]
+        return {r: float(groups[wanted.index(b)][r - (int(cumulative[b - 1]) if b else 0)])
+                for r, b in zip(ranks, bins)}
+
+    return _interpolated(values.size, low, high, ranked)
 
 
 def compress_plane_numpy(plane: np.ndarray, function: np.ndarray | None = None, *, low: float = 0.05,
