@@ -1,10 +1,12 @@
 """Fused per-pixel loops of the 16 → 8-bit conversion (numba), private to :mod:`compress`.
 
 The numpy path of :func:`raycp.preprocess.compress.compress_plane` walks a 1080×1080 plane about
-ten times (divide, a sample sort, two tail selections, six in-place passes for the stretch); these
-loops walk it twice more after numpy's ``plane / function`` (float32) and give the same numbers: the limits are ``np.percentile``'s
-(linear interpolation) exactly, and the stretch repeats :func:`compress.to_uint8`'s float32
-operations in the same order. Tests check both paths against each other on the real site.
+ten times (divide, a sample sort, two tail selections, six in-place passes for the stretch); after
+numpy's ``plane / function`` (float32) these loops walk it three times and give the same numbers:
+the limits are ``np.percentile``'s (linear interpolation) exactly, and the stretch repeats
+:func:`compress.to_uint8`'s float32 operations in the same order. Tests check both paths against
+each other on the real site. Numba does not check bounds, so :func:`count_bins` counts the values
+outside the bins (NaN, inf, a function below 1) and the caller falls back to numpy when any are.
 
 Compiled on first use (about 3 s) and cached beside this file when the package folder is
 writable (a source checkout, a venv); when it is not, each process compiles its own, since numba's
@@ -26,9 +28,18 @@ N_BINS = 65536
 
 @njit(nogil=True, cache=_CACHE)
 def count_bins(values, hist):  # pragma: no cover - compiled
-    """Histogram of ``floor(values)`` (1-D, 0 ≤ v ≤ 65535) in 65536 integer bins."""
+    """Histogram of ``floor(values)`` (1-D) in 65536 integer bins; returns how many values fall
+    outside ``[0, 65536)`` (not counted)."""
+    top = np.float32(N_BINS)
+    zero = np.float32(0.0)
+    outside = 0
     for i in range(values.size):
-        hist[int(values[i])] += 1
+        v = values[i]
+        if v >= zero and v < top:
+            hist[int(v)] += 1
+        else:
+            outside += 1
+    return outside
 
 
 @njit(nogil=True, cache=_CACHE)

@@ -91,12 +91,7 @@ def compress_plane(plane: np.ndarray, function: np.ndarray | None = None, *, low
     ``out`` (uint8) and ``scratch`` (float32, used when the corrected plane is not kept) are
     optional buffers of the plane's shape, so a site's channels reuse their memory."""
     if plane.dtype not in (np.uint8, np.uint16) or plane.ndim != 2:
-        u8, corrected, lo, hi = compress_plane_numpy(plane, function, low=low, high=high,
-                                                     keep_corrected=keep_corrected)
-        if out is not None:
-            out[...] = u8
-            u8 = out
-        return u8, corrected, lo, hi
+        return _numpy_into(plane, function, low, high, keep_corrected, out)
     if function is not None and function.shape != plane.shape:
         correct(plane, function)  # raises the shape error
     from raycp.preprocess import _kernels as k
@@ -108,7 +103,8 @@ def compress_plane(plane: np.ndarray, function: np.ndarray | None = None, *, low
     else:
         np.divide(plane, function, out=corrected, dtype=np.float32)
     hist = np.zeros(k.N_BINS, dtype=np.int64)
-    k.count_bins(corrected.reshape(-1), hist)
+    if k.count_bins(corrected.reshape(-1), hist):  # NaN, inf or a function below 1: numpy's path
+        return _numpy_into(plane, function, low, high, keep_corrected, out)
     lo, hi = _limits_from_bins(corrected, hist, low, high)
     if out is None:
         out = np.empty(plane.shape, dtype=np.uint8)
@@ -117,6 +113,14 @@ def compress_plane(plane: np.ndarray, function: np.ndarray | None = None, *, low
     else:
         out[:] = 0
     return out, (corrected if keep_corrected else None), lo, hi
+
+
+def _numpy_into(plane, function, low, high, keep_corrected, out):
+    u8, corrected, lo, hi = compress_plane_numpy(plane, function, low=low, high=high, keep_corrected=keep_corrected)
+    if out is not None:
+        out[...] = u8
+        u8 = out
+    return u8, corrected, lo, hi
 
 
 def _limits_from_bins(values: np.ndarray, hist: np.ndarray, low: float, high: float) -> tuple[float, float]:

@@ -60,6 +60,13 @@ def test_fused_conversion_on_ties_and_flat_images():
     flat = np.full((64, 64), 7, np.uint16)
     u8, _, lo, hi = cc.compress_plane(flat)
     assert lo == hi == 7.0 and not u8.any()
+    # values outside the bins (a function below 1, a zero, NaN) take the numpy path, never a stray write
+    bad = np.ones(plane.shape, np.float32)
+    bad[0, :3] = [0.5, 0.0, np.nan]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fast, ref = cc.compress_plane(plane, bad), cc.compress_plane_numpy(plane, bad)
+    np.testing.assert_array_equal(fast[0], ref[0])
+    np.testing.assert_array_equal(fast[1], ref[1])
     # other dtypes take the numpy path
     floats = rng.random((32, 32)).astype(np.float32)
     np.testing.assert_array_equal(cc.compress_plane(floats)[0], cc.compress_plane_numpy(floats)[0])
