@@ -10,7 +10,7 @@ import io
 
 import numpy as np
 
-from raycp.preprocess.illumination import correct
+from raycp.preprocess.illumination import check_function, correct
 
 
 def stretch_limits(plane: np.ndarray, low: float = 0.05, high: float = 99.95) -> tuple[float, float]:
@@ -92,8 +92,8 @@ def compress_plane(plane: np.ndarray, function: np.ndarray | None = None, *, low
     optional buffers of the plane's shape, so a site's channels reuse their memory."""
     if plane.dtype not in (np.uint8, np.uint16) or plane.ndim != 2:
         return _numpy_into(plane, function, low, high, keep_corrected, out)
-    if function is not None and function.shape != plane.shape:
-        correct(plane, function)  # raises the shape error
+    if function is not None:
+        check_function(plane, function)
     from raycp.preprocess import _kernels as k
 
     reuse = scratch is not None and not keep_corrected and scratch.shape == plane.shape
@@ -154,23 +154,24 @@ def compress_plane_numpy(plane: np.ndarray, function: np.ndarray | None = None, 
 
 
 def compress_site(site, functions: np.ndarray | None = None, *, low: float = 0.05,
-                  high: float = 99.95, keep_float: int | None = None, out: np.ndarray | None = None,
-                  scratch: np.ndarray | None = None
+                  high: float = 99.95, keep_float: int | None = None, buffers: dict | None = None
                   ) -> tuple[np.ndarray, list[tuple[float, float]], np.ndarray | None]:
     """``C×H×W`` (array or list of planes) → ``(C×H×W uint8, [(lo, hi)] per channel, corrected
     float32 plane number keep_float)``.
 
     Channels are processed one at a time, so at most one float32 plane is alive besides the
-    one asked for with ``keep_float`` (the DNA channel for nuclei detection). ``out`` (uint8
-    C×H×W) and ``scratch`` (float32 H×W) are reused when given with the site's shape: a worker
-    that keeps them spares each site the page faults of ~10 MB of fresh memory.
+    one asked for with ``keep_float`` (the DNA channel for nuclei detection). ``buffers`` (a dict
+    the caller keeps) holds the uint8 site and the float32 scratch plane for the next site of the
+    same shape, which then overwrites the returned site: a worker that keeps it spares each site
+    the page faults of ~10 MB of fresh memory.
     """
     planes = list(site)
     shape = (len(planes), *planes[0].shape)
-    if out is None or out.shape != shape:
-        out = np.empty(shape, dtype=np.uint8)
-    if scratch is None or scratch.shape != shape[1:]:
-        scratch = np.empty(shape[1:], dtype=np.float32)
+    store = buffers if buffers is not None else {}
+    if store.get("out") is None or store["out"].shape != shape:
+        store["out"] = np.empty(shape, dtype=np.uint8)
+        store["scratch"] = np.empty(shape[1:], dtype=np.float32)
+    out, scratch = store["out"], store["scratch"]
     limits = []
     kept = None
     for c, plane in enumerate(planes):
@@ -189,9 +190,7 @@ def site_to_u8(planes: list[np.ndarray], functions: np.ndarray | None, *, compre
     """A site's planes as ``C×H×W`` uint8 plus the float32 DNA plane for nuclei detection: as
     stored when the index is compressed already (8-bit PNGs), else corrected and stretched
     (:func:`compress_site`). ``source`` names the site in the error for 16-bit planes in a
-    compressed index. ``buffers`` (a dict the caller keeps) holds the reusable ``out`` and
-    ``scratch`` arrays of :func:`compress_site`: the returned uint8 site is overwritten by the
-    next call with the same dict."""
+    compressed index. ``buffers`` as in :func:`compress_site`."""
     if compressed:
         if planes[0].dtype != np.uint8:
             from raycp.io.images import ImageReadError
@@ -200,14 +199,7 @@ def site_to_u8(planes: list[np.ndarray], functions: np.ndarray | None, *, compre
                                  fix="point at the sites.parquet written by `raycp preprocess compress`")
         u8 = np.stack(planes)
         return u8, (u8[dna].astype(np.float32) if dna is not None else None)
-    out = scratch = None
-    if buffers is not None:
-        shape = (len(planes), *planes[0].shape)
-        if buffers.get("out") is None or buffers["out"].shape != shape:
-            buffers["out"] = np.empty(shape, dtype=np.uint8)
-            buffers["scratch"] = np.empty(shape[1:], dtype=np.float32)
-        out, scratch = buffers["out"], buffers["scratch"]
-    u8, _, dna_plane = compress_site(planes, functions, low=low, high=high, keep_float=dna, out=out, scratch=scratch)
+    u8, _, dna_plane = compress_site(planes, functions, low=low, high=high, keep_float=dna, buffers=buffers)
     return u8, dna_plane
 
 

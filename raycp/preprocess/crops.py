@@ -84,18 +84,15 @@ def mask_crops(labels: np.ndarray, x: np.ndarray, y: np.ndarray, size: int = 128
     return (out * np.uint8(255)).astype(np.uint8)
 
 
-def crops_table(crops: np.ndarray, metadata: pd.DataFrame | dict, channels: list[str] | tuple[str, ...]):
-    """A pyarrow table: ``metadata`` columns (a DataFrame, or a dict of equal-length arrays) then
-    the ``Crop`` column, ``fixed_size_binary(C·S·S)`` with the shape in the schema metadata."""
+def crops_table(crops: np.ndarray, metadata: pd.DataFrame, channels: list[str] | tuple[str, ...]):
+    """A pyarrow table: ``metadata`` columns then the ``Crop`` column, ``fixed_size_binary(C·S·S)``
+    with the shape in the schema metadata."""
     import pyarrow as pa
 
     n, c, s, s2 = crops.shape
-    if isinstance(metadata, pd.DataFrame):
-        table = pa.Table.from_pandas(metadata.reset_index(drop=True), preserve_index=False)
-    else:
-        table = pa.table(metadata)
-    if table.num_rows != n:
-        raise ValueError(f"{table.num_rows} metadata rows for {n} crops")
+    if len(metadata) != n:
+        raise ValueError(f"{len(metadata)} metadata rows for {n} crops")
+    table = pa.Table.from_pandas(metadata.reset_index(drop=True), preserve_index=False)
     width = c * s * s2
     pixels = pa.py_buffer(np.ascontiguousarray(crops, dtype=np.uint8))
     column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pixels])

@@ -114,13 +114,18 @@ def plate_functions(plate_sum: PlateSum, full_shape: tuple[int, int], *, median_
                                            robust_percentile=robust_percentile) for m in mean])
 
 
+def check_function(plane: np.ndarray, function: np.ndarray) -> None:
+    """The plate's function must have the image's shape (one image size per plate)."""
+    if function.shape != plane.shape:
+        raise InputError(f"image of shape {plane.shape} but the plate's illumination function is {function.shape}",
+                         fix="all sites of a plate must have one image size")
+
+
 def correct(plane: np.ndarray, function: np.ndarray | None) -> np.ndarray:
     """``image / function`` as float32 (a float32 copy when there is no function)."""
     if function is None:
         return plane.astype(np.float32)
-    if function.shape != plane.shape:
-        raise InputError(f"image of shape {plane.shape} but the plate's illumination function is {function.shape}",
-                         fix="all sites of a plate must have one image size")
+    check_function(plane, function)
     return np.divide(plane, function, dtype=np.float32)
 
 

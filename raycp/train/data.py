@@ -4,7 +4,8 @@ Pure cores (unit-tested without Ray) and, at the end, the Ray Data adapter that 
 each Ray Train worker.
 
 **Crop shards** (``raycp preprocess``): Parquet files with a column of uint8 C×S×S crops (S = 128
-in the paper; raw bytes with ``raycp.crop_shape`` in the schema, or a tensor type) and ``Metadata_*`` columns (plate, well, site, treatment, ...). The driver reads only
+in the paper; raw bytes with ``raycp.crop_shape`` in the schema, or a tensor type) and
+``Metadata_*`` columns (plate, well, site, treatment, ...). The driver reads only
 the metadata columns and the row-group layout (:func:`read_crop_metadata`); a crop is addressed by
 its *sid*, its row number in the concatenation of the shards (sorted by path).
 

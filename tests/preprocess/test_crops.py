@@ -191,4 +191,4 @@ def test_crops_shards_of_the_tensor_layout_still_read(tmp_path):
     assert meta.Metadata_CellId.tolist() == [1, 2, 3]
     # the binary layout needs its shape, and says so
     with pytest.raises(InputError, match="shape"):
-        cr.tensor_to_numpy(cr.crops_table(crops, {"Metadata_CellId": [1, 2, 3]}, ["A", "B"]).column(cr.CROP))
+        cr.tensor_to_numpy(cr.crops_table(crops, pd.DataFrame({"Metadata_CellId": [1, 2, 3]}), ["A", "B"]).column(cr.CROP))
