@@ -13,6 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from raycp.console import console as _console
+from raycp.console import print_ledger, track, warn
 from raycp.errors import RaycpError
 
 app = typer.Typer(
@@ -34,26 +36,6 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a c
 ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML run config (URL or path)")]
 
 
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 120)
-
-
-def track(iterable, *, total: int, description: str):
-    """A rich progress bar on stderr around a stream of per-site results."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from rich.console import Console
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=False) as progress:
-        task = progress.add_task(description, total=total)
-        for item in iterable:
-            yield item
-            progress.advance(task)
-
-
 def _parse_map(text: str, *, int_keys: bool = False) -> dict:
     """``"5=DNA,2=ER"`` -> ``{5: "DNA", 2: "ER"}``."""
     from raycp.errors import ConfigError
@@ -72,15 +54,6 @@ def _parse_map(text: str, *, int_keys: bool = False) -> dict:
     if not out:
         raise ConfigError("empty channel map", fix="give at least one SOURCE=CHANNEL pair")
     return out
-
-
-def print_ledger(summary: dict) -> None:
-    con = _console()
-    line = (f"[bold]{summary['stage']}[/]: {summary['total']} input(s) = "
-            f"{summary['processed']} processed + {summary['quarantined']} quarantined")
-    con.print(line)
-    for reason, n in summary["reasons"].items():
-        con.print(f"  quarantined {n}: {reason}", markup=False, soft_wrap=True)
 
 
 @index_app.command("build")
@@ -122,6 +95,11 @@ def index_build(
         raise typer.BadParameter(f"unknown format {fmt!r}: use loaddata, deepprofiler or phenix")
     write_index(index, output)
     _print_index(index, title=f"wrote {output}")
+    con = _console()
+    for note in index.notes:
+        con.print(f"  {note}", markup=False)
+    for warning in index.warnings:
+        warn(warning)
 
 
 def _print_index(index, *, title: str) -> None:
@@ -247,11 +225,41 @@ def _register_stage_apps() -> None:
         app.command("run")(run_cli.run)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the app, turning :class:`RaycpError` into one line on stderr."""
-    _register_stage_apps()
+def _usage_error_types() -> tuple[type, ...]:
+    """The exception classes a command-line parse error can be: typer >= 0.2x bundles its own click
+    (``typer._click``, whose exceptions derive from ``typer.TyperException``); older typer used
+    click itself."""
+    types: list[type] = [typer.TyperException]
     try:
-        result = app(args=argv, standalone_mode=False)
+        import click
+
+        types.append(click.exceptions.ClickException)
+    except ImportError:  # pragma: no cover - click is optional for typer >= 0.2x
+        pass
+    return tuple(types)
+
+
+def _abort_types() -> tuple[type, ...]:
+    types: list[type] = [typer.Abort]
+    try:
+        import click
+
+        types.append(click.exceptions.Abort)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app. A :class:`RaycpError` becomes one line on stderr with its exit
+    code (2 bad input, 4 storage or Ray unreachable); a command-line mistake prints the usage and
+    exits 2; a lost Ray cluster exits 4 (see :func:`raycp.runtime.lost_cluster`)."""
+    from raycp import runtime
+
+    _register_stage_apps()
+    runtime.set_quiet(not os.environ.get("RAYCP_DEBUG"))
+    try:
+        result = app(args=argv, prog_name="raycp", standalone_mode=False)
     except RaycpError as exc:
         typer.echo(f"raycp: error: {exc.one_line()}", err=True)
         return exc.exit_code
@@ -260,20 +268,126 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("raycp: interrupted", err=True)
         return 130
-    except Exception as exc:  # click usage errors
-        import click
+    except _abort_types():
+        typer.echo("raycp: interrupted", err=True)
+        return 130
+    except _usage_error_types() as exc:
+        show = getattr(exc, "show", None)
+        if show is not None:
+            show()
+        else:
+            typer.echo(f"Error: {exc}", err=True)
+        return int(getattr(exc, "exit_code", 2) or 2)
+    except Exception as exc:
+        from raycp.runtime import lost_cluster
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            return 130
+        lost = lost_cluster(exc)
+        if lost is not None:
+            from raycp.runtime import abandon
+
+            abandon()
+            typer.echo(f"raycp: error: {lost.one_line()}", err=True)
+            return lost.exit_code
         if os.environ.get("RAYCP_DEBUG"):
             raise
         typer.echo(f"raycp: internal error: {type(exc).__name__}: {exc} "
                    "(set RAYCP_DEBUG=1 for the traceback and report it)", err=True)
         return 1
     return result if isinstance(result, int) else 0
+
+
+#: Commands that may start or join a Ray cluster: the console script runs them supervised.
+RAY_COMMANDS = ("run", "preprocess", "train", "extract", "screen", "index")
+
+
+def entry() -> int:
+    """The ``raycp`` console script.
+
+    A command that uses Ray runs in a child process watched by this one: when Ray loses its
+    cluster (a ``ray stop`` elsewhere, an OOM-killed raylet) its C++ core may end the process at
+    once, where no Python handler runs. The watcher then prints one line saying the Ray cluster
+    went away and that re-running resumes, and exits 4 (the stages write ``complete`` only after
+    their outputs, so nothing half-written is marked finished)."""
+    import json
+    import signal
+    import subprocess
+    import tempfile
+
+    from raycp import runtime
+
+    argv = sys.argv[1:]
+    words = [a for a in argv if not a.startswith("-")]
+    if os.environ.get("RAYCP_SUPERVISED") or not words or words[0] not in RAY_COMMANDS or "--help" in argv:
+        return main(argv)
+    with tempfile.TemporaryDirectory(prefix="raycp-cmd-") as tmp:
+        status = os.path.join(tmp, "status.json")
+        env = {**os.environ, "RAYCP_SUPERVISED": "1", runtime.STATUS_ENV: status}
+        child = subprocess.Popen([sys.executable, "-c", "import sys; from raycp.cli import child_main; "
+                                  "sys.exit(child_main())", *argv], env=env)
+
+        def forward(signum, _frame):
+            child.send_signal(signum)
+
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the child gets Ctrl-C itself
+        old_term = signal.signal(signal.SIGTERM, forward)
+        try:
+            rc = child.wait()
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+        try:
+            with open(status) as fh:
+                record = json.load(fh)
+        except (OSError, ValueError):
+            record = {}
+    if os.environ.get("RAYCP_DEBUG_SUPERVISOR"):
+        typer.echo(f"supervisor: rc={rc} record={record}", err=True)
+    if record.get("exit") is not None:
+        return int(record["exit"])  # the child finished and reported its own outcome
+    ray_info = record.get("ray")
+    if ray_info:
+        pids = ray_info.get("pids") or {}
+        dead = sorted(k for k, ps in pids.items() if k in ("gcs_server", "raylet") and
+                      not all(runtime.pid_alive(p) for p in ps))
+        if dead or not pids:
+            what = f"its {', '.join(dead)} process(es) died" if dead else "the driver lost it"
+            err = RaycpError(f"the Ray cluster went away during the run: {what} and Ray ended the process "
+                             f"(exit code {rc})",
+                             fix="re-run the same command: finished stages and sites are kept and the run resumes "
+                                 "where it stopped (if memory ran out, lower compute.object_store_memory_gb or the "
+                                 "batch sizes)")
+            typer.echo(f"raycp: error: {err.one_line()}", err=True)
+            return 4
+    if rc < 0:
+        typer.echo(f"raycp: error: the command was killed by signal {-rc} (out of memory, or killed by hand)",
+                   err=True)
+        return 128 - rc
+    return rc
+
+
+def child_main() -> int:
+    """The supervised command (see :func:`entry`): :func:`main`, then its exit code recorded."""
+    return _report_exit(main(sys.argv[1:]))
+
+
+def _report_exit(code: int) -> int:
+    """Record the command's own outcome for a supervising ``raycp`` process (see :func:`entry`)."""
+    from raycp import runtime
+
+    path = os.environ.get(runtime.STATUS_ENV)
+    if path:
+        import json
+
+        try:
+            with open(path) as fh:
+                record = json.load(fh)
+        except (OSError, ValueError):
+            record = {}
+        record["exit"] = int(code)
+        with open(f"{path}.tmp", "w") as fh:
+            json.dump(record, fh)
+        os.replace(f"{path}.tmp", path)
+    return code
 
 
 if __name__ == "__main__":

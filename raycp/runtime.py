@@ -28,6 +28,16 @@ _LOCAL_ENV = {
 }
 
 
+_QUIET = {"on": False}
+
+
+def set_quiet(on: bool = True) -> None:
+    """Called once by a command-line entry point: when this process connects to Ray, Ray's own
+    console output is kept off the terminal (see :func:`quiet_console`). Library use (a
+    notebook) keeps Ray's defaults."""
+    _QUIET["on"] = bool(on)
+
+
 def _quiet_env() -> None:
     for key, value in _LOCAL_ENV.items():
         os.environ.setdefault(key, value)
@@ -68,7 +78,15 @@ def init(compute: ComputeConfig | None = None, *, log_to_driver: bool = False):
     except ConnectionError as exc:
         raise RuntimeSetupError(f"cannot reach the Ray cluster at {address}: {exc}",
                                 fix="check RAY_ADDRESS or start the cluster with `ray start --head`") from None
+    except OSError as exc:
+        if address or "path length" not in str(exc):
+            raise
+        raise RuntimeSetupError(f"cannot start a local Ray cluster under {tmp}: {exc}",
+                                fix="set RAYCP_RAY_TMPDIR to a short folder, e.g. /tmp/raycp-ray") from None
     _quiet_data_context()
+    if _QUIET["on"]:
+        quiet_console()
+    _record_connection(ray, address)
     return ray
 
 
@@ -92,6 +110,181 @@ def shutdown() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+STATUS_ENV = "RAYCP_STATUS_FILE"
+"""Set by the supervising ``raycp`` process (:func:`raycp.cli.entry`) for the command it runs."""
+
+
+def _record_connection(ray, address: str | None) -> None:
+    """Tell a supervising ``raycp`` process which cluster this process uses: the pids of the
+    processes of a local cluster started here, or the address joined."""
+    path = os.environ.get(STATUS_ENV)
+    if not path:
+        return
+    import json
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    pids = {}
+    if node is not None and node.all_processes:
+        pids = {kind: [info.process.pid for info in infos] for kind, infos in node.all_processes.items()}
+    record = {"ray": {"address": address, "started_here": bool(pids), "pids": pids}}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(record, fh)
+    os.replace(tmp, path)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, counts as dead)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{int(pid)}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def started_here() -> bool:
+    """Whether this process started the Ray cluster it is connected to (a local one)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return bool(ray.is_initialized() and node is not None and node.all_processes)
+
+
+def actor_restart_args() -> dict:
+    """``ray_remote_args`` for Ray Data actor pools. On a local cluster raycp started there is no
+    other node to restart an actor on, and Ray Data passes an actor's constructor arguments by
+    reference, which with restarts on makes the driver log an error line per pool (ray#53727):
+    restarts are off there. On a joined cluster Ray Data's default (restart forever) is kept, so
+    an actor lost with its node comes back elsewhere."""
+    return {"max_restarts": 0} if started_here() else {}
+
+
+# -- entry points: quiet console, lost cluster --------------------------------------------------------
+
+_RAY_MESSAGES: list[str] = []
+
+
+def quiet_console() -> None:
+    """For command-line entry points: Ray's own console output stays off the terminal.
+
+    Ray Data's console handler is raised to CRITICAL (its log file, in the Ray session folder,
+    keeps every record), and the messages Ray pushes to the driver (``(raylet) ...`` notices)
+    are kept in memory: :func:`lost_cluster` quotes the last one; the others are printed as one
+    ``raycp: ray: ...`` line each on stderr. Private Ray API (``ray._private.worker``), pinned to
+    the locked Ray by a test."""
+    import logging
+    import sys
+
+    import ray._private.worker as ray_worker
+
+    for name in ("ray.data", "ray.train", "ray.tune"):
+        for handler in logging.getLogger(name).handlers:
+            if not hasattr(handler, "baseFilename") and type(handler).__name__ != "SessionFileHandler":
+                handler.setLevel(logging.CRITICAL + 1)
+    if getattr(ray_worker.print_to_stdstream, "_raycp", False):
+        return
+
+    def keep(data, ignore_prefix: bool = False):  # noqa: ARG001 - Ray's signature
+        lines = [str(line) for line in data.get("lines", [])]
+        text = "\n".join(lines).strip()
+        if not text:
+            return
+        _RAY_MESSAGES.append(text)
+        if not _is_node_death(text):
+            first = next((ln.strip() for ln in lines if ln.strip()), "")
+            print(f"raycp: ray: {first}", file=sys.stderr, flush=True)
+
+    keep._raycp = True
+    ray_worker.print_to_stdstream = keep
+
+
+def _is_node_death(text: str) -> bool:
+    lower = text.lower()
+    return any(k in lower for k in ("raylet is terminated", "has been marked dead", "node has crashed"))
+
+
+def _cluster_reachable(timeout_s: float = 5.0) -> bool:
+    import threading
+
+    import ray
+
+    answer: list[bool] = []
+
+    def ping():
+        try:
+            answer.append(any(n.get("Alive") for n in ray.nodes()))
+        except Exception:  # noqa: BLE001 - unreachable
+            answer.append(False)
+
+    thread = threading.Thread(target=ping, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(answer and answer[0])
+
+
+def lost_cluster(exc: BaseException) -> RuntimeSetupError | None:
+    """The one-line error (exit code 4) for an exception raised because the Ray cluster went away
+    mid-run (a ``ray stop`` elsewhere, an OOM-killed raylet or GCS); ``None`` when the cluster is
+    still there (the exception is something else). A local cluster raycp started is checked
+    through its processes, a joined one by asking the GCS for its nodes (5 s at most)."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None and node.all_processes:
+        dead = sorted({kind for kind, _ in node.dead_processes()})
+        if not dead:
+            return None
+        what = f"its {', '.join(dead)} process(es) died"
+    elif _cluster_reachable():
+        return None
+    else:
+        what = "its head (GCS) no longer answers"
+    said = next((m for m in reversed(_RAY_MESSAGES) if _is_node_death(m)), "")
+    first = said.splitlines()[0].strip() if said else ""
+    first = first.split(". ")[0].rstrip(".")
+    hint = f"; Ray said: {first[:160]}" if first else ""
+    return RuntimeSetupError(
+        f"the Ray cluster went away during the run: {what} ({type(exc).__name__}){hint}",
+        fix="re-run the same command: finished stages and sites are kept and the run resumes where it "
+            "stopped (if memory ran out, lower compute.object_store_memory_gb or the batch sizes)")
+
+
+def abandon() -> None:
+    """After :func:`lost_cluster`: disconnect from the dead cluster and stop what is left of a
+    local one, with Ray's shutdown chatter (lost-object recovery notices) kept off stderr."""
+    import os
+    import sys
+
+    import ray
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            try:
+                ray.shutdown()
+            except Exception:  # noqa: BLE001 - the cluster is gone already
+                pass
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def cluster_cpus() -> float:

@@ -22,8 +22,7 @@ from raycp.ledger import short_reason
 def process_site(index: ScreenIndex, row: dict, fn: Callable[[np.ndarray, dict], Any]) -> tuple[Any, str | None]:
     """Read one site and apply ``fn``; return ``(result, None)`` or ``(None, reason)``."""
     try:
-        urls_, frames = index.site_urls(row)
-        site = read_site(urls_, frames)
+        site = read_site(index.planes(row))
         return fn(site, row), None
     except Exception as exc:  # noqa: BLE001 - every failure becomes a quarantine reason
         return None, short_reason(exc)

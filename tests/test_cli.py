@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 import subprocess
 import sys
@@ -96,3 +97,108 @@ def test_import_raycp_imports_neither_ray_nor_torch():
             "bad = [m for m in ('ray', 'torch') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# -- usage errors are usage errors (issue 12, kind 8) -------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["index", "build", "x", "--frm", "x"], "No such option: --frm"),
+        (["index", "build"], "Missing argument"),
+        (["profile", "evaluate", "wells.csv"], "Missing option '--treatment-cols'"),
+        (["run", "--from", "extract", "--nope"], "No such option: --nope"),
+        (["frobnicate"], "No such command"),
+    ],
+)
+def test_a_command_line_mistake_prints_the_usage_and_exits_2(capsys, argv, needle):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert needle in err and "Usage: raycp" in err and "internal error" not in err
+
+
+def test_the_console_script_reports_usage_errors_the_same_way():
+    exe = shutil.which("raycp", path=str(Path(sys.executable).parent))
+    assert exe, "the raycp console script is installed with the package"
+    proc = subprocess.run([exe, "index", "build", "x", "--frm", "x"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "No such option: --frm" in proc.stderr and "Usage: raycp index build" in proc.stderr
+
+
+def _fix_texts() -> list[tuple[str, int, str]]:
+    """Every literal piece of every ``fix=`` argument in raycp's source, with its file and line."""
+    import ast
+
+    out = []
+    root = Path(__file__).resolve().parents[1] / "raycp"
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            for kw in node.keywords:
+                if kw.arg != "fix":
+                    continue
+                parts = [n.value for n in ast.walk(kw.value) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+                out.append((str(path.relative_to(root.parent)), kw.value.lineno, " ".join(parts)))
+    return out
+
+
+def _cli_options() -> set[str]:
+    import typer.main
+
+    from raycp.cli import _register_stage_apps, app
+
+    _register_stage_apps()
+    options: set[str] = set()
+
+    def walk(command):
+        for param in getattr(command, "params", []):
+            options.update(o for o in (*param.opts, *param.secondary_opts) if o.startswith("--"))
+        for sub in getattr(command, "commands", {}).values():
+            walk(sub)
+
+    walk(typer.main.get_command(app))
+    return options
+
+
+# flags of other programs that a fix may name, with the program
+OTHER_PROGRAMS = {"--head": "ray start"}
+
+
+def test_every_flag_a_fix_names_exists():
+    import re
+
+    options = _cli_options()
+    assert {"--treatment-cols", "--na-cutoff", "--sphere-scope-col", "--platemap"} <= options
+    texts = _fix_texts()
+    assert len(texts) > 100
+    bad = []
+    for where, line, text in texts:
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text):
+            if flag not in options and flag not in OTHER_PROGRAMS:
+                bad.append(f"{where}:{line}: {flag}")
+    assert not bad, bad
+
+
+def test_tables_are_not_cut_when_stdout_is_not_a_terminal(monkeypatch):
+    """CI, ``tee`` and log files get the whole table (a terminal gets its own width)."""
+    import io
+
+    from rich.table import Table
+
+    from raycp.console import console
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stream)
+    monkeypatch.setenv("COLUMNS", "80")
+    table = Table(title="comparison")
+    for col in ("feature set", "correction", "map_paper", "note"):
+        table.add_column(col)
+    table.add_row("cellprofiler", "sphered λ=0.01", "0.715", "x" * 150)
+    con = console()
+    con.print(table)
+    con.print("a long line " * 20, markup=False)
+    lines = stream.getvalue().splitlines()
+    row = next(ln for ln in lines if "cellprofiler" in ln)
+    assert "x" * 150 in row and len(row) > 150
+    assert any(ln.startswith("a long line") and len(ln) >= 230 for ln in lines)

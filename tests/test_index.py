@@ -37,7 +37,7 @@ def test_phenix_folder_gives_one_site_with_the_paper_channels(site_5ch):
     assert (row.Metadata_Plate, row.Metadata_Well, row.Metadata_Site) == ("BR00143976", "C03", 3)
     assert row.URL_DNA.endswith("r03c03f03p01-ch5sk1fk1fl1.tiff")
     assert row.URL_Mito.endswith("r03c03f03p01-ch4sk1fk1fl1.tiff")
-    site = read_site(*index.site_urls(row))
+    site = read_site(index.planes(row))
     assert site.shape == (5, 1080, 1080) and site.dtype == "uint16"
 
 
@@ -80,7 +80,7 @@ def test_loaddata_csv_of_real_nf1_sites_reads_the_same_pixels(shared_data, tmp_p
     pd.testing.assert_frame_equal(again.table, index.table)
     row = again.table.iloc[0]
     direct = tifffile.imread(f"{nf1}/Plate_2_images/B7_01_2_3_GFP_001.tif")
-    site = read_site(*again.site_urls(row))
+    site = read_site(again.planes(row))
     assert site.shape == (3, 904, 1224)
     assert (site[1] == direct).all()
 

@@ -35,8 +35,8 @@ def test_phenix_site_from_s3_equals_disk(site_5ch, s3_server, tmp_path):
     index_url = f"s3://{s3_server['bucket']}/runs/a/index/sites.parquet"
     write_index(cloud, index_url)
     cloud = read_index(index_url, check_files=True)
-    a = read_site(*disk.site_urls(disk.table.iloc[0]))
-    b = read_site(*cloud.site_urls(cloud.table.iloc[0]))
+    a = read_site(disk.planes(disk.table.iloc[0]))
+    b = read_site(cloud.planes(cloud.table.iloc[0]))
     assert a.dtype == b.dtype == np.uint16
     np.testing.assert_array_equal(a, b)
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from raycp.errors import InputError
+from raycp.profiles.io import NA_CUTOFF
 from raycp.evaluate.metrics import (
     DEFAULT_SEP,
     FOE_PERCENTILE,
@@ -64,13 +65,27 @@ class EvaluationRun:
         return {**self.evaluation.summary, "accounting": self.accounting}
 
 
-def control_mask_from_query(wells: pd.DataFrame, query: str, source: str = "wells") -> np.ndarray:
-    """Boolean mask of the wells selected by a pandas query (e.g. ``Metadata_pert_type == 'control'``)."""
+_TEXT_HINT = ("metadata read from CSV is text: compare with quotes, e.g. Metadata_dose == '0' "
+              "or Metadata_pert_type == 'control'")
+
+
+def control_mask_from_query(wells: pd.DataFrame, query: str, source: str = "wells", *,
+                            require: bool = False) -> np.ndarray:
+    """Boolean mask of the wells selected by a pandas query (e.g. ``Metadata_pert_type == 'control'``).
+
+    Raises :class:`InputError` for an invalid query, and with ``require`` when it selects no
+    well (the message says that CSV metadata is text, the usual reason a numeric comparison
+    selects nothing)."""
     try:
         selected = wells.query(query)
     except Exception as exc:  # pandas raises many types for a bad expression
-        raise InputError(f"{source}: control query {query!r} is invalid ({exc})", fix="write a pandas query over the Metadata_ columns") from exc
-    return wells.index.isin(selected.index)
+        raise InputError(f"{source}: control query {query!r} is invalid ({' '.join(str(exc).split())})",
+                         fix=f"write a pandas query over the Metadata_ columns; {_TEXT_HINT}") from None
+    mask = wells.index.isin(selected.index)
+    if require and not mask.any():
+        raise InputError(f"{source}: control query {query!r} matched no well",
+                         fix=f"check the query against the Metadata_ columns; {_TEXT_HINT}")
+    return mask
 
 
 def _prepare(
@@ -80,22 +95,22 @@ def _prepare(
     control_mask: np.ndarray | None,
     features: Sequence[str] | None,
     source: str,
+    na_cutoff: float = NA_CUTOFF,
 ):
-    from raycp.profiles.io import check_finite, feature_columns, feature_matrix, require_columns
+    from raycp.profiles.io import feature_matrix_na, require_columns
 
     treatment_cols = list(treatment_cols)
     if not treatment_cols:
         raise InputError("no treatment column given", fix="pass --treatment-cols, e.g. Metadata_broad_sample,Metadata_mmoles_per_liter")
     require_columns(wells, treatment_cols, source, "treatment column")
     require_columns(wells, [annotation_col], source, "annotation column")
-    feats = list(features) if features is not None else feature_columns(wells, source)
-    require_columns(wells, feats, source, "feature column")
-    X = feature_matrix(wells, feats)
-    check_finite(X, feats, source)
+    if features is not None:
+        require_columns(wells, list(features), source, "feature column")
+    fm = feature_matrix_na(wells, features, na_cutoff=na_cutoff, source=source)
     ctrl = np.zeros(len(wells), dtype=bool) if control_mask is None else np.asarray(control_mask, dtype=bool)
     if ctrl.shape != (len(wells),):
         raise ValueError("control_mask must have one entry per well")
-    return treatment_cols, feats, X, ctrl
+    return treatment_cols, fm, ctrl
 
 
 def treatment_library(
@@ -138,7 +153,7 @@ def treatment_library(
     def union(values: pd.Series) -> str:
         if len(values) == 1:
             return values.iloc[0]
-        toks = sorted({t for v in values for t in v.split(sep) if t != ""})
+        toks = sorted({t.strip() for v in values for t in v.split(sep) if t.strip() != ""})
         return sep.join(toks)
 
     merged = pairs.groupby("code")["ann"].agg(union)
@@ -180,6 +195,7 @@ def evaluate(
     features: Sequence[str] | None = None,
     percentile: float = FOE_PERCENTILE,
     ks: Sequence[int] = (1, 5, 10),
+    na_cutoff: float = NA_CUTOFF,
     source: str = "wells",
 ) -> EvaluationRun:
     """The paper's biological matching evaluation of well profiles.
@@ -187,15 +203,20 @@ def evaluate(
     ``control_query`` (or ``control_mask``) selects the control wells: they fit the sphering
     (``sphere_lambda``; per ``sphere_scope_col`` group if given, else the whole screen) and are
     not in the library. ``harmony_batch_col``: run Harmony with that column as batches (after
-    sphering if both are asked). Then treated wells → treatment means → metrics."""
+    sphering if both are asked). Then treated wells → treatment means → metrics.
+
+    NaN, per feature then per well: features NaN in more than ``na_cutoff`` of the wells are
+    dropped first (listed in ``accounting['features_dropped_na']``), then wells holding a NaN
+    among the rest are left out and counted. Queries are the treatments with ≥ 1 other match
+    (FoE, mAP) and ≥ 2 (``map_paper``, NaN when there is none); their counts are in the summary.
+    Raises :class:`InputError` when fewer than 3 treatments are annotated or none has a match."""
     from raycp.profiles.harmony import harmony
     from raycp.profiles.sphere import sphere
 
     if control_query is not None:
-        control_mask = control_mask_from_query(wells, control_query, source)
-        if not control_mask.any():
-            raise InputError(f"{source}: control query {control_query!r} matched no well", fix="check the query against the Metadata_ columns")
-    treatment_cols, feats, X, ctrl = _prepare(wells, treatment_cols, annotation_col, control_mask, features, source)
+        control_mask = control_mask_from_query(wells, control_query, source, require=True)
+    treatment_cols, fm, ctrl = _prepare(wells, treatment_cols, annotation_col, control_mask, features, source, na_cutoff)
+    feats, X = fm.features, fm.X
     if sphere_lambda is not None or harmony_batch_col is not None:
         if sphere_scope_col is not None:
             from raycp.profiles.io import require_columns
@@ -217,10 +238,15 @@ def evaluate(
             Xh[ok] = harmony(X[ok], wells[harmony_batch_col].to_numpy()[ok], n_clusters=harmony_clusters)
             X = Xh
     library, profiles, accounting = treatment_library(wells, X, treatment_cols, annotation_col, ctrl, feats, sep)
+    accounting.update(na_cutoff=fm.na_cutoff, features=len(feats), features_dropped_na=fm.dropped_na)
     if len(library) < 3:
+        a = accounting
         raise InputError(
-            f"{source}: only {len(library)} annotated treatments (need ≥ 3 to evaluate)",
-            fix=f"check --annotation-col {annotation_col!r} and --treatment-cols",
+            f"{source}: only {len(library)} annotated treatments to evaluate (need ≥ 3): {a['wells']} wells, "
+            f"{a['control_wells']} controls, {a['wells_dropped_nan']} treated wells left out for NaN features, "
+            f"{a['wells_missing_treatment']} without a treatment, {a['treatments_unannotated']} treatments without "
+            f"an annotation in {annotation_col!r}",
+            fix="check --treatment-cols, --annotation-col and --control-query (and --na-cutoff for NaN features)",
         )
     ev = evaluate_profiles(profiles, library[annotation_col].tolist(), sep=sep, percentile=percentile, ks=ks)
     if ev.summary["n_queries_foe"] == 0:
@@ -244,6 +270,7 @@ def sweep_lambdas(
     lambdas: Sequence[float],
     sep: str = DEFAULT_SEP,
     sphere_scope_col: str | None = None,
+    na_cutoff: float = NA_CUTOFF,
     source: str = "wells",
 ) -> pd.DataFrame:
     """mAP (paper's and standard) and folds of enrichment without correction and for each λ
@@ -251,7 +278,7 @@ def sweep_lambdas(
     rows = []
     for lam in [None, *sorted(lambdas, reverse=True)]:
         run = evaluate(wells, treatment_cols, annotation_col, control_query, sep=sep, sphere_lambda=lam,
-                       sphere_scope_col=sphere_scope_col, source=source)
+                       sphere_scope_col=sphere_scope_col, na_cutoff=na_cutoff, source=source)
         s = run.evaluation.summary
         rows.append({"sphere_lambda": np.nan if lam is None else float(lam), "map_paper": s["map_paper"], "map": s["map"],
                      "folds_of_enrichment": s["folds_of_enrichment"]})

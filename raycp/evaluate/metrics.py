@@ -2,7 +2,8 @@
 
 A library of N annotated treatment profiles is searched with each treatment in turn
 (leave-one-treatment-out) by cosine similarity; a library item matches the query when the two share
-at least one annotation (annotations split on a separator, default ``|``, exact token equality).
+at least one annotation (annotations split on a separator, default ``|``; blanks around a token are
+stripped; then exact token equality).
 
 * **Folds of enrichment** (the paper's code, ``quality.enrichment_analysis``): queries are the
   treatments with ≥ 1 other match. On the query's row without itself, threshold = the 99th
@@ -55,10 +56,11 @@ TOP_PERCENT = 1.0
 # Building blocks
 # --------------------------------------------------------------------------------------------
 def annotation_tokens(annotations: Sequence, sep: str = DEFAULT_SEP) -> scipy.sparse.csr_matrix:
-    """N × V sparse indicator of the annotation tokens of each item (split on ``sep``; empty
-    tokens ignored). Missing annotations give an empty row."""
+    """N × V sparse indicator of the annotation tokens of each item (split on ``sep``, blanks
+    around each token stripped, so ``kinase | hsp90`` is ``kinase`` and ``hsp90``; empty tokens
+    ignored). Missing annotations give an empty row."""
     s = pd.Series(list(annotations), dtype=object)
-    tokens = s.where(s.notna(), "").astype(str).str.split(sep, regex=False).explode()
+    tokens = s.where(s.notna(), "").astype(str).str.split(sep, regex=False).explode().str.strip()
     tokens = tokens[tokens.astype(str) != ""]
     rows = tokens.index.to_numpy(dtype=np.int64)
     cols, vocab = pd.factorize(tokens.to_numpy())
@@ -210,7 +212,7 @@ def _block(
 
     # Standard AP (sklearn): Σ ΔR·precision at each group end, the query itself not counted.
     rank_ns = g_e + 1 - (g_score <= -1)
-    ap = np.bincount(g_row, weights=(g_count / P) * (tp / rank_ns), minlength=B)
+    ap = np.bincount(g_row, weights=(g_count / P) * (tp / rank_ns), minlength=B).astype(np.float64)
 
     # Paper's interpolated AP: the segment of the recall grid [tp_prev/P, tp/P) takes the
     # max precision over the curve points of recall ≥ tp_prev/P, i.e. the group end just before
@@ -226,7 +228,9 @@ def _block(
 
     is_map = npos >= 2
     q = is_map[g_row]
-    curve = np.bincount(N - hi[q], weights=value[q], minlength=N + 1) - np.bincount(N - lo[q], weights=value[q], minlength=N + 1)
+    # float64 even when this block holds no mAP query (an empty bincount is int64)
+    curve = (np.bincount(N - hi[q], weights=value[q], minlength=N + 1).astype(np.float64)
+             - np.bincount(N - lo[q], weights=value[q], minlength=N + 1))
     curve = np.cumsum(curve)[:N]
     curve[:2] += (npos[is_map] / N).sum()
 

@@ -5,7 +5,7 @@
 - :mod:`~raycp.extract.cellprofiler`: the CellProfiler baseline with cp-measure;
 - :mod:`~raycp.extract.sources`: a site's crops, from the crops stage's shards or its images;
 - :mod:`~raycp.extract.writers`: per-cell Parquet, site medians, DeepProfiler npz;
-  :mod:`~raycp.extract.deepprofiler` reads and writes DeepProfiler's npz files;
+  :mod:`~raycp.io.npz` reads and writes DeepProfiler's npz files;
 - :mod:`~raycp.extract.pipeline`: the Ray Data adapters (decode tasks → model actor pool →
   write tasks) and the driver :func:`~raycp.extract.pipeline.run_extract`.
 

@@ -29,7 +29,8 @@ def extract(
     """Profile every cell: index → crops (from <run>/crops or the images) → model actor pool →
     <run>/features/<model>/cells/<plate>/<well>_<site>.parquet + site medians (sites.parquet),
     optional DeepProfiler npz. Re-running skips finished sites."""
-    from raycp.cli import _console, print_ledger, track
+    from raycp.console import console as _console
+    from raycp.console import print_ledger, track
     from raycp.extract.config import load_extract_config
     from raycp.extract.pipeline import run_extract
 

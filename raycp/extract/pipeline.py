@@ -28,6 +28,7 @@ import io
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -543,11 +544,16 @@ def stream(ray, plan_: Plan) -> Iterator[dict]:
                             compute=ray.data.TaskPoolStrategy(size=min(decoders, len(todo))), num_cpus=inf.decode_cpus,
                             memory=inf.decode_memory_mb * 1024 * 1024)
         remote = {"num_gpus": inf.gpus_per_actor} if spec.device == "cuda" else {}
-        ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={"spec_json": spec_json}, batch_size=spec.sites_per_call,
-                            batch_format="pyarrow", num_cpus=inf.cpus_per_actor,
-                            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi,
-                                                               max_tasks_in_flight_per_actor=inf.max_tasks_in_flight_per_actor),
-                            **remote)
+        remote.update(runtime.actor_restart_args())
+        with warnings.catch_warnings():
+            # Ray 2.60 names no map_batches parameter for max_restarts; its own docs pass it as a
+            # remote arg (actor_pool_map_operator), which it reports as deprecated.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={"spec_json": spec_json},
+                                batch_size=spec.sites_per_call, batch_format="pyarrow", num_cpus=inf.cpus_per_actor,
+                                compute=ray.data.ActorPoolStrategy(
+                                    min_size=lo, max_size=hi, max_tasks_in_flight_per_actor=inf.max_tasks_in_flight_per_actor),
+                                **remote)
         writers_n = max(1, int(free // inf.write_cpus))
         ds = ds.map_batches(write_batch, fn_kwargs={"spec_json": spec_json}, batch_size=1, batch_format="pyarrow",
                             compute=ray.data.TaskPoolStrategy(size=min(writers_n, len(todo))), num_cpus=inf.write_cpus)

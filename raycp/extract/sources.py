@@ -26,8 +26,8 @@ import pandas as pd
 
 from raycp.errors import InputError
 from raycp.io import urls
-from raycp.io.images import ImageReadError, decode_image
-from raycp.io.index import IS_CONTROL, KEYS, PLATE, SITE, TREATMENT, WELL, frame_col, url_col
+from raycp.io.images import ImageReadError, check_site_planes, read_plane
+from raycp.io.index import IS_CONTROL, KEYS, PLATE, SITE, TREATMENT, WELL, plane_refs, url_col
 from raycp.preprocess import compress as compress_core
 from raycp.preprocess import crops as crops_core
 from raycp.preprocess import illumination as illum_core
@@ -110,14 +110,6 @@ def read_crops_shard(url: str, channels: list[str]) -> tuple[pd.DataFrame, np.nd
 
 # -- images ---------------------------------------------------------------------------------------
 
-def _read_plane(url: str, frame: int) -> np.ndarray:
-    try:
-        data = urls.read_bytes(url)
-    except FileNotFoundError:
-        raise ImageReadError(f"{url}: file not found", fix="check the index's image URLs") from None
-    return decode_image(data, url=url, frame=frame)
-
-
 def seeded_nuclei(dna: np.ndarray, xs: np.ndarray, ys: np.ndarray, *, smoothing_sigma: float = 2.0) -> np.ndarray:
     """Nuclei labels grown from imported centres: a watershed of the smoothed DNA image seeded at
     each centre (label i+1 for centre i) inside its Otsu foreground (CellProfiler's propagation idea).
@@ -152,16 +144,9 @@ class SiteSource:
     # -- reading
     def read(self, row: dict, channels: list[str]) -> list[np.ndarray]:
         """The planes of ``channels`` (fetched and decoded in parallel threads), one shape and dtype."""
-        channel_urls = [str(row[url_col(c)]) for c in channels]
-        frames = [int(_nan_to(row.get(frame_col(c), 0), 0)) for c in channels]
-        planes = list(self.pool.map(_read_plane, channel_urls, frames))
-        for url, plane in zip(channel_urls[1:], planes[1:]):
-            if plane.shape != planes[0].shape:
-                raise ImageReadError(f"{url}: shape {plane.shape} differs from {channel_urls[0]} {planes[0].shape}",
-                                     fix="all channels of a site must have the same size")
-            if plane.dtype != planes[0].dtype:
-                raise ImageReadError(f"{url}: dtype {plane.dtype} differs from {channel_urls[0]} {planes[0].dtype}",
-                                     fix="all channels of a site must have the same bit depth")
+        refs = plane_refs(row, channels)
+        planes = [p for p, _ in self.pool.map(read_plane, refs)]
+        check_site_planes(planes, [r.url for r in refs])
         return planes
 
     def functions(self, plate: str, channels: list[str]) -> np.ndarray | None:

@@ -202,7 +202,7 @@ def write_site(layout: FeatureLayout, key: dict, meta: pd.DataFrame, features: n
                npz: bool = False, site_info: dict | None = None, model_name: str = "raycp",
                locations: np.ndarray | None = None) -> int:
     """Write a site's cells, optional npz, then its median (the site's finished mark); returns n cells."""
-    from raycp.extract.deepprofiler import encode_npz
+    from raycp.io.npz import encode_npz
 
     plate, well, site = key[PLATE], key[WELL], key[SITE]
     urls.atomic_write_bytes(layout.cells(plate, well, site), parquet_bytes(features_table(meta, features, names)))

@@ -4,7 +4,9 @@ Canonical columns:
 
 - ``Metadata_Plate`` (str), ``Metadata_Well`` (str, ``C03`` style), ``Metadata_Site`` (int)
 - ``URL_<Channel>`` for each channel (an fsspec URL), optionally ``Frame_<Channel>`` (page of a
-  multi-page TIFF, default 0)
+  multi-page TIFF, default 0), ``Series_<Channel>`` (image series of a multi-series file, default 0)
+  and ``Channel_<Channel>`` (one channel of a multi-channel plane, default -1 = grey); the plane
+  address of CellProfiler's LoadData (:class:`raycp.io.images.PlaneRef`)
 - ``Metadata_Treatment`` (str) and ``Metadata_IsControl`` (bool)
 - any other ``Metadata_*`` columns, carried through every stage.
 
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +28,7 @@ import pandas as pd
 
 from raycp.errors import InputError
 from raycp.io import urls
+from raycp.io.tables import as_text, read_csv_text
 
 PLATE, WELL, SITE = "Metadata_Plate", "Metadata_Well", "Metadata_Site"
 TREATMENT, IS_CONTROL = "Metadata_Treatment", "Metadata_IsControl"
@@ -31,7 +36,9 @@ KEYS = (PLATE, WELL, SITE)
 DEFAULT_CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
 MAX_CHANNELS = 8
 _CHANNEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
-_WELL = re.compile(r"^([A-Za-z]{1,2})0*(\d{1,3})$")
+_WELL = re.compile(r"^([A-Z]|A[A-F])[\s_-]*0*(\d{1,3})$", re.IGNORECASE)
+_ROW_COLUMN = re.compile(r"^R0*(\d{1,3})[\s_-]*C0*(\d{1,3})$", re.IGNORECASE)
+MAX_ROWS = 32  # 1536-well plates: rows A..AF
 
 
 def url_col(channel: str) -> str:
@@ -42,11 +49,74 @@ def frame_col(channel: str) -> str:
     return f"Frame_{channel}"
 
 
-def normalize_well(well: str) -> str:
-    """``B7`` / ``b07`` / ``B007`` -> ``B07``; anything else is returned unchanged."""
-    match = _WELL.match(str(well).strip())
-    if not match:
-        return str(well).strip()
+def series_col(channel: str) -> str:
+    return f"Series_{channel}"
+
+
+def plane_channel_col(channel: str) -> str:
+    return f"Channel_{channel}"
+
+
+PLANE_PREFIXES = ("Frame_", "Series_", "Channel_")
+"""Index columns that address a plane inside a channel's file (with their defaults 0, 0, -1)."""
+_PLANE_DEFAULTS = {"Frame_": 0, "Series_": 0, "Channel_": -1}
+
+
+def _int_or(value, default: int) -> int:
+    if value is None or (isinstance(value, float) and value != value):
+        return default
+    return int(value)
+
+
+def plane_refs(row, channels) -> list:
+    """The :class:`~raycp.io.images.PlaneRef` of each channel of one index row (a dict or Series)."""
+    from raycp.io.images import PlaneRef
+
+    return [PlaneRef(str(row[url_col(c)]), _int_or(row.get(frame_col(c)), 0), _int_or(row.get(series_col(c)), 0),
+                     _int_or(row.get(plane_channel_col(c)), -1)) for c in channels]
+
+
+def row_letters(row: int) -> str:
+    """Plate row number (1-based) -> letters: 1 -> ``A``, 26 -> ``Z``, 27 -> ``AA`` (1536-well plates)."""
+    letters = ""
+    while row > 0:
+        row, rem = divmod(row - 1, 26)
+        letters = chr(ord("A") + rem) + letters
+    return letters
+
+
+def well_id(row: int | str, column: int | str) -> str:
+    """A well from its row (letters, or a 1-based number) and 1-based column: ``("C", 3)`` and
+    ``(3, 3)`` both give ``C03``. Raises ``ValueError`` for anything else."""
+    r = str(row).strip()
+    c = str(column).strip()
+    if r.isdigit():
+        if not 1 <= int(r) <= MAX_ROWS:
+            raise ValueError(f"row {row!r} is outside 1..{MAX_ROWS}")
+        r = row_letters(int(r))
+    if not c.isdigit() or int(c) < 1:
+        raise ValueError(f"column {column!r} is not a positive number")
+    return normalize_well(f"{r}{int(c):02d}")
+
+
+def normalize_well(well) -> str:
+    """The one spelling of a well id that raycp keys on: row letters in upper case, the column
+    with at least two digits (``C03``, ``AF48``).
+
+    Accepted spellings (surrounding blanks ignored): ``C3``, ``C03``, ``c003``, ``C-03``,
+    ``C_03``, and the Opera Phenix / Operetta row-column form ``r03c03`` (row 3 = C). Anything
+    else is returned stripped but otherwise unchanged, so that an unusual naming still joins with
+    itself."""
+    text = str(well).strip()
+    match = _ROW_COLUMN.match(text)
+    if match:
+        row, col = int(match.group(1)), int(match.group(2))
+        if 1 <= row <= MAX_ROWS and col >= 1:
+            return f"{row_letters(row)}{col:02d}"
+        return text
+    match = _WELL.match(text)
+    if not match or int(match.group(2)) < 1:
+        return text
     return f"{match.group(1).upper()}{int(match.group(2)):02d}"
 
 
@@ -65,10 +135,13 @@ def check_channels(channels: list[str] | tuple[str, ...]) -> list[str]:
 
 @dataclass(frozen=True)
 class ScreenIndex:
-    """A validated index: the table and its channel order."""
+    """A validated index: the table and its channel order; an importer adds ``notes`` (what it
+    matched, e.g. plate-map coverage) and ``warnings`` (what a user should look at) to print."""
 
     table: pd.DataFrame
     channels: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.table)
@@ -77,11 +150,9 @@ class ScreenIndex:
     def url_columns(self) -> list[str]:
         return [url_col(c) for c in self.channels]
 
-    def site_urls(self, row: pd.Series | dict) -> tuple[list[str], list[int]]:
-        """The channel URLs and TIFF frames of one row, in channel order."""
-        urls_ = [row[url_col(c)] for c in self.channels]
-        frames = [int(row.get(frame_col(c), 0) or 0) for c in self.channels]
-        return urls_, frames
+    def planes(self, row: pd.Series | dict) -> list:
+        """The :class:`~raycp.io.images.PlaneRef` of each channel of one row, in channel order."""
+        return plane_refs(row, self.channels)
 
     def plates(self) -> list[str]:
         return sorted(self.table[PLATE].unique().tolist())
@@ -98,7 +169,7 @@ def validate(table: pd.DataFrame, channels: list[str] | tuple[str, ...], *, sour
     if missing:
         raise InputError(f"{source}: missing column(s) {', '.join(missing)}",
                          fix="an index needs Metadata_Plate/Well/Site and URL_<channel> per channel")
-    allowed = set(required) | {frame_col(c) for c in channels}
+    allowed = set(required) | {f"{prefix}{c}" for c in channels for prefix in PLANE_PREFIXES}
     unknown = [c for c in table.columns if c not in allowed and not c.startswith("Metadata_")]
     if unknown:
         extra_ch = [c[4:] for c in unknown if c.startswith("URL_")]
@@ -107,13 +178,15 @@ def validate(table: pd.DataFrame, channels: list[str] | tuple[str, ...], *, sour
         raise InputError(f"{source}: unknown column(s) {', '.join(unknown)}", fix=hint)
 
     out = table.copy()
-    out[PLATE] = out[PLATE].astype(str)
-    out[WELL] = out[WELL].astype(str).map(normalize_well)
-    try:
-        out[SITE] = out[SITE].astype(np.int64)
-    except (TypeError, ValueError):
-        raise InputError(f"{source}: Metadata_Site must be an integer",
-                         fix="number sites 1, 2, 3 ...") from None
+    for col in KEYS:
+        blank = out[col].isna() | (out[col].astype(str).str.strip() == "")
+        if blank.any():
+            i = int(np.flatnonzero(blank.to_numpy())[0])
+            raise InputError(f"{source}: {int(blank.sum())} row(s) have no {col} (first: row {i + 1})",
+                             fix=f"fill {col} for every site")
+    out[PLATE] = as_text(out[PLATE]).str.strip()
+    out[WELL] = as_text(out[WELL]).map(normalize_well)
+    out[SITE] = site_numbers(out[SITE], source=source)
     for col in (PLATE, WELL):
         for name in out[col].unique():
             urls.safe_name(name, what=f"{source}: {col}")
@@ -126,9 +199,10 @@ def validate(table: pd.DataFrame, channels: list[str] | tuple[str, ...], *, sour
                              f"(first: {r[PLATE]} {r[WELL]} site {r[SITE]})",
                              fix=f"fill {col} for every site or drop the channel")
         out[col] = out[col].astype(str)
-        fcol = frame_col(ch)
-        if fcol in out.columns:
-            out[fcol] = out[fcol].fillna(0).astype(np.int64)
+        for prefix, default in _PLANE_DEFAULTS.items():
+            pcol = f"{prefix}{ch}"
+            if pcol in out.columns:
+                out[pcol] = _plane_numbers(out[pcol], default, lowest=default, source=source, column=pcol)
     dup = out.duplicated(list(KEYS), keep=False)
     if dup.any():
         d = out[dup].drop_duplicates(list(KEYS)).head(3)
@@ -148,6 +222,32 @@ def validate(table: pd.DataFrame, channels: list[str] | tuple[str, ...], *, sour
     if check_files:
         check_files_exist(index, source=source)
     return index
+
+
+def site_numbers(values: pd.Series, *, source: str, column: str = SITE) -> pd.Series:
+    """Site numbers as int64 from numbers or text (``"01"`` -> 1); one error naming the first
+    row that is not a whole number."""
+    numbers = pd.to_numeric(as_text(values).str.strip(), errors="coerce")
+    bad = numbers.isna() | (numbers % 1 != 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise InputError(f"{source}: {column} row {i + 1} is {values.iloc[i]!r}, not a site number",
+                         fix="number sites 1, 2, 3 ...")
+    return numbers.astype(np.int64)
+
+
+def _plane_numbers(values: pd.Series, default: int, *, lowest: int, source: str, column: str) -> pd.Series:
+    """A Frame_/Series_/Channel_ column as int64 (blank = ``default``); one error naming the
+    first row that is not a whole number ≥ ``lowest``."""
+    numbers = pd.to_numeric(values.astype(object).where(values.notna(), None), errors="coerce")
+    blank = values.isna() | (values.astype(str).str.strip() == "")
+    numbers = numbers.where(~blank, default)
+    bad = numbers.isna() | (numbers % 1 != 0) | (numbers < lowest)
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise InputError(f"{source}: {column} row {i + 1} is {values.iloc[i]!r}, not a whole number ≥ {lowest}",
+                         fix=f"write {column} as 0, 1, 2 ... (CellProfiler numbers frames and series from 0)")
+    return numbers.astype(np.int64)
 
 
 def check_files_exist(index: ScreenIndex, *, source: str = "index", workers: int = 32) -> None:
@@ -191,8 +291,12 @@ def read_index(url: str, *, channels: list[str] | None = None, check_files: bool
     except FileNotFoundError:
         raise InputError(f"{url}: index not found", fix="run `raycp index build` first") from None
     if url.endswith((".csv", ".csv.gz")):
-        table = pd.read_csv(io.BytesIO(data), compression="infer" if url.endswith(".gz") else None)
+        table = read_csv_text(data, url=url, text=lambda c: c.startswith(("Metadata_", "URL_")))
         stored = None
+        base = posixpath.dirname(url) if "://" in url else os.path.dirname(os.path.abspath(url))
+        for col in [c for c in table.columns if c.startswith("URL_")]:  # relative to the CSV, as LoadData's
+            table[col] = [v if v is None or (isinstance(v, float) and v != v) else urls.input_url(str(v), base)
+                          for v in table[col]]
     else:
         try:
             pt = pq.read_table(io.BytesIO(data))
@@ -210,6 +314,6 @@ def read_index(url: str, *, channels: list[str] | None = None, check_files: bool
                              f"the index has {[c[4:] for c in table.columns if c.startswith('URL_')]}",
                              fix="use channel names present in the index")
         drop = [c for c in table.columns
-                if (c.startswith("URL_") or c.startswith("Frame_")) and c.split("_", 1)[1] not in channels]
+                if c.startswith(("URL_", *PLANE_PREFIXES)) and c.split("_", 1)[1] not in channels]
         table = table.drop(columns=drop)
     return validate(table, channels, source=url, check_files=check_files)

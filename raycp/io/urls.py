@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -80,6 +81,52 @@ def resolve(url: str, base: str | None = None) -> str:
     if "://" in url or os.path.isabs(url) or base is None:
         return url
     return join(base, url)
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:([\\/]|$)")
+
+
+def is_windows_absolute(path: str) -> bool:
+    """``C:\\images``, ``C:/images`` or a UNC share ``\\\\server\\share``: a path on a Windows
+    machine that no Ray worker can open."""
+    text = str(path).strip()
+    return bool(_DRIVE.match(text)) or text.startswith("\\\\")
+
+
+def input_path(path: str, base: str | None = None) -> str:
+    """A file location read from a user's table (LoadData ``PathName_*``, a DeepProfiler index)
+    as a URL: ``file:`` URLs become local paths, Windows separators (``images\\plate1``) become
+    ``/``, and a relative path (``../images/plate1``) is resolved against ``base`` (the table's
+    folder) with ``.`` and ``..`` collapsed. Object-store URLs pass through with their key
+    normalised. Unlike :func:`join`, the parts are not checked as output names: reading from
+    ``../images`` is fine, writing there is not. Windows drive paths are the caller's error to
+    report (:func:`is_windows_absolute`)."""
+    text = str(path).strip()
+    if text.lower().startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        text = unquote(urlparse(text).path)
+    if "://" in text:
+        scheme, rest = text.split("://", 1)
+        bucket, _, key = rest.partition("/")
+        key = posixpath.normpath(key) if key else ""
+        return f"{scheme}://{bucket}/{key}" if key and key != "." else f"{scheme}://{bucket}"
+    text = text.replace("\\", "/")
+    if base is None or text.startswith("/"):
+        return os.path.normpath(text) if text else text
+    if "://" in base:
+        scheme, rest = base.split("://", 1)
+        bucket, _, key = rest.partition("/")
+        joined = posixpath.normpath(posixpath.join("/" + key, text)).lstrip("/")
+        return f"{scheme}://{bucket}/{joined}"
+    return os.path.normpath(os.path.join(base, text))
+
+
+def input_url(path: str, base: str | None = None) -> str:
+    """:func:`input_path`, with a local result made absolute (Ray workers need not share the
+    driver's working directory)."""
+    url = input_path(path, base)
+    return url if "://" in url else os.path.abspath(url)
 
 
 def exists(url: str) -> bool:

@@ -40,7 +40,8 @@ def _index(run):
 
 
 def _report(result) -> None:
-    from raycp.cli import _console, print_ledger
+    from raycp.console import console as _console
+    from raycp.console import print_ledger
 
     summary = result.summary
     print_ledger(summary)
@@ -60,7 +61,7 @@ def _exit(results) -> None:
 
 
 def _progress():
-    from raycp.cli import track
+    from raycp.console import track
 
     return track
 

@@ -25,7 +25,8 @@ import pandas as pd
 
 from raycp.errors import InputError
 from raycp.io import urls
-from raycp.io.index import PLATE, SITE, WELL, normalize_well
+from raycp.io.index import PLATE, SITE, WELL, normalize_well, site_numbers
+from raycp.io.tables import as_text, read_csv_text, text_columns
 from raycp.preprocess.nuclei import NUMBER, X, Y
 
 _KEY_ALIASES = {
@@ -62,12 +63,12 @@ def canonical(frame: pd.DataFrame, *, source: str, keys: bool = True) -> pd.Data
                 raise InputError(f"{source}: no {key} column (looked for {', '.join(aliases)})",
                                  fix="add plate/well/site columns to the locations table")
             out[key] = frame[col]
-        out[PLATE] = out[PLATE].astype(str)
-        out[WELL] = out[WELL].astype(str).map(normalize_well)
-        try:
-            out[SITE] = out[SITE].astype(np.int64)
-        except (TypeError, ValueError):
-            raise InputError(f"{source}: site numbers are not integers", fix="number sites 1, 2, 3 ...") from None
+            if out[key].isna().any():
+                raise InputError(f"{source}: {int(out[key].isna().sum())} nuclei have no {col}",
+                                 fix="give every nucleus its plate, well and site")
+        out[PLATE] = as_text(out[PLATE]).str.strip()
+        out[WELL] = as_text(out[WELL]).map(normalize_well)
+        out[SITE] = site_numbers(out[SITE], source=source)
     for key, aliases in _XY_ALIASES.items():
         col = _pick(frame, aliases)
         if col is None:
@@ -99,16 +100,38 @@ def read_table(url: str) -> pd.DataFrame:
     except FileNotFoundError:
         raise InputError(f"{url}: locations file not found", fix="check nuclei.locations") from None
     if lower.endswith(".parquet"):
-        frame = pd.read_parquet(io.BytesIO(data))
+        frame = text_columns(pd.read_parquet(io.BytesIO(data)))
     elif lower.endswith((".csv", ".csv.gz")):
-        frame = pd.read_csv(io.BytesIO(data), compression="gzip" if lower.endswith(".gz") else None)
+        frame = read_csv_text(data, url=url)
     else:
         raise InputError(f"{url}: unknown locations format",
                          fix="use a CellProfiler .sqlite, a .parquet or .csv table, or a per-site template")
     return canonical(frame, source=url)
 
 
+def _find_table(tables: set[str], names: tuple[str, ...], *, url: str, what: str) -> str | None:
+    """The one table called ``names[i]`` or ``<prefix>_<names[i]>`` (ExportToDatabase's table
+    prefix, e.g. ``MyExpt_Per_Image``); several candidates are an error naming them."""
+    for name in names:
+        found = sorted(t for t in tables if t == name or t.endswith(f"_{name}"))
+        exact = [t for t in found if t == name]
+        if exact:
+            return exact[0]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise InputError(f"{url}: several {what} tables: {', '.join(found)}",
+                             fix="keep one experiment per database, or export its nuclei centres to a CSV/Parquet table")
+    return None
+
+
 def _read_sqlite(url: str) -> pd.DataFrame:
+    """Nuclei centres from CellProfiler's ExportToDatabase SQLite.
+
+    Objects are joined to their image on ``(TableNumber, ImageNumber)`` when both tables have
+    ``TableNumber`` (CellProfiler numbers images per batch, so a database merged from several
+    batches, like the JUMP sources, repeats ``ImageNumber`` across ``TableNumber`` s), else on
+    ``ImageNumber``. Tables may carry ExportToDatabase's prefix (``MyExpt_Per_Image``)."""
     import sqlite3
 
     try:
@@ -125,15 +148,17 @@ def _read_sqlite(url: str) -> pd.DataFrame:
             raise InputError(f"{url}: not a SQLite database ({exc})", fix="point at CellProfiler's .sqlite") from None
         try:
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            image = next((t for t in _IMAGE_TABLES if t in tables), None)
-            nuclei = next((t for t in _NUCLEI_TABLES if t in tables), None)
+            image = _find_table(tables, _IMAGE_TABLES, url=url, what="image")
+            nuclei = _find_table(tables, _NUCLEI_TABLES, url=url, what="nuclei")
             if image is None or nuclei is None:
                 raise InputError(f"{url}: no image/nuclei tables (has {sorted(tables)})",
-                                 fix=f"expected one of {_IMAGE_TABLES} and one of {_NUCLEI_TABLES}")
-            # table names come from the fixed lists above, never from user text
+                                 fix=f"expected one of {_IMAGE_TABLES} and one of {_NUCLEI_TABLES} "
+                                     "(optionally with ExportToDatabase's prefix, e.g. MyExpt_Per_Image)")
+            # table names come from the database's own catalogue, quoted; never from user text
             images = pd.read_sql_query(f'SELECT * FROM "{image}"', con)
             cols = [r[1] for r in con.execute(f'PRAGMA table_info("{nuclei}")')]
-            wanted = [c for c in cols if c in ("ImageNumber", *_NUMBER_ALIASES, *_XY_ALIASES[X], *_XY_ALIASES[Y])]
+            wanted = [c for c in cols
+                      if c in ("TableNumber", "ImageNumber", *_NUMBER_ALIASES, *_XY_ALIASES[X], *_XY_ALIASES[Y])]
             objects = pd.read_sql_query(f'SELECT {", ".join(chr(34) + c + chr(34) for c in wanted)} FROM "{nuclei}"', con)
         except sqlite3.Error as exc:
             raise InputError(f"{url}: unreadable SQLite ({exc})", fix="point at CellProfiler's .sqlite") from None
@@ -141,14 +166,23 @@ def _read_sqlite(url: str) -> pd.DataFrame:
             con.close()
     if "ImageNumber" not in images.columns or "ImageNumber" not in objects.columns:
         raise InputError(f"{url}: tables {image}/{nuclei} lack ImageNumber", fix="export with ImageNumber")
-    images["ImageNumber"] = pd.to_numeric(images["ImageNumber"]).astype(np.int64)
-    objects["ImageNumber"] = pd.to_numeric(objects["ImageNumber"]).astype(np.int64)
+    on = ["TableNumber", "ImageNumber"] if "TableNumber" in images.columns and "TableNumber" in objects.columns \
+        else ["ImageNumber"]
+    for frame in (images, objects):
+        for col in on:
+            frame[col] = as_text(frame[col]).str.strip()
+    dup = images.duplicated(on, keep=False)
+    if dup.any():
+        first = images.loc[dup, on].iloc[0].tolist()
+        raise InputError(f"{url}: {int(dup.sum())} rows of {image} share a {'/'.join(on)} (first: {first})",
+                         fix="each image must have its own (TableNumber,) ImageNumber; export the batches "
+                             "with TableNumber")
     keys = {k: _pick(images, a) for k, a in _KEY_ALIASES.items()}
     missing = [k for k, c in keys.items() if c is None]
     if missing:
         raise InputError(f"{url}: image table {image} has no {', '.join(missing)}",
                          fix="export plate/well/site metadata with the images")
-    merged = objects.merge(images[["ImageNumber", *keys.values()]], on="ImageNumber", how="inner")
+    merged = objects.merge(images[[*on, *keys.values()]], on=on, how="inner")
     return canonical(merged, source=url)
 
 
@@ -156,7 +190,8 @@ def read_site_csv(template: str, plate: str, well: str, site: int) -> pd.DataFra
     """One site's CellProfiler CSV from a ``{plate}/{well}-{site}-Nuclei.csv``-style template.
 
     Wells are tried as written in the index (``B07``) and unpadded (``B7``)."""
-    unpadded = well[0] + str(int(well[1:])) if well[1:].isdigit() else well
+    letters = well.rstrip("0123456789")
+    unpadded = f"{letters}{int(well[len(letters):])}" if letters and well[len(letters):].isdigit() else well
     tried = []
     for w in dict.fromkeys((well, unpadded)):
         url = template.format(plate=plate, well=w, site=site)
@@ -165,8 +200,7 @@ def read_site_csv(template: str, plate: str, well: str, site: int) -> pd.DataFra
             data = urls.read_bytes(url)
         except FileNotFoundError:
             continue
-        frame = pd.read_csv(io.BytesIO(data))
-        return canonical(frame, source=url, keys=False)
+        return canonical(read_csv_text(data, url=url), source=url, keys=False)
     raise InputError(f"{tried[0]}: nuclei locations file not found", fix="check nuclei.locations' template")
 
 

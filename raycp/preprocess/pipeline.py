@@ -35,9 +35,9 @@ import pandas as pd
 
 from raycp.errors import ConfigError, InputError
 from raycp.io import urls
-from raycp.io.images import ImageReadError, decode_image
+from raycp.io.images import ImageReadError, check_site_planes, read_plane
 from raycp.io.index import (
-    IS_CONTROL, KEYS, PLATE, SITE, TREATMENT, WELL, ScreenIndex, frame_col, read_index, url_col,
+    IS_CONTROL, KEYS, PLANE_PREFIXES, PLATE, SITE, TREATMENT, WELL, ScreenIndex, plane_refs, read_index, url_col,
 )
 from raycp.ledger import PROCESSED, QUARANTINED, Ledger, short_reason
 from raycp.sites import JsonSpec, list_site_files, release_memory
@@ -140,18 +140,10 @@ class SiteContext:
     def read(self, row: dict, channels: list[str]) -> tuple[list[np.ndarray], int]:
         """The site's planes of ``channels`` (fetched and decoded in parallel threads; not stacked,
         to spare a copy) and the bytes read from storage."""
-        channel_urls = [str(row[url_col(c)]) for c in channels]
-        frames = [int(_nan_to(row.get(frame_col(c), 0), 0)) for c in channels]
-        planes_sizes = list(self.pool.map(_read_plane, channel_urls, frames))
+        refs = plane_refs(row, channels)
+        planes_sizes = list(self.pool.map(read_plane, refs))
         planes = [p for p, _ in planes_sizes]
-        first = planes[0]
-        for url, plane in zip(channel_urls[1:], planes[1:]):
-            if plane.shape != first.shape:
-                raise ImageReadError(f"{url}: shape {plane.shape} differs from {channel_urls[0]} {first.shape}",
-                                     fix="all channels of a site must have the same size")
-            if plane.dtype != first.dtype:
-                raise ImageReadError(f"{url}: dtype {plane.dtype} differs from {channel_urls[0]} {first.dtype}",
-                                     fix="all channels of a site must have the same bit depth")
+        check_site_planes(planes, [r.url for r in refs])
         return planes, int(sum(s for _, s in planes_sizes))
 
 
@@ -159,14 +151,6 @@ def _nan_to(value, default):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return default
     return value
-
-
-def _read_plane(url: str, frame: int) -> tuple[np.ndarray, int]:
-    try:
-        data = urls.read_bytes(url)
-    except FileNotFoundError:
-        raise ImageReadError(f"{url}: file not found", fix="check the index's image URLs") from None
-    return decode_image(data, url=url, frame=frame), len(data)
 
 
 # -- per-site work of each stage (called inside a Ray task; callable without Ray in tests) ----------
@@ -702,7 +686,7 @@ def run_compression(run, index: ScreenIndex, *, progress: Progress | None = None
     folder = layout.folder("compress")
     processed = {(r[PLATE], r[WELL], r[SITE]) for r in ledger.rows if r["status"] == PROCESSED}
     new = index.table[[(p, w, int(s)) in processed for p, w, s in index.table[list(KEYS)].itertuples(index=False)]]
-    new = new.drop(columns=[c for c in new.columns if c.startswith("Frame_")]).copy()
+    new = new.drop(columns=[c for c in new.columns if c.startswith(PLANE_PREFIXES)]).copy()
     for ch in channels:
         new[url_col(ch)] = [layout.png(p, w, int(s), ch) for p, w, s in new[list(KEYS)].itertuples(index=False)]
     if len(new):

@@ -8,8 +8,9 @@ the mean per treatment; the same for CellProfiler and CNN features.
 site are contiguous in the input (the usual layout of a per-site feature writer), one pass computes
 each site's median as soon as the site ends. Otherwise the cells are first hash-partitioned by site
 into temporary Parquet files of bounded size (no global sort), and each partition is reduced in
-turn. Cells holding any NaN feature are dropped and counted per site; ±inf is an error naming the
-column.
+turn. NaN is handled per feature, then per cell: a feature NaN in more than ``na_cutoff`` of the
+cells is dropped (pycytominer's ``drop_na_columns`` rule, default 0.05), then cells holding a NaN
+among the remaining features are dropped and counted per site; ±inf is an error naming the column.
 """
 
 from __future__ import annotations
@@ -26,16 +27,19 @@ import pandas as pd
 
 from raycp.errors import InputError
 from raycp.profiles.io import (
+    NA_CUTOFF,
     check_finite,
     feature_columns,
     feature_matrix,
     is_feature_column,
     iter_record_batches,
+    na_features,
     require_columns,
     schema_columns,
 )
 
-SITE_COLS: tuple[str, ...] = ("Metadata_Plate", "Metadata_Well", "Metadata_Site")
+PLATE_COL, WELL_COL, SITE_COL = "Metadata_Plate", "Metadata_Well", "Metadata_Site"
+SITE_COLS: tuple[str, ...] = (PLATE_COL, WELL_COL, SITE_COL)
 WELL_COLS: tuple[str, ...] = ("Metadata_Plate", "Metadata_Well")
 N_CELLS_COL = "Metadata_n_cells"
 N_SITES_COL = "Metadata_n_sites"
@@ -322,6 +326,7 @@ class _Source:
         self.frame: pd.DataFrame | None = None
         self.paths: list[Path] = []
         self.features_dropped: list[str] = []
+        self.origin = "cells"
         if isinstance(source, pd.DataFrame):
             self.frame = source
             require_columns(source, self.site_cols, "cells", "site column")
@@ -333,6 +338,7 @@ class _Source:
         if not paths:
             raise InputError("no cell table given", fix="pass at least one Parquet or CSV file")
         self.paths = [Path(p) for p in paths]
+        self.origin = str(self.paths[0]) if len(self.paths) == 1 else f"{self.paths[0]} (+{len(self.paths) - 1} more)"
         schemas = []
         for p in self.paths:
             if not p.exists():
@@ -384,6 +390,71 @@ class _Source:
                 yield keys, X, str(p)
 
 
+class _NpzSource:
+    """Single cells from a DeepProfiler features folder (:func:`raycp.io.npz.find_feature_files`):
+    one file per site, so every site is contiguous; features are named ``<Metadata_Model>_<i>``
+    (DeepProfiler's model name when the file records it, else ``DeepProfiler``)."""
+
+    def __init__(self, folder, site_cols, features, batch_rows):
+        from raycp.io.npz import find_feature_files, read_npz
+
+        if list(site_cols) != list(SITE_COLS):
+            raise InputError(f"{folder}: a DeepProfiler folder keys cells by {list(SITE_COLS)}",
+                             fix="leave --site-cols at its default for npz folders")
+        self.site_cols = list(site_cols)
+        self.batch_rows = int(batch_rows)
+        self.files = find_feature_files(str(folder))
+        self.origin = str(folder)
+        self.features_dropped: list[str] = []
+        self.frame = None
+        self._read = read_npz
+        first = read_npz(self.files[0].url)
+        model = str(first.metadata.get("Metadata_Model") or "DeepProfiler")
+        self.dim = first.features.shape[1]
+        names = [f"{model}_{i}" for i in range(self.dim)]
+        if features is not None:
+            missing = [c for c in features if c not in names]
+            if missing:
+                raise InputError(f"{folder}: feature {missing[0]!r} not in the npz files ({names[0]} … {names[-1]})",
+                                 fix="leave the features unset for npz folders")
+        self.all_names = names
+        self.features = list(features) if features is not None else names
+        self.dtype = np.dtype(np.float32) if first.features.dtype == np.float32 else np.dtype(np.float64)
+        self.sites_without_cells = 0
+
+    def _sites(self) -> Iterator[tuple[pd.DataFrame, np.ndarray, str]]:
+        cols = [self.all_names.index(f) for f in self.features]
+        self.sites_without_cells = 0
+        for f in self.files:
+            feats = self._read(f.url).features
+            if feats.shape[1] != self.dim:
+                raise InputError(f"{f.url}: {feats.shape[1]} features, the first file has {self.dim}",
+                                 fix="aggregate one model's features at a time")
+            if len(feats) == 0:
+                self.sites_without_cells += 1
+                continue
+            keys = pd.DataFrame({PLATE_COL: [f.plate] * len(feats), WELL_COL: [f.well] * len(feats),
+                                 SITE_COL: [f.site] * len(feats)})
+            yield keys, np.ascontiguousarray(feats[:, cols], dtype=self.dtype), f.url
+
+    def key_batches(self) -> Iterator[pd.DataFrame]:
+        for keys, _, _ in self._sites():
+            yield keys
+
+    def batches(self) -> Iterator[tuple[pd.DataFrame, np.ndarray, str]]:
+        yield from self._sites()
+
+
+def _is_npz_folder(source) -> bool:
+    if isinstance(source, pd.DataFrame):
+        return False
+    paths = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if len(paths) != 1 or not Path(paths[0]).is_dir():
+        return False
+    root = Path(paths[0])
+    return any(root.rglob("*.npz")) and not any(root.rglob("*.parquet"))
+
+
 def _is_feature(name: str, dtype) -> bool:
     try:
         return is_feature_column(name, np.dtype(dtype))
@@ -391,8 +462,10 @@ def _is_feature(name: str, dtype) -> bool:
         return False
 
 
-def _clean(batches: Iterable[tuple[pd.DataFrame, np.ndarray, str]], features, acct) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
-    """Drop cells with a missing site key (counted), reject ±inf (naming the column)."""
+def _clean(batches: Iterable[tuple[pd.DataFrame, np.ndarray, str]], features, acct,
+           nan_counts: np.ndarray) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
+    """Drop cells with a missing site key (counted), reject ±inf (naming the column), and count
+    the NaNs of each feature over the cells kept (``nan_counts``, updated in place)."""
     for keys, X, origin in batches:
         acct["cells_read"] += len(keys)
         check_finite(X, features, origin)
@@ -401,6 +474,7 @@ def _clean(batches: Iterable[tuple[pd.DataFrame, np.ndarray, str]], features, ac
             acct["cells_missing_key"] += int(missing.sum())
             keys = keys[~missing].reset_index(drop=True)
             X = X[~missing]
+        nan_counts += np.isnan(X).sum(axis=0)
         yield keys, X
 
 
@@ -413,19 +487,63 @@ def aggregate_cells(
     memory_budget_bytes: int = 512 << 20,
     spill_dir: str | os.PathLike | None = None,
     sites_out: str | os.PathLike | None = None,
+    na_cutoff: float = NA_CUTOFF,
 ) -> CellAggregation:
     """Single cells → site medians → well means, streaming in bounded memory.
 
-    ``source``: a DataFrame, or Parquet/CSV file(s) (a folder of Parquet files works too); with
-    several files, features are the feature columns common to all (the others are counted in
-    ``accounting['features_dropped']``). ``well_cols`` must be a subset of ``site_cols``.
+    ``source``: a DataFrame, Parquet/CSV file(s) (a folder of Parquet files works too), or a
+    DeepProfiler features folder of per-site ``.npz`` files in any of its layouts
+    (:mod:`raycp.io.npz`); with several files, features are the feature columns common to all
+    (the others are counted in ``accounting['features_dropped']``). ``well_cols`` must be a subset of ``site_cols``.
     Site medians go to ``sites_out`` (Parquet, written incrementally) when given, else they are
     returned. Non-contiguous sites are hash-partitioned on disk (under ``spill_dir``) into
-    partitions of about ``memory_budget_bytes``."""
+    partitions of about ``memory_budget_bytes``.
+
+    NaN, per feature then per cell: a feature NaN in more than ``na_cutoff`` of the cells (e.g.
+    one NaN in every cell after MAD-normalising a constant feature) is dropped and listed in
+    ``accounting['features_dropped_na']``; cells are then dropped only for the NaNs left
+    (``cells_dropped_nan``, per site too). The first pass assumes no feature is dropped (one read
+    of the input in the usual case); when one is, a second pass runs without it.
+    Raises :class:`InputError` for ±inf, missing columns, or when every feature is dropped."""
     site_cols, well_cols = list(site_cols), list(well_cols)
     if not set(well_cols) <= set(site_cols):
         raise InputError(f"well columns {well_cols} must be among the site columns {site_cols}", fix="add them to --site-cols")
-    src = _Source(source, site_cols, features, batch_rows)
+    if not 0.0 <= float(na_cutoff) <= 1.0:
+        raise InputError(f"NaN cutoff {na_cutoff} is outside [0, 1]", fix="pass --na-cutoff between 0 and 1 (pycytominer: 0.05)")
+    src = (_NpzSource(Path(source if isinstance(source, (str, os.PathLike)) else source[0]), site_cols, features,
+                      batch_rows) if _is_npz_folder(source) else _Source(source, site_cols, features, batch_rows))
+    first = _aggregate_pass(src, site_cols, well_cols, memory_budget_bytes, spill_dir, sites_out)
+    acct, nan_counts, n_cells = first["acct"], first["nan_counts"], first["cells"]
+    dropped = na_features(nan_counts, n_cells, src.features, na_cutoff)
+    result = first
+    if dropped:
+        if len(dropped) == len(src.features):
+            raise InputError(f"{src.origin}: every feature column is NaN in more than {na_cutoff:g} of the cells "
+                             f"(first: {dropped[0]!r})", fix="check the table, or raise --na-cutoff")
+        gone = set(dropped)
+        src.features = [f for f in src.features if f not in gone]
+        result = _aggregate_pass(src, site_cols, well_cols, memory_budget_bytes, spill_dir, sites_out)
+        acct = result["acct"]
+    sink = result["sink"]
+    acct["features"] = len(src.features)
+    acct["na_cutoff"] = float(na_cutoff)
+    acct["features_dropped_na"] = dropped
+    acct["features_nan_fraction"] = {f: float(c) / n_cells for f, c in zip(first["features"], nan_counts)
+                                     if c and n_cells} if n_cells else {}
+    acct["cells_dropped_nan"] = sink.cells_dropped_nan
+    acct["cells_dropped_nan_per_site"] = {_fmt_key(k): v for k, v in sink.dropped_per_site.items()}
+    acct["sites"] = sink.n_sites
+    acct["sites_empty"] = len(sink.sites_empty)
+    acct["wells"] = len(result["wells"])
+    acct["passes"] = 2 if dropped else 1
+    if isinstance(src, _NpzSource):
+        acct["input"] = "deepprofiler_npz"
+        acct["sites_without_cells"] = src.sites_without_cells
+    return CellAggregation(sites=result["sites"], wells=result["wells"], features=list(src.features), accounting=acct)
+
+
+def _aggregate_pass(src: _Source, site_cols, well_cols, memory_budget_bytes, spill_dir, sites_out) -> dict:
+    """One streaming pass over the cells with the source's current features."""
     acct = {
         "cells_read": 0,
         "cells_missing_key": 0,
@@ -438,22 +556,20 @@ def aggregate_cells(
         "path": "contiguous",
         "partitions": 0,
     }
+    nan_counts = np.zeros(len(src.features), dtype=np.int64)
     sink = _Sink(site_cols, well_cols, src.features, src.dtype, sites_out)
     contiguous, n_rows = _check_contiguous(src.key_batches())
     if contiguous:
-        _reduce_contiguous(_clean(src.batches(), src.features, acct), sink)
+        _reduce_contiguous(_clean(src.batches(), src.features, acct, nan_counts), sink)
     else:
         itemsize = np.dtype(src.dtype).itemsize
         n_parts = int(min(256, max(1, math.ceil(n_rows * len(src.features) * itemsize / memory_budget_bytes))))
         acct["path"], acct["partitions"] = "partitioned", n_parts
-        _reduce_partitioned(_clean(src.batches(), src.features, acct), sink, site_cols, n_parts, spill_dir)
+        _reduce_partitioned(_clean(src.batches(), src.features, acct, nan_counts), sink, site_cols, n_parts, spill_dir)
     sites, wells = sink.finish()
-    acct["cells_dropped_nan"] = sink.cells_dropped_nan
-    acct["cells_dropped_nan_per_site"] = {_fmt_key(k): v for k, v in sink.dropped_per_site.items()}
-    acct["sites"] = sink.n_sites
-    acct["sites_empty"] = len(sink.sites_empty)
-    acct["wells"] = len(wells)
-    return CellAggregation(sites=sites, wells=wells, features=src.features, accounting=acct)
+    cells = acct["cells_read"] - acct["cells_missing_key"]
+    return {"acct": acct, "nan_counts": nan_counts, "cells": cells, "sink": sink, "sites": sites, "wells": wells,
+            "features": list(src.features)}
 
 
 def _fmt_key(key: tuple) -> str:

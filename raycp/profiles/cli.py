@@ -15,11 +15,18 @@ import typer
 
 from raycp.errors import InputError
 from raycp.io.outputs import jsonable, write_json, write_parquet
+from raycp.profiles.io import NA_CUTOFF
 
 app = typer.Typer(
     help="Profiles: cells → sites → wells → treatments, sphering, treatment effect and the paper's evaluation.",
     no_args_is_help=True,
 )
+
+
+NaCutoffOpt = typer.Option(
+    NA_CUTOFF, "--na-cutoff",
+    help="Drop a feature NaN in more than this fraction of the rows before dropping rows with NaN "
+         "(pycytominer's drop_na_columns rule and default; 1 keeps every feature).")
 
 
 def _cols(text: str, option: str) -> list[str]:
@@ -49,6 +56,7 @@ def evaluate_cmd(
     plate_col: str = typer.Option("Metadata_Plate", "--plate-col", help="Plate column (UMAP colouring)."),
     output: Path = typer.Option(Path("evaluation"), "--output", help="Output folder."),
     plots: bool = typer.Option(False, "--plots/--no-plots", help="Also write the PR curve and UMAP PNGs + plots.html."),
+    na_cutoff: float = NaCutoffOpt,
 ) -> None:
     """Sphere (optional), aggregate wells to treatments, and score them as the paper does."""
     from raycp.evaluate import evaluate
@@ -64,6 +72,7 @@ def evaluate_cmd(
         sphere_scope_col=sphere_scope_col,
         harmony_batch_col=harmony_col,
         harmony_clusters=harmony_clusters,
+        na_cutoff=na_cutoff,
         source=str(wells),
     )
     output.mkdir(parents=True, exist_ok=True)
@@ -83,22 +92,34 @@ def evaluate_cmd(
         "accounting": run.accounting,
     }
     if plots:
-        metrics["plots"] = _evaluation_plots(df, control_query, sphere_lambda, sphere_scope_col, plate_col, run, output)
+        metrics["plots"] = _evaluation_plots(df, control_query, sphere_lambda, sphere_scope_col, plate_col, run, output,
+                                             na_cutoff)
     write_json(output / "metrics.json", metrics)
     s = run.evaluation.summary
-    typer.echo(json.dumps(jsonable({k: s[k] for k in ("map_paper", "map", "folds_of_enrichment", "n_treatments", "n_queries_map", "n_queries_foe")})))
+    _warn_no_map_queries(s)
+    typer.echo(json.dumps(jsonable({**{k: s[k] for k in ("map_paper", "map", "folds_of_enrichment", "n_treatments",
+                                                         "n_queries_map", "n_queries_foe")},
+                                    "features_dropped_na": run.accounting["features_dropped_na"]})))
 
 
-def _evaluation_plots(df, control_query, sphere_lambda, scope_col, plate_col, run, output: Path) -> list[str]:
+def _warn_no_map_queries(summary: dict) -> None:
+    from raycp.console import warn
+
+    if summary["n_queries_map"] == 0:
+        warn(f"no treatment has 2 or more other matches, so map_paper is undefined (null); mAP and folds of "
+             f"enrichment use the {summary['n_queries_foe']} treatments with 1 or more")
+
+
+def _evaluation_plots(df, control_query, sphere_lambda, scope_col, plate_col, run, output: Path,
+                      na_cutoff: float = NA_CUTOFF) -> list[str]:
     from raycp.evaluate import control_mask_from_query
     from raycp.evaluate.plots import plot_pr_curve, plot_umaps, write_html
-    from raycp.profiles.io import feature_columns, feature_matrix
+    from raycp.profiles.io import feature_matrix_na
     from raycp.profiles.sphere import sphere
 
     images = [plot_pr_curve(run.evaluation.pr_curve, output / "pr_curve.png")]
-    feats = feature_columns(df)
-    X = feature_matrix(df, feats)
-    ok = ~np.isnan(X).any(axis=1)
+    fm = feature_matrix_na(df, na_cutoff=na_cutoff)
+    X, ok = fm.X, fm.ok
     ctrl = control_mask_from_query(df, control_query)
     after = None
     if sphere_lambda is not None:
@@ -119,6 +140,7 @@ def sweep_cmd(
     control_query: str = typer.Option(..., "--control-query"),
     lambdas: str = typer.Option("1,0.1,0.01,0.001,0.0001", "--lambdas", help="Sphering λ values, comma-separated."),
     sphere_scope_col: Optional[str] = typer.Option(None, "--sphere-scope-col"),
+    na_cutoff: float = NaCutoffOpt,
     output: Path = typer.Option(Path("evaluation"), "--output"),
 ) -> None:
     """mAP and folds of enrichment without correction and for each λ; writes sweep.parquet and map_vs_lambda.png."""
@@ -131,7 +153,8 @@ def sweep_cmd(
         raise InputError(f"--lambdas {lambdas!r} is not a list of numbers", fix="e.g. --lambdas 1,0.1,0.01") from exc
     df = _read_wells(wells)
     table = sweep_lambdas(df, _cols(treatment_cols, "--treatment-cols"), annotation_col, control_query, lams,
-                          sep=annotation_sep, sphere_scope_col=sphere_scope_col, source=str(wells))
+                          sep=annotation_sep, sphere_scope_col=sphere_scope_col, na_cutoff=na_cutoff,
+                          source=str(wells))
     output.mkdir(parents=True, exist_ok=True)
     write_parquet(table, output / "sweep.parquet")
     plot_map_vs_lambda(table, output / "map_vs_lambda.png")
@@ -141,14 +164,19 @@ def sweep_cmd(
 
 @app.command("aggregate")
 def aggregate_cmd(
-    cells: list[Path] = typer.Argument(..., help="Single-cell tables (Parquet files/folders or CSV)."),
+    cells: list[Path] = typer.Argument(..., help="Single-cell tables (Parquet files/folders or CSV), or a DeepProfiler "
+                                                 "features folder of per-site .npz files."),
     site_cols: str = typer.Option("Metadata_Plate,Metadata_Well,Metadata_Site", "--site-cols"),
     well_cols: str = typer.Option("Metadata_Plate,Metadata_Well", "--well-cols"),
     batch_rows: int = typer.Option(65_536, "--batch-rows", help="Rows read per batch."),
     memory_mb: int = typer.Option(512, "--memory-mb", help="Target size of one on-disk partition when sites are not contiguous."),
+    na_cutoff: float = NaCutoffOpt,
     output: Path = typer.Option(Path("profiles"), "--output"),
 ) -> None:
-    """Cells → site medians → well means, streaming; writes sites.parquet, wells.parquet, aggregation.json."""
+    """Cells → site medians → well means, streaming; writes sites.parquet, wells.parquet, aggregation.json.
+
+    A DeepProfiler features folder (<plate>/<well>/<site>.npz, <plate>/<well>_<site>.npz, or the
+    earliest <plate>_<well>_<site>.npz with key 'f') is read as it is."""
     from raycp.profiles.aggregate import aggregate_cells
 
     output.mkdir(parents=True, exist_ok=True)
@@ -160,11 +188,13 @@ def aggregate_cmd(
         memory_budget_bytes=memory_mb << 20,
         spill_dir=output,
         sites_out=output / "sites.parquet",
+        na_cutoff=na_cutoff,
     )
     write_parquet(res.wells, output / "wells.parquet")
     write_json(output / "aggregation.json", res.accounting)
     a = res.accounting
-    typer.echo(json.dumps({k: a[k] for k in ("cells_read", "cells_dropped_nan", "sites", "wells", "path")}))
+    typer.echo(json.dumps(jsonable({k: a[k] for k in ("cells_read", "cells_dropped_nan", "sites", "wells", "path",
+                                                      "features", "features_dropped_na")})))
 
 
 @app.command("effect")
@@ -176,34 +206,25 @@ def effect_cmd(
     sphere_lambda: float = typer.Option(0.01, "--sphere-lambda", help="Sphering λ before the distances (paper: 1e-2)."),
     no_sphere: bool = typer.Option(False, "--no-sphere", help="Use the profiles as given (already corrected)."),
     fraction: float = typer.Option(0.2, "--fraction", help="Size of each subset (paper: 20%)."),
+    na_cutoff: float = NaCutoffOpt,
     output: Path = typer.Option(Path("effect"), "--output"),
 ) -> None:
     """Treatment effect (mean z-scored distance to the plate's median control) and the weakest/median/strongest subsets."""
     from raycp.evaluate import control_mask_from_query
-    from raycp.profiles.effect import select_subsets, treatment_effect
-    from raycp.profiles.io import check_finite, feature_columns, feature_matrix
-    from raycp.profiles.sphere import sphere
+    from raycp.profiles.effect import effect_of_wells, select_subsets
 
     df = _read_wells(wells)
-    ctrl = control_mask_from_query(df, control_query, str(wells))
-    if not ctrl.any():
-        raise InputError(f"{wells}: control query {control_query!r} matched no well", fix="check the query")
-    feats = feature_columns(df, str(wells))
-    X = feature_matrix(df, feats)
-    check_finite(X, feats, str(wells))
-    ok = ~np.isnan(X).any(axis=1)
-    if not no_sphere:
-        X[ok] = sphere(X[ok], ctrl[ok], sphere_lambda)
-    frame = pd.concat([df.loc[ok, [c for c in df.columns if c not in feats]].reset_index(drop=True),
-                       pd.DataFrame(X[ok], columns=feats)], axis=1)
-    res = treatment_effect(frame, _cols(treatment_cols, "--treatment-cols"), ctrl[ok], plate_col=plate_col, features=feats)
+    ctrl = control_mask_from_query(df, control_query, str(wells), require=True)
+    res = effect_of_wells(df, _cols(treatment_cols, "--treatment-cols"), ctrl,
+                          sphere_lambda=None if no_sphere else sphere_lambda, plate_col=plate_col,
+                          na_cutoff=na_cutoff, source=str(wells))
     output.mkdir(parents=True, exist_ok=True)
     write_parquet(res.treatments, output / "effect.parquet")
     (output / "subsets").mkdir(exist_ok=True)
     subsets = select_subsets(res.treatments, fraction)
     for name, table in subsets.items():
         table.to_csv(output / "subsets" / f"{name}.csv", index=False)
-    acct = {**res.accounting, "wells_dropped_nan": int((~ok).sum()), "sphere_lambda": None if no_sphere else sphere_lambda,
-            "subset_sizes": {k: len(v) for k, v in subsets.items()}}
+    acct = {**res.accounting, "subset_sizes": {k: len(v) for k, v in subsets.items()}}
     write_json(output / "effect.json", acct)
-    typer.echo(json.dumps(jsonable({"treatments": len(res.treatments), **acct["subset_sizes"]})))
+    typer.echo(json.dumps(jsonable({"treatments": len(res.treatments), **acct["subset_sizes"],
+                                    "features_dropped_na": acct["features_dropped_na"]})))

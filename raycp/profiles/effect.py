@@ -137,3 +137,42 @@ def select_subsets(treatments: pd.DataFrame, fraction: float = 0.2, effect_col: 
         "median": ordered.iloc[mid : mid + k].reset_index(drop=True),
         "strongest": ordered.iloc[n - k :].reset_index(drop=True),
     }
+
+
+def effect_of_wells(
+    wells: pd.DataFrame,
+    treatment_cols: Sequence[str],
+    control_mask: np.ndarray,
+    *,
+    sphere_lambda: float | None = 0.01,
+    sphere_scope_col: str | None = None,
+    plate_col: str = "Metadata_Plate",
+    na_cutoff: float | None = None,
+    source: str = "wells",
+) -> TreatmentEffect:
+    """The paper's treatment-effect flow from well profiles, used by ``raycp profile effect`` and
+    ``raycp run``: NaN features then NaN wells left out (:func:`raycp.profiles.io.feature_matrix_na`),
+    sphering fitted on the control wells (``sphere_lambda``; ``None`` = the profiles as given;
+    one fit per ``sphere_scope_col`` value if given), then :func:`treatment_effect`.
+
+    ``accounting`` adds the NaN rule's figures (features dropped, wells left out) and λ.
+    Raises :class:`InputError` when no control well is selected."""
+    from raycp.profiles.io import NA_CUTOFF, feature_matrix_na
+    from raycp.profiles.sphere import sphere
+
+    mask = np.asarray(control_mask, dtype=bool)
+    if not mask.any():
+        raise InputError(f"{source}: no control well selected", fix="check the control query")
+    fm = feature_matrix_na(wells, na_cutoff=NA_CUTOFF if na_cutoff is None else na_cutoff, source=source)
+    ok, X = fm.ok, fm.X
+    if sphere_lambda is not None:
+        groups = None if sphere_scope_col is None else wells[sphere_scope_col].to_numpy()[ok]
+        X = X.copy()
+        X[ok] = sphere(X[ok], mask[ok], sphere_lambda, groups)
+    numeric = set(fm.features) | set(fm.dropped_na)
+    meta = [c for c in wells.columns if c not in numeric]
+    frame = pd.concat([wells.loc[ok, meta].reset_index(drop=True), pd.DataFrame(X[ok], columns=fm.features)], axis=1)
+    res = treatment_effect(frame, treatment_cols, mask[ok], plate_col=plate_col, features=fm.features)
+    res.accounting.update({**fm.accounting(), "wells": int(len(wells)), "wells_dropped_nan": int((~ok).sum()),
+                           "sphere_lambda": sphere_lambda})
+    return res

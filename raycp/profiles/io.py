@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from raycp.errors import InputError
+from raycp.io.tables import is_metadata, read_csv_text
 
 METADATA_PREFIX = "Metadata_"
 
@@ -52,15 +54,15 @@ def parquet_files(path: str | os.PathLike) -> list[Path]:
 def read_table(path: str | os.PathLike, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Read a whole profile table (CSV, CSV.GZ or Parquet file/folder) into a DataFrame.
 
-    Numeric columns keep their stored dtype (float32 stays float32)."""
+    Numeric columns keep their stored dtype (float32 stays float32); a CSV's ``Metadata_*``
+    columns stay text exactly as written (plate ``000123`` stays ``000123``)."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{path}: file not found", fix="check the path")
     fmt = table_format(p)
     try:
         if fmt == "csv":
-            sep = "\t" if ".tsv" in p.name.lower() else ","
-            return pd.read_csv(p, sep=sep, usecols=list(columns) if columns is not None else None, low_memory=False)
+            return read_csv_text(str(p), url=str(p), usecols=columns)
         files = parquet_files(p)
         frames = [pd.read_parquet(f, columns=list(columns) if columns is not None else None) for f in files]
         return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
@@ -129,6 +131,69 @@ def nan_rows(X: np.ndarray) -> np.ndarray:
     return np.isnan(X).any(axis=1)
 
 
+NA_CUTOFF = 0.05
+"""Default NaN cutoff: a feature missing (NaN) in more than this fraction of the rows is dropped
+before any row is (pycytominer's ``feature_select`` operation ``drop_na_columns``, same default and
+same rule: drop when the fraction is greater than the cutoff). 1.0 keeps every feature."""
+
+
+def na_features(nan_counts: np.ndarray, n_rows: int, features: Sequence[str], cutoff: float = NA_CUTOFF) -> list[str]:
+    """The features whose NaN fraction (``nan_counts / n_rows``) is greater than ``cutoff``, in
+    table order (pycytominer's ``drop_na_columns`` rule). Raises ``ValueError`` for a cutoff
+    outside [0, 1]."""
+    if not 0.0 <= float(cutoff) <= 1.0:
+        raise ValueError(f"the NaN cutoff must be in [0, 1], not {cutoff}")
+    if n_rows <= 0:
+        return []
+    frac = np.asarray(nan_counts, dtype=np.float64) / float(n_rows)
+    return [f for f, x in zip(features, frac) if x > cutoff]
+
+
+@dataclass
+class FeatureMatrix:
+    """The features of a profile table after the NaN rule, per feature then per row.
+
+    ``X`` (rows × ``features``, all rows of the table), ``features`` (kept, table order),
+    ``dropped_na`` (features whose NaN fraction exceeded ``na_cutoff``; listed in every
+    accounting), ``ok`` (rows without a NaN among the kept features: the rows a stage uses)."""
+
+    X: np.ndarray
+    features: list[str]
+    dropped_na: list[str]
+    ok: np.ndarray
+    na_cutoff: float
+
+    def accounting(self) -> dict:
+        return {"na_cutoff": self.na_cutoff, "features": len(self.features),
+                "features_dropped_na": list(self.dropped_na), "rows_dropped_nan": int((~self.ok).sum())}
+
+
+def feature_matrix_na(df: pd.DataFrame, features: Sequence[str] | None = None, *, na_cutoff: float = NA_CUTOFF,
+                      source: str = "table") -> FeatureMatrix:
+    """The features of ``df`` (every numeric non-``Metadata_`` column unless given) with the NaN
+    rule applied: features NaN in more than ``na_cutoff`` of the rows are dropped first (a feature
+    NaN in every row, as MAD-normalising a constant feature gives, always is, unless the cutoff
+    is 1), then rows holding a NaN among the rest are marked not ``ok``. ±inf is an error naming
+    the column. Raises :class:`InputError` when no feature is left."""
+    feats = list(features) if features is not None else feature_columns(df, source)
+    X = feature_matrix(df, feats)
+    check_finite(X, feats, source)
+    try:
+        dropped = na_features(np.isnan(X).sum(axis=0), len(X), feats, na_cutoff)
+    except ValueError as exc:
+        raise InputError(f"{source}: {exc}", fix="pass --na-cutoff between 0 and 1 (pycytominer's default 0.05)") from None
+    if dropped:
+        if len(dropped) == len(feats):
+            raise InputError(f"{source}: every feature column is NaN in more than {na_cutoff:g} of the rows "
+                             f"(first: {dropped[0]!r})", fix="check the table, or raise --na-cutoff")
+        gone = set(dropped)
+        keep = [i for i, f in enumerate(feats) if f not in gone]
+        feats = [feats[i] for i in keep]
+        X = np.ascontiguousarray(X[:, keep])
+    return FeatureMatrix(X=X, features=feats, dropped_na=dropped, ok=~np.isnan(X).any(axis=1),
+                         na_cutoff=float(na_cutoff))
+
+
 def iter_record_batches(path: str | os.PathLike, columns: Sequence[str] | None, batch_rows: int) -> Iterator:
     """Stream a CSV/CSV.GZ/Parquet table as pyarrow RecordBatches of at most ``batch_rows`` rows."""
     import pyarrow as pa
@@ -141,7 +206,10 @@ def iter_record_batches(path: str | os.PathLike, columns: Sequence[str] | None, 
             pf = pq.ParquetFile(f)
             yield from pf.iter_batches(batch_size=batch_rows, columns=list(columns) if columns is not None else None)
         return
-    opts = pacsv.ConvertOptions(include_columns=list(columns) if columns is not None else None)
+    header = schema_columns(p)
+    text = {c: pa.string() for c in header if is_metadata(c)}
+    opts = pacsv.ConvertOptions(include_columns=list(columns) if columns is not None else None, column_types=text,
+                                strings_can_be_null=True)
     parse = pacsv.ParseOptions(delimiter="\t" if ".tsv" in p.name.lower() else ",")
     stream = pa.input_stream(str(p), compression="detect")
     reader = pacsv.open_csv(stream, read_options=pacsv.ReadOptions(block_size=1 << 22), parse_options=parse, convert_options=opts)
@@ -167,5 +235,5 @@ def schema_columns(path: str | os.PathLike) -> dict[str, object]:
             except NotImplementedError:
                 out[name] = object
         return out
-    head = pd.read_csv(p, nrows=100, sep="\t" if ".tsv" in p.name.lower() else ",")
+    head = read_csv_text(str(p), url=str(p), nrows=100)
     return dict(head.dtypes.items())

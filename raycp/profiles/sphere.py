@@ -114,7 +114,8 @@ def sphere(
         if not (rows & mask).any():
             raise InputError(
                 f"sphering per plate/batch: group {g!r} has no control wells",
-                fix="sphere the whole screen (--sphere-scope screen) or add control wells to that plate",
+                fix="fit one sphering on the whole screen (leave out --sphere-scope-col; in a run config "
+                    "profiles.sphere_scope=screen) or add control wells to that plate",
             )
         out[rows] = fit_sphere(X[rows & mask], lam).apply(X[rows])
     return out

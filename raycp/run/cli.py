@@ -30,7 +30,8 @@ def run(
     from rich.table import Table
 
     from raycp import run as api
-    from raycp.cli import _console, track
+    from raycp.console import console as _console
+    from raycp.console import track
 
     sets = list(set_ or [])
     if index:

@@ -54,6 +54,9 @@ class ProfilesConfig(_Strict):
                                     "(paper: CellProfiler features); falls back to the first feature set")
     effect_fraction: float = Field(0.2, gt=0, le=0.5, description="size of the weakest/median/strongest "
                                    "subsets (paper Table 1: 20 %)")
+    na_cutoff: float = Field(0.05, ge=0, le=1, description=(
+        "a feature NaN in more than this fraction of the well profiles is dropped before wells with NaN are "
+        "(pycytominer's drop_na_columns rule and default)"))
 
     @field_validator("lambdas")
     @classmethod

@@ -155,10 +155,11 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, stop: str | N
     ctx = S.Context(cfg=cfg, progress=progress, echo=echo)
     runners = {**RUNNERS, "report": build_report}
     records = []
+    ran_before = False  # once a stage has (re-)run, the stages after it read new inputs: they run too
     for n, stage in enumerate(chosen, 1):
         st = read_status(cfg, stage)
         done = st is not None and st.get("state") == "complete" and st.get("fingerprint") == prints[stage]
-        if done and stage not in force and stage != "report":
+        if done and stage not in force and stage != "report" and not ran_before:
             ctx.summaries[stage] = st.get("summary", {})
             records.append(StageRecord(stage, "skipped", float(st.get("seconds", 0.0)), st.get("summary", {})))
             echo(f"[{n}/{len(chosen)}] {stage}: finished earlier ({st.get('seconds', 0):.1f} s), skipped")
@@ -174,6 +175,7 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, stop: str | N
         _write_status(cfg, stage, state="complete", fingerprint=prints[stage], started=started, finished=_now(),
                       seconds=round(seconds, 2), summary=summary)
         ctx.summaries[stage] = summary
+        ran_before = True
         records.append(StageRecord(stage, "complete", seconds, summary))
         q = summary.get("quarantined", 0)
         echo(f"[{n}/{len(chosen)}] {stage}: {summary.get('processed', 0)} processed · {q} quarantined · "

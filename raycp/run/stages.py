@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from raycp.errors import InputError
@@ -288,12 +287,12 @@ def _scope(ctx: Context) -> str | None:
 def _evaluate_one(ctx: Context, name: str, wells: pd.DataFrame, folder: str) -> list[dict]:
     from raycp.evaluate import control_mask_from_query, evaluate, sweep_lambdas
     from raycp.evaluate.plots import plot_map_vs_lambda, plot_pr_curve, plot_umaps
-    from raycp.profiles.io import feature_columns, feature_matrix
+    from raycp.profiles.io import feature_matrix_na
     from raycp.profiles.sphere import sphere
 
     p = ctx.cfg.profiles
     common = dict(treatment_cols=p.treatment_cols, annotation_col=p.annotation_col, sep=p.annotation_sep,
-                  sphere_scope_col=_scope(ctx), source=f"{name} wells")
+                  sphere_scope_col=_scope(ctx), na_cutoff=p.na_cutoff, source=f"{name} wells")
     rows = []
     for label, lam in (("none", None), ("sphered", p.sphere_lambda)):
         run = evaluate(wells, control_query=p.control_query, sphere_lambda=lam, **common)
@@ -309,14 +308,14 @@ def _evaluate_one(ctx: Context, name: str, wells: pd.DataFrame, folder: str) -> 
         save_png(lambda path, c=run.evaluation.pr_curve: plot_pr_curve(c, path, label=f"{name} · {label}"),
                  urls.join(sub, "pr_curve.png"))
     sweep = sweep_lambdas(wells, p.treatment_cols, p.annotation_col, p.control_query, p.lambdas,
-                          sep=p.annotation_sep, sphere_scope_col=_scope(ctx), source=f"{name} wells")
+                          sep=p.annotation_sep, sphere_scope_col=_scope(ctx), na_cutoff=p.na_cutoff,
+                          source=f"{name} wells")
     sweep.insert(0, "feature_set", name)
     write_parquet(sweep, urls.join(folder, "lambda_curve.parquet"))
     save_png(lambda path: plot_map_vs_lambda(sweep, path), urls.join(folder, "lambda_curve.png"))
     if p.umap:
-        feats = feature_columns(wells)
-        X = feature_matrix(wells, feats)
-        ok = ~np.isnan(X).any(axis=1)
+        fm = feature_matrix_na(wells, na_cutoff=p.na_cutoff, source=f"{name} wells")
+        X, ok = fm.X, fm.ok
         ctrl = control_mask_from_query(wells, p.control_query)
         groups = None if _scope(ctx) is None else wells[_scope(ctx)].to_numpy()[ok]
         after = sphere(X[ok], ctrl[ok], p.sphere_lambda, groups)
@@ -352,30 +351,22 @@ def run_effect(ctx: Context) -> dict:
     control well, z-scored on the control wells' distances, averaged per treatment; on sphered well
     profiles of one feature set. Writes the ranking and the weakest/median/strongest subsets."""
     from raycp.evaluate import control_mask_from_query
-    from raycp.profiles.effect import select_subsets, treatment_effect
-    from raycp.profiles.io import check_finite, feature_columns, feature_matrix
-    from raycp.profiles.sphere import sphere
+    from raycp.profiles.effect import effect_of_wells, select_subsets
 
     p = ctx.cfg.profiles
     name = effect_feature_set(ctx.cfg)
     wells = _wells(ctx, name)
-    feats = feature_columns(wells)
-    X = feature_matrix(wells, feats)
-    check_finite(X, feats, f"{name} wells")
-    ok = ~np.isnan(X).any(axis=1)
     ctrl = control_mask_from_query(wells, p.control_query)
-    groups = None if _scope(ctx) is None else wells[_scope(ctx)].to_numpy()[ok]
-    X[ok] = sphere(X[ok], ctrl[ok], p.sphere_lambda, groups)
-    frame = pd.concat([wells.loc[ok, [c for c in wells.columns if c not in feats]].reset_index(drop=True),
-                       pd.DataFrame(X[ok], columns=feats)], axis=1)
-    res = treatment_effect(frame, p.treatment_cols, ctrl[ok], plate_col="Metadata_Plate", features=feats)
+    res = effect_of_wells(wells, p.treatment_cols, ctrl, sphere_lambda=p.sphere_lambda, sphere_scope_col=_scope(ctx),
+                          na_cutoff=p.na_cutoff, source=f"{name} wells")
+    dropped = res.accounting["wells_dropped_nan"]
     folder = ctx.folder("effect")
     write_parquet(res.treatments, urls.join(folder, "effect.parquet"))
     subsets = select_subsets(res.treatments, p.effect_fraction)
     for sub, table in subsets.items():
         write_parquet(table, urls.join(folder, "subsets", f"{sub}.parquet"))
     n = int(len(wells))
-    return jsonable({"total": n, "processed": int(ok.sum()), "quarantined": int((~ok).sum()),
-                     "reasons": {"well profile has NaN features": int((~ok).sum())} if (~ok).any() else {},
+    return jsonable({"total": n, "processed": n - dropped, "quarantined": dropped,
+                     "reasons": {"well profile has NaN features": dropped} if dropped else {},
                      "feature_set": name, "treatments": len(res.treatments), **res.accounting,
                      "subset_sizes": {k: len(v) for k, v in subsets.items()}})

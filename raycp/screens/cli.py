@@ -7,20 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from raycp.console import console as _console
+
 app = typer.Typer(help="Build labelled Cell Painting screens from real cells, with known truth "
                        "(for demos, tests and benchmarks).", no_args_is_help=True)
 
 PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="mini (CI, seconds) | small (demo) | bench (~10^4 sites)")]
 ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML screen config on top of the preset")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a key: section.key=value")]
-
-
-def _console():
-    import sys
-
-    from rich.console import Console
-
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
 
 @app.command("build")

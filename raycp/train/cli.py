@@ -34,7 +34,7 @@ def train(
 ) -> None:
     """Train (or resume) EfficientNet-B0 to classify each cell's treatment; writes checkpoints,
     metrics, learning curves and the exported model under <output>/train/."""
-    from raycp.cli import _console
+    from raycp.console import console as _console
     from raycp.train import trainer
 
     sets = list(set_ or [])

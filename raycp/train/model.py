@@ -77,7 +77,7 @@ def _align(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], *, 
             return {t: sv for (_, sv), (t, _) in pairs}
     raise InputError(f"{path}: weights do not match the architecture "
                      f"({len(source)} tensors vs {len(target)} expected)",
-                     fix="pass weights of the same EfficientNet variant as --arch")
+                     fix="pass weights of the same EfficientNet variant as the model's arch (train.model.arch, or the feature set's arch)")
 
 
 def expand_stem(weight: torch.Tensor, in_chans: int, *, mode: str = "replicate") -> torch.Tensor:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from raycp.errors import InputError
-from raycp.extract.deepprofiler import encode_npz, read_npz
+from raycp.io.npz import encode_npz, read_npz
 
 
 def test_real_deepprofiler_files_have_the_documented_shapes(shared_data):

@@ -56,7 +56,7 @@ def test_site_medians_feed_the_profiles_stage_unchanged(trained_run):
 
 
 def test_deepprofiler_npz_files_read_like_deepprofilers(trained_run):
-    from raycp.extract.deepprofiler import read_npz
+    from raycp.io.npz import read_npz
 
     run, _ = trained_run
     meta, feats, _ = read_cells(str(run / CELLS))

@@ -33,7 +33,7 @@ def _u8_site(run, index):
 
 
 def test_crop_is_centred_on_the_nucleus_and_padded_at_the_border(site_5ch, pediatric_cp_locations):
-    site = read_site(*pediatric_index(site_5ch).site_urls(pediatric_index(site_5ch).table.iloc[0]))
+    site = read_site(pediatric_index(site_5ch).planes(pediatric_index(site_5ch).table.iloc[0]))
     u8, _, _ = cc.compress_site(site)
     xs = np.append(pediatric_cp_locations[X].to_numpy(), [3.2, 1075.0])  # + two points at the edges
     ys = np.append(pediatric_cp_locations[Y].to_numpy(), [1070.6, 40.0])
@@ -166,7 +166,7 @@ def test_skip_border_and_mask_channel_on_nf1(shared_data, tmp_path):
 
 def test_crops_shard_bytes_do_not_depend_on_the_run(site_5ch, pediatric_cp_locations):
     """Same site, same centres → identical Parquet bytes (re-runs overwrite with the same file)."""
-    site = read_site(*pediatric_index(site_5ch).site_urls(pediatric_index(site_5ch).table.iloc[0]))
+    site = read_site(pediatric_index(site_5ch).planes(pediatric_index(site_5ch).table.iloc[0]))
     u8, _, _ = cc.compress_site(site)
     crops, border = cr.crop_cells(u8, pediatric_cp_locations[X].to_numpy(), pediatric_cp_locations[Y].to_numpy())
     meta = pd.DataFrame({"Metadata_CellId": np.arange(5), "Metadata_TouchesBorder": border})
