@@ -62,7 +62,8 @@ def index_build(
     output: Annotated[str, typer.Option("--output", "-o", help="where to write the index (.parquet URL)")],
     fmt: Annotated[str, typer.Option("--from", help="source format: loaddata | deepprofiler | phenix")] = "loaddata",
     channel_map: Annotated[Optional[str], typer.Option(
-        help="source channel -> raycp channel, e.g. 'DNA=DNA,Mito=Mito' (LoadData) or '5=DNA,2=ER' (Phenix)")] = None,
+        help="source channel -> raycp channel, e.g. 'DNA=DNA,Mito=Mito' (LoadData) or '5=DNA,2=ER' (Phenix); "
+             "required for those two formats")] = None,
     plate: Annotated[Optional[str], typer.Option(help="plate name (Phenix folders)")] = None,
     platemap: Annotated[Optional[str], typer.Option(help="CSV with Metadata_Well (+Metadata_Plate) and treatments")] = None,
     treatment_col: Annotated[Optional[str], typer.Option(help="column holding the treatment")] = None,
@@ -147,7 +148,8 @@ def index_summarize(
     if output or config is None:
         overrides.append(f"data.output={output or 'runs/inspect'}")
     run = cfg.load_config(config, overrides)
-    index = read_index(run.data.index, channels=run.data.channels)
+    chosen = config is not None or any(o.startswith("data.channels=") for o in overrides)
+    index = read_index(run.data.index, channels=run.data.channels if chosen else None)
     folder = urls.join(run.data.output, "summary")
     urls.ensure_writable(folder)
     stats, ledger = inspect.summarize_screen(index, run.compute, progress=track)
@@ -193,10 +195,11 @@ def _print_stats(stats) -> None:
 
 @config_app.command("show")
 def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Print the resolved config (YAML < --set overrides), as it will be saved with the outputs."""
+    """Print the resolved run config (YAML < --set overrides), as `raycp run` saves it with the outputs."""
     from raycp import config as cfg
+    from raycp import run
 
-    typer.echo(cfg.dump_config(cfg.load_config(config, set_)), nl=False)
+    typer.echo(cfg.dump_config(run.load(config, set_)), nl=False)
 
 
 @app.command("version")
@@ -340,8 +343,6 @@ def entry() -> int:
                 record = json.load(fh)
         except (OSError, ValueError):
             record = {}
-    if os.environ.get("RAYCP_DEBUG_SUPERVISOR"):
-        typer.echo(f"supervisor: rc={rc} record={record}", err=True)
     if record.get("exit") is not None:
         return int(record["exit"])  # the child finished and reported its own outcome
     ray_info = record.get("ray")
@@ -350,14 +351,11 @@ def entry() -> int:
         dead = sorted(k for k, ps in pids.items() if k in ("gcs_server", "raylet") and
                       not all(runtime.pid_alive(p) for p in ps))
         if dead or not pids:
-            what = f"its {', '.join(dead)} process(es) died" if dead else "the driver lost it"
-            err = RaycpError(f"the Ray cluster went away during the run: {what} and Ray ended the process "
-                             f"(exit code {rc})",
-                             fix="re-run the same command: finished stages and sites are kept and the run resumes "
-                                 "where it stopped (if memory ran out, lower compute.object_store_memory_gb or the "
-                                 "batch sizes)")
+            what = (f"its {', '.join(dead)} process(es) died" if dead else
+                    f"the cluster at {ray_info.get('address')} or the connection to it was lost")
+            err = runtime.cluster_gone(f"{what}, and Ray ended the process (exit code {rc})")
             typer.echo(f"raycp: error: {err.one_line()}", err=True)
-            return 4
+            return err.exit_code
     if rc < 0:
         typer.echo(f"raycp: error: the command was killed by signal {-rc} (out of memory, or killed by hand)",
                    err=True)

@@ -99,9 +99,24 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def _config_error(exc: ValidationError, source: str) -> ConfigError:
-    err = exc.errors()[0]
+RUN_SECTIONS = ("data", "illumination", "compression", "nuclei", "crops", "compute", "imagenet_weights", "train",
+                "features", "inference", "cellprofiler", "outputs", "profiles")
+"""Every top-level section a ``raycp run`` YAML may hold. A command that needs fewer (``raycp
+preprocess``, ``raycp index summarize``) reads the same file and skips the sections of the other
+stages; a key in no section is still an error (a test keeps this list equal to the run config's)."""
+
+
+def _override_keys(overrides) -> set[str]:
+    return {item.split("=", 1)[0].strip() for item in overrides or () if "=" in item}
+
+
+def _config_error(exc: ValidationError, source: str, overrides=()) -> ConfigError:
+    errors = exc.errors()
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # a typo first: it explains the rest
     where = ".".join(str(p) for p in err["loc"])
+    given = _override_keys(overrides)
+    if where and any(where == k or where.startswith(f"{k}.") or k.startswith(f"{where}.") for k in given):
+        source = f"--set {where}"
     if err["type"] == "extra_forbidden":
         return ConfigError(f"{source}: unknown key {where!r}", fix="remove it or check its spelling")
     if err["type"] == "missing":
@@ -109,13 +124,20 @@ def _config_error(exc: ValidationError, source: str) -> ConfigError:
     msg = str(err["msg"]).removeprefix("Value error, ")
     if not where:
         return ConfigError(f"{source}: {msg}", fix="fix the config file or pass --set KEY=VALUE")
+    if any(str(p).isdigit() for p in err["loc"]):  # an item of a list: --set cannot address it
+        return ConfigError(f"{source}: {where}: {msg}", fix=f"fix item {where} in the file, or --set the whole list")
     return ConfigError(f"{source}: {where}: {msg}", fix=f"fix {where} in the file or with --set {where}=...")
 
 
 def build_config(model: type[BaseModel], path: str | None = None,
                  overrides: list[str] | tuple[str, ...] | None = None, *, base: dict | None = None,
-                 source: str | None = None) -> Any:
-    """Load ``model`` from ``base`` (e.g. a preset) < a YAML file (optional) < CLI overrides."""
+                 source: str | None = None, skip_other_sections: bool = False) -> Any:
+    """Load ``model`` from ``base`` (e.g. a preset) < a YAML file (optional) < CLI overrides.
+
+    ``skip_other_sections``: a run YAML's sections that ``model`` does not have
+    (:data:`RUN_SECTIONS`) are skipped, so one file serves every stage command. Raises
+    :class:`ConfigError` naming the file, or ``--set KEY`` when the bad key came from the command
+    line; an unknown key is reported before any other problem."""
     tree: dict = {}
     source = path or source or "config"
     if path is not None:
@@ -130,14 +152,17 @@ def build_config(model: type[BaseModel], path: str | None = None,
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: top level must be a mapping", fix="write key: value pairs")
     tree = _merge(_merge(copy.deepcopy(base or {}), tree), parse_overrides(overrides))
+    if skip_other_sections:
+        tree = {k: v for k, v in tree.items() if k in model.model_fields or k not in RUN_SECTIONS}
     try:
         return model.model_validate(tree)
     except ValidationError as exc:
-        raise _config_error(exc, source) from None
+        raise _config_error(exc, source, overrides) from None
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] | None = None) -> RunConfig:
-    return build_config(RunConfig, path, overrides)
+    """The image stages' config from a run YAML (other stages' sections skipped) and overrides."""
+    return build_config(RunConfig, path, overrides, skip_other_sections=True)
 
 
 def redact(tree: Any) -> Any:

@@ -254,12 +254,21 @@ def lost_cluster(exc: BaseException) -> RuntimeSetupError | None:
         return None
     else:
         what = "its head (GCS) no longer answers"
-    said = next((m for m in reversed(_RAY_MESSAGES) if _is_node_death(m)), "")
-    first = said.splitlines()[0].strip() if said else ""
-    first = first.split(". ")[0].rstrip(".")
-    hint = f"; Ray said: {first[:160]}" if first else ""
+    said = next((m for m in reversed(_RAY_MESSAGES) if _is_node_death(m)), "").lower()
+    if "raylet is terminated" in said:
+        hint = "; Ray: the raylet was terminated (SIGKILL by the out-of-memory killer or by hand)"
+    elif "marked dead" in said:
+        hint = "; Ray: the node was marked dead after missed heartbeats (a crashed or out-of-memory raylet)"
+    else:
+        hint = ""
+    return cluster_gone(f"{what} ({type(exc).__name__}){hint}")
+
+
+def cluster_gone(what: str) -> RuntimeSetupError:
+    """The one-line error (exit code 4) for a Ray cluster that went away mid-run, saying what
+    was seen and that re-running resumes."""
     return RuntimeSetupError(
-        f"the Ray cluster went away during the run: {what} ({type(exc).__name__}){hint}",
+        f"the Ray cluster went away during the run: {what}",
         fix="re-run the same command: finished stages and sites are kept and the run resumes where it "
             "stopped (if memory ran out, lower compute.object_store_memory_gb or the batch sizes)")
 

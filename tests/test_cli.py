@@ -202,3 +202,46 @@ def test_tables_are_not_cut_when_stdout_is_not_a_terminal(monkeypatch):
     row = next(ln for ln in lines if "cellprofiler" in ln)
     assert "x" * 150 in row and len(row) > 150
     assert any(ln.startswith("a long line") and len(ln) >= 230 for ln in lines)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["run", "configs/demo.yaml", "--from", "extrct"], "--from 'extrct' is not a stage"),
+        (["run", "configs/demo.yaml", "--set", "train.optim.epoch=1"], "--set train.optim.epoch: unknown key"),
+        (["config", "show", "-c", "configs/demo.yaml", "--set", "profiles.na_cutof=0.1"],
+         "--set profiles.na_cutof: unknown key"),
+    ],
+)
+def test_the_first_thing_wrong_is_what_a_config_error_names(capsys, argv, needle):
+    """The demo config lacks its weights path (the Makefile passes it): a typo must still be
+    reported as the typo, and a key given on the command line as --set, not as the file."""
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and needle in err, err
+
+
+def test_one_run_config_serves_every_stage_command(capsys, tmp_path):
+    code, out, err = run(capsys, "config", "show", "-c", "configs/demo.yaml", "--set", "imagenet_weights=/w.safetensors")
+    assert code == 0, err
+    assert "train:" in out and "profiles:" in out and "na_cutoff: 0.05" in out
+    from raycp.config import RUN_SECTIONS, load_config
+    from raycp.run.config import PipelineConfig
+
+    assert set(RUN_SECTIONS) == set(PipelineConfig.model_fields)
+    cfg = load_config("configs/demo.yaml", [f"data.output={tmp_path}"])  # what raycp preprocess and index summarize read
+    assert cfg.crops.size == 64
+
+
+@pytest.mark.parametrize("argv", [
+    ["profile", "aggregate", "{dp}", "--output", "{file}/agg"],
+    ["screen", "build", "--preset", "mini", "--output", "{file}/screen"],
+    ["index", "build", "{site}", "--from", "phenix", "--plate", "P", "--channel-map", "5=DNA", "--output", "{file}/i.parquet"],
+])
+def test_an_output_below_a_file_is_one_line_with_exit_code_2(shared_data, site_5ch, tmp_path, capsys, argv):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    dp = shared_data / "interop" / "deepprofiler_example" / "Week1_22123"
+    code, _, err = run(capsys, *[a.format(dp=dp, file=afile, site=site_5ch / "images" / "orig") for a in argv])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert str(afile) in lines[0] and "output location is not writable" in lines[0] and ".raycp-write-test" not in lines[0]

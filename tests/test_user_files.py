@@ -284,3 +284,54 @@ def test_sqlite_images_sharing_their_keys_are_refused(shared_data, tmp_path):
     path = _sqlite_copy(shared_data, tmp_path, "dup.sqlite", "UPDATE Image SET ImageNumber = '1', TableNumber = '7'")
     with pytest.raises(InputError, match="2 rows of Image share a TableNumber/ImageNumber"):
         locations.read_table(str(path))
+
+
+def test_loaddata_and_plate_map_wells_in_different_spellings_join(plate_000123):
+    csv = plate_000123 / "load_data_spelled.csv"
+    src = pd.read_csv(plate_000123 / "load_data.csv", dtype=str)
+    src["Metadata_Well"] = ["A1", "a002", " B01 ", "r02c02"]
+    src.to_csv(csv, index=False)
+    pm = plate_000123 / "pm_spelled.csv"
+    pm.write_text("Metadata_Plate,Metadata_Well,Metadata_broad_sample\n000123,A01,DMSO\n000123,A2,x\n000123, b1 ,y\n"
+                  "000123,B002,z\n")
+    index = importers.from_loaddata(str(csv), channel_map={"DNA": "DNA"}, platemap=str(pm),
+                                    treatment_col="Metadata_broad_sample", control_values=("DMSO",))
+    assert index.table.Metadata_Well.tolist() == ["A01", "A02", "B01", "B02"]
+    assert index.table.Metadata_Treatment.tolist() == ["DMSO", "x", "y", "z"]
+    assert any("4 of 4 sites matched" in n for n in index.notes)
+
+
+def test_a_bad_frame_in_loaddata_names_the_csv_column(tmp_path):
+    _stack_files(tmp_path)
+    csv = tmp_path / "load_data.csv"
+    csv.write_text(f"Metadata_Plate,Metadata_Well,Metadata_Site,URL_OrigDNA,Frame_OrigDNA\nP,A01,1,{tmp_path}/multi.tif,0\n"
+                   f"P,A01,2,{tmp_path}/multi.tif,1.5\n")
+    with pytest.raises(InputError, match=r"Frame_OrigDNA row 2 is '1.5', not a whole number"):
+        importers.from_loaddata(str(csv), channel_map={"DNA": "DNA"})
+
+
+def test_a_control_value_that_matches_no_treatment_is_a_warning(plate_000123, capsys):
+    code, stdout, err = run(capsys, "index", "build", plate_000123 / "load_data.csv", "--channel-map", "DNA=DNA",
+                            "--platemap", plate_000123 / "platemap.csv", "--treatment-col", "Metadata_broad_sample",
+                            "--control", "DMSOO", "--output", plate_000123 / "s.parquet")
+    assert code == 0 and "control sites 0" in stdout
+    assert "raycp: warning: no site has a control treatment ['DMSOO']" in err and "'DMSO'" in err
+
+
+def test_sqlite_nuclei_of_no_image_are_an_error_not_a_silent_drop(shared_data, tmp_path):
+    path = _sqlite_copy(shared_data, tmp_path, "orphans.sqlite",
+                        "UPDATE Nuclei SET ImageNumber = '9' WHERE ObjectNumber IN (1, 2)")
+    with pytest.raises(InputError, match=r"nuclei in Nuclei belong to no image of Image \(first: TableNumber/ImageNumber"):
+        locations.read_table(str(path))
+
+
+def test_summarize_reads_the_index_channels_when_none_are_configured(shared_data, ray_cluster, tmp_path, capsys):
+    files = sorted((shared_data / BBBC022).glob("*.tif"))[:2]
+    csv = tmp_path / "ld.csv"
+    csv.write_text("Metadata_Plate,Metadata_Well,Metadata_Site,URL_OrigDNA\n"
+                   + "".join(f"P,A01,{i + 1},{f}\n" for i, f in enumerate(files)))
+    index = tmp_path / "sites.parquet"
+    assert run(capsys, "index", "build", csv, "--channel-map", "DNA=DNA", "--output", index)[0] == 0
+    code, stdout, err = run(capsys, "index", "summarize", index, "--output", tmp_path / "out")
+    assert code == 0, err
+    assert "2 input(s) = 2 processed + 0 quarantined" in stdout

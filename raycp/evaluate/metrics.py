@@ -331,7 +331,8 @@ def evaluate_profiles(
         summary[f"precision_at_{k}"] = float(q.loc[is_foe, f"precision_at_{k}"].mean())
         summary[f"recall_at_{k}"] = float(q.loc[is_foe, f"recall_at_{k}"].mean())
     recall_axis = np.linspace(0.0, 1.0, N)[::-1]
-    curve = pd.DataFrame({"recall": recall_axis, "precision": curve_sum / max(n_map, 1)})
+    precision = curve_sum / n_map if n_map else np.full(len(recall_axis), np.nan)  # no mAP query: undefined
+    curve = pd.DataFrame({"recall": recall_axis, "precision": precision})
     return Evaluation(summary=summary, queries=q, pr_curve=curve)
 
 

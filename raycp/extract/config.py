@@ -61,7 +61,8 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _path(self) -> "ModelConfig":
         if self.kind == "imagenet" and not self.path:
-            raise ValueError("model.kind=imagenet needs model.path: a local ImageNet weights file")
+            raise ValueError("the imagenet feature set needs a local ImageNet EfficientNet weights file: model.path "
+                             "(in a run config, imagenet_weights); raycp never downloads weights")
         return self
 
     @property

@@ -76,8 +76,13 @@ def _hash_state(state: dict, extra: dict) -> str:
 
 
 def fingerprint(module, extra: dict) -> str:
-    """sha256 of a module's tensors and the settings that change its features (first 16 hex)."""
-    return _hash_state(module.state_dict(), extra)
+    """sha256 of a module's tensors and the settings that change its features (first 16 hex).
+
+    The classifier head is left out: features are taken before it, and a model built from
+    ImageNet weights gets a freshly initialised head each time it is loaded, which must not make
+    a resumed run look like another model's."""
+    state = {k: v for k, v in module.state_dict().items() if not k.startswith("classifier")}
+    return _hash_state(state, extra)
 
 
 def _local_weights(path: str) -> str:

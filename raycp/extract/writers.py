@@ -12,9 +12,13 @@ Layout under ``<run>/features/<model>/``::
     model.json                            which model made these features (fingerprint, names, layer)
     ledger.parquet, ledger.json, config.yaml, _SUCCESS
 
-Site medians follow ``raycp profile aggregate`` exactly (a cell holding a NaN feature is left out,
+Site medians follow ``raycp profile aggregate`` (a cell holding a NaN feature is left out,
 ``np.median`` in float32, ``Metadata_n_cells``), so ``raycp profile aggregate cells/`` and
-``sites.parquet`` agree and ``aggregate_wells`` reads ``sites.parquet`` unchanged. Files are
+``sites.parquet`` agree and ``aggregate_wells`` reads ``sites.parquet`` unchanged. They agree
+exactly while no feature is NaN in more than ``--na-cutoff`` of the cells (always, for CNN
+features): a site is written before the screen's NaN fractions are known, so only ``raycp
+profile aggregate`` can drop such a feature first; the profiles and evaluation apply the same
+rule to the well profiles. Files are
 Parquet without pandas metadata and with fixed writer options: identical inputs give identical bytes.
 """
 

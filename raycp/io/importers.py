@@ -31,7 +31,8 @@ import pandas as pd
 from raycp.errors import InputError
 from raycp.io import urls
 from raycp.io.index import (
-    IS_CONTROL, PLATE, SITE, TREATMENT, WELL, ScreenIndex, frame_col, normalize_well, plane_channel_col,
+    IS_CONTROL, PLANE_DEFAULTS, PLATE, SITE, TREATMENT, WELL, ScreenIndex, frame_col, normalize_well,
+    plane_channel_col, plane_numbers,
     row_letters, series_col, url_col, validate, well_id,
 )
 from raycp.io.tables import every_column, is_metadata, read_table
@@ -119,7 +120,8 @@ def _join_platemap(table: pd.DataFrame, platemap: str, treatment_col: str | None
     if n == 0:
         raise InputError(f"{platemap}: the plate map matched 0 of {total} sites on {'/'.join(on)}: "
                          f"sites have {_keys(table, on)}; the plate map has {_keys(pm, on)}",
-                         fix="spell plates and wells in the plate map as the images do")
+                         fix="the plate map and the images must name the same plates and wells (wells may be "
+                             "spelled A1, A01 or r01c01; plates must match exactly)")
     tcol = _treatment_column(out, treatment_col) if treatment_col else None
     blank = int(out.loc[matched, tcol].map(_blank).sum()) if tcol in pm.columns else 0
     note = f"plate map {name}: {n} of {total} sites matched on {'/'.join(on)}"
@@ -164,6 +166,10 @@ def annotate(table: pd.DataFrame, *, treatment_col: str | None, control_values: 
         out[TREATMENT] = pd.Series(treatment, index=out.index, dtype=object)
         controls = {str(v).strip() for v in control_values}
         out[IS_CONTROL] = [t is not None and t.strip() in controls for t in treatment]
+        if controls and not any(out[IS_CONTROL]):
+            seen = sorted({t for t in treatment if t is not None})
+            warnings.append(f"no site has a control treatment {sorted(controls)} in {col}; treatments are e.g. "
+                            f"{seen[:5]}: check --control")
         if platemap is None:
             blank = sum(t is None for t in treatment)
             if blank:
@@ -173,6 +179,11 @@ def annotate(table: pd.DataFrame, *, treatment_col: str | None, control_values: 
 
 def _annotated_index(table: pd.DataFrame, channels: list[str], *, treatment_col, control_values, platemap,
                      source: str, check_files: bool, notes=()) -> ScreenIndex:
+    table = table.copy()
+    if WELL in table.columns:  # both sides of the plate-map join spell wells and plates alike
+        table[WELL] = [v if _blank(v) else normalize_well(v) for v in table[WELL]]
+    if PLATE in table.columns:
+        table[PLATE] = [v if _blank(v) else str(v).strip() for v in table[PLATE]]
     table, more_notes, warnings = annotate(table, treatment_col=treatment_col, control_values=control_values,
                                            platemap=platemap, source=source)
     index = validate(table, channels, source=source, check_files=check_files)
@@ -211,7 +222,7 @@ def _pick_image(images: dict, src: str, csv_url: str) -> tuple[str, dict[str, st
 
 def _check_local(value: str, *, csv_url: str, column: str, row: int) -> None:
     if urls.is_windows_absolute(value):
-        raise InputError(f"{csv_url}: {column} row {row} is the Windows path {value!r}, which no Ray worker can open",
+        raise InputError(f"{csv_url}: {column} row {row} is the Windows path \"{value}\", which no Ray worker can open",
                          fix=f"rewrite {column} to where the images are now (a path relative to the CSV, "
                              "an absolute path on this machine, or an s3:// URL)")
 
@@ -292,7 +303,9 @@ def from_loaddata(csv_url: str, *, channel_map: Mapping[str, str], treatment_col
         out[url_col(ch)] = _image_urls(table, families, base, csv_url)
         for family, index_col in PLANE_FAMILIES.items():
             if family in families:
-                out[index_col(ch)] = table[families[family]].to_numpy()
+                default = PLANE_DEFAULTS[f"{family}_"]
+                out[index_col(ch)] = plane_numbers(table[families[family]], default, lowest=default, source=csv_url,
+                                                   column=families[family]).to_numpy()
         channels.append(ch)
     for key in (PLATE, WELL, SITE):
         if key not in out.columns:

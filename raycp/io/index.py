@@ -59,7 +59,7 @@ def plane_channel_col(channel: str) -> str:
 
 PLANE_PREFIXES = ("Frame_", "Series_", "Channel_")
 """Index columns that address a plane inside a channel's file (with their defaults 0, 0, -1)."""
-_PLANE_DEFAULTS = {"Frame_": 0, "Series_": 0, "Channel_": -1}
+PLANE_DEFAULTS = {"Frame_": 0, "Series_": 0, "Channel_": -1}
 
 
 def _int_or(value, default: int) -> int:
@@ -199,10 +199,10 @@ def validate(table: pd.DataFrame, channels: list[str] | tuple[str, ...], *, sour
                              f"(first: {r[PLATE]} {r[WELL]} site {r[SITE]})",
                              fix=f"fill {col} for every site or drop the channel")
         out[col] = out[col].astype(str)
-        for prefix, default in _PLANE_DEFAULTS.items():
+        for prefix, default in PLANE_DEFAULTS.items():
             pcol = f"{prefix}{ch}"
             if pcol in out.columns:
-                out[pcol] = _plane_numbers(out[pcol], default, lowest=default, source=source, column=pcol)
+                out[pcol] = plane_numbers(out[pcol], default, lowest=default, source=source, column=pcol)
     dup = out.duplicated(list(KEYS), keep=False)
     if dup.any():
         d = out[dup].drop_duplicates(list(KEYS)).head(3)
@@ -231,12 +231,12 @@ def site_numbers(values: pd.Series, *, source: str, column: str = SITE) -> pd.Se
     bad = numbers.isna() | (numbers % 1 != 0)
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise InputError(f"{source}: {column} row {i + 1} is {values.iloc[i]!r}, not a site number",
+        raise InputError(f"{source}: {column} row {i + 1} is '{values.iloc[i]}', not a site number",
                          fix="number sites 1, 2, 3 ...")
     return numbers.astype(np.int64)
 
 
-def _plane_numbers(values: pd.Series, default: int, *, lowest: int, source: str, column: str) -> pd.Series:
+def plane_numbers(values: pd.Series, default: int, *, lowest: int, source: str, column: str) -> pd.Series:
     """A Frame_/Series_/Channel_ column as int64 (blank = ``default``); one error naming the
     first row that is not a whole number ≥ ``lowest``."""
     numbers = pd.to_numeric(values.astype(object).where(values.notna(), None), errors="coerce")
@@ -245,7 +245,7 @@ def _plane_numbers(values: pd.Series, default: int, *, lowest: int, source: str,
     bad = numbers.isna() | (numbers % 1 != 0) | (numbers < lowest)
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise InputError(f"{source}: {column} row {i + 1} is {values.iloc[i]!r}, not a whole number ≥ {lowest}",
+        raise InputError(f"{source}: {column} row {i + 1} is '{values.iloc[i]}', not a whole number ≥ {lowest}",
                          fix=f"write {column} as 0, 1, 2 ... (CellProfiler numbers frames and series from 0)")
     return numbers.astype(np.int64)
 
@@ -312,7 +312,8 @@ def read_index(url: str, *, channels: list[str] | None = None, check_files: bool
         if missing:
             raise InputError(f"{url}: unknown channel(s) {', '.join(missing)}; "
                              f"the index has {[c[4:] for c in table.columns if c.startswith('URL_')]}",
-                             fix="use channel names present in the index")
+                             fix="use channel names present in the index (data.channels in the config, or "
+                                 "--set data.channels=[...])")
         drop = [c for c in table.columns
                 if c.startswith(("URL_", *PLANE_PREFIXES)) and c.split("_", 1)[1] not in channels]
         table = table.drop(columns=drop)

@@ -171,9 +171,26 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
             os.replace(tmp, path)
         else:
             with_retries(lambda: fs.pipe_file(path, data), url=url)
-    except PermissionError as exc:
-        raise StorageError(f"{url}: not writable ({exc.strerror or exc})",
-                           fix="choose an output URL you can write to") from None
+    except (PermissionError, NotADirectoryError, FileExistsError, IsADirectoryError) as exc:
+        raise not_writable(url, exc) from None
+
+
+def not_writable(url: str, exc: OSError) -> InputError:
+    """The one-line error for an output location a user chose that cannot be written (a folder
+    below a regular file, no permission): exit code 2, unlike an unreachable store (4)."""
+    reason = {NotADirectoryError: "a part of the path is a file, not a folder",
+              FileExistsError: "a part of the path is a file, not a folder",
+              IsADirectoryError: "it is a folder"}.get(type(exc), exc.strerror or str(exc))
+    return InputError(f"{url}: output location is not writable ({reason})",
+                      fix="choose an output folder you can write to")
+
+
+def make_local_folder(path) -> None:
+    """``mkdir -p`` for a local output folder, with :func:`not_writable` as its error."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (PermissionError, NotADirectoryError, FileExistsError) as exc:
+        raise not_writable(str(path), exc) from None
 
 
 def upload_file(local: str, url: str) -> None:
@@ -183,7 +200,7 @@ def upload_file(local: str, url: str) -> None:
 
     fs, path = filesystem(url)
     if protocol_of(url) == "file":
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        make_local_folder(os.path.dirname(path) or ".")
         tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
         shutil.copyfile(local, tmp)
         os.replace(tmp, path)
@@ -202,6 +219,8 @@ def ensure_writable(url: str) -> None:
         atomic_write_bytes(probe, b"ok")
         fs, path = filesystem(probe)
         fs.rm_file(path)
+    except InputError as exc:  # name the folder the user chose, not the probe file
+        raise InputError(exc.message.replace(probe, url), fix=exc.fix) from None
     except StorageError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure means "not writable"

@@ -29,7 +29,7 @@ def load_run(config: str | None, overrides: list[str] | None, index: str | None,
         sets.append(f"data.index={index}")
     if output:
         sets.append(f"data.output={output}")
-    return cfg.build_config(cfg.RunConfig, config, sets)
+    return cfg.build_config(cfg.RunConfig, config, sets, skip_other_sections=True)
 
 
 def _index(run):

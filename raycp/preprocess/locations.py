@@ -182,8 +182,15 @@ def _read_sqlite(url: str) -> pd.DataFrame:
     if missing:
         raise InputError(f"{url}: image table {image} has no {', '.join(missing)}",
                          fix="export plate/well/site metadata with the images")
-    merged = objects.merge(images[[*on, *keys.values()]], on=on, how="inner")
-    return canonical(merged, source=url)
+    merged = objects.merge(images[[*on, *keys.values()]], on=on, how="left", indicator=True)
+    orphans = merged["_merge"] == "left_only"
+    if orphans.any():
+        first = merged.loc[orphans, on].iloc[0].tolist()
+        raise InputError(f"{url}: {int(orphans.sum())} of {len(merged)} nuclei in {nuclei} belong to no image of "
+                         f"{image} (first: {'/'.join(on)} {'/'.join(map(str, first))})",
+                         fix="export the database again (or the nuclei centres as a CSV/Parquet table with plate, "
+                             "well and site)")
+    return canonical(merged.drop(columns="_merge"), source=url)
 
 
 def read_site_csv(template: str, plate: str, well: str, site: int) -> pd.DataFrame:

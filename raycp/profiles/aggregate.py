@@ -474,7 +474,10 @@ def _clean(batches: Iterable[tuple[pd.DataFrame, np.ndarray, str]], features, ac
             acct["cells_missing_key"] += int(missing.sum())
             keys = keys[~missing].reset_index(drop=True)
             X = X[~missing]
-        nan_counts += np.isnan(X).sum(axis=0)
+        isnan = np.isnan(X)
+        empty = isnan.all(axis=1)  # a cell NaN in every feature is a missing row, not evidence on a feature
+        acct["cells_all_nan"] = acct.get("cells_all_nan", 0) + int(empty.sum())
+        nan_counts += isnan[~empty].sum(axis=0)
         yield keys, X
 
 
@@ -514,6 +517,8 @@ def aggregate_cells(
                       batch_rows) if _is_npz_folder(source) else _Source(source, site_cols, features, batch_rows))
     first = _aggregate_pass(src, site_cols, well_cols, memory_budget_bytes, spill_dir, sites_out)
     acct, nan_counts, n_cells = first["acct"], first["nan_counts"], first["cells"]
+    if n_cells == 0 and acct.get("cells_all_nan", 0):
+        raise InputError(f"{src.origin}: every cell is NaN in every feature column", fix="check the table")
     dropped = na_features(nan_counts, n_cells, src.features, na_cutoff)
     result = first
     if dropped:
@@ -536,6 +541,11 @@ def aggregate_cells(
     acct["sites_empty"] = len(sink.sites_empty)
     acct["wells"] = len(result["wells"])
     acct["passes"] = 2 if dropped else 1
+    if len(result["wells"]) == 0:
+        raise InputError(f"{src.origin}: no well profile: of {acct['cells_read']} cells, {acct['cells_missing_key']} "
+                         f"have no {'/'.join(site_cols)}, {acct.get('cells_all_nan', 0)} are NaN in every feature and "
+                         f"{sink.cells_dropped_nan} have a NaN feature", fix="check the site columns (--site-cols) "
+                         "and the NaN cutoff (--na-cutoff)")
     if isinstance(src, _NpzSource):
         acct["input"] = "deepprofiler_npz"
         acct["sites_without_cells"] = src.sites_without_cells
@@ -567,7 +577,7 @@ def _aggregate_pass(src: _Source, site_cols, well_cols, memory_budget_bytes, spi
         acct["path"], acct["partitions"] = "partitioned", n_parts
         _reduce_partitioned(_clean(src.batches(), src.features, acct, nan_counts), sink, site_cols, n_parts, spill_dir)
     sites, wells = sink.finish()
-    cells = acct["cells_read"] - acct["cells_missing_key"]
+    cells = acct["cells_read"] - acct["cells_missing_key"] - acct.get("cells_all_nan", 0)
     return {"acct": acct, "nan_counts": nan_counts, "cells": cells, "sink": sink, "sites": sites, "wells": wells,
             "features": list(src.features)}
 

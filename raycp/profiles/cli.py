@@ -15,6 +15,7 @@ import typer
 
 from raycp.errors import InputError
 from raycp.io.outputs import jsonable, write_json, write_parquet
+from raycp.io.urls import make_local_folder
 from raycp.profiles.io import NA_CUTOFF
 
 app = typer.Typer(
@@ -75,7 +76,7 @@ def evaluate_cmd(
         na_cutoff=na_cutoff,
         source=str(wells),
     )
-    output.mkdir(parents=True, exist_ok=True)
+    make_local_folder(output)
     q = run.evaluation.queries
     write_parquet(q[q["is_query_map"]].reset_index(drop=True), output / "queries_map.parquet")
     write_parquet(q[q["is_query_foe"]].reset_index(drop=True), output / "queries_foe.parquet")
@@ -97,9 +98,18 @@ def evaluate_cmd(
     write_json(output / "metrics.json", metrics)
     s = run.evaluation.summary
     _warn_no_map_queries(s)
+    _warn_dropped(run.accounting["features_dropped_na"], na_cutoff, "wells")
     typer.echo(json.dumps(jsonable({**{k: s[k] for k in ("map_paper", "map", "folds_of_enrichment", "n_treatments",
                                                          "n_queries_map", "n_queries_foe")},
                                     "features_dropped_na": run.accounting["features_dropped_na"]})))
+
+
+def _warn_dropped(dropped: list[str], cutoff: float, rows: str) -> None:
+    from raycp.console import warn
+
+    if dropped:
+        shown = ", ".join(dropped[:5]) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+        warn(f"{len(dropped)} feature(s) NaN in more than {cutoff:g} of the {rows} were dropped: {shown}")
 
 
 def _warn_no_map_queries(summary: dict) -> None:
@@ -155,8 +165,13 @@ def sweep_cmd(
     table = sweep_lambdas(df, _cols(treatment_cols, "--treatment-cols"), annotation_col, control_query, lams,
                           sep=annotation_sep, sphere_scope_col=sphere_scope_col, na_cutoff=na_cutoff,
                           source=str(wells))
-    output.mkdir(parents=True, exist_ok=True)
+    make_local_folder(output)
     write_parquet(table, output / "sweep.parquet")
+    from raycp.profiles.io import feature_matrix_na
+
+    fm = feature_matrix_na(df, na_cutoff=na_cutoff, source=str(wells))
+    write_json(output / "sweep.json", {"input": str(wells), "lambdas": lams, **fm.accounting()})
+    _warn_dropped(fm.dropped_na, na_cutoff, "wells")
     plot_map_vs_lambda(table, output / "map_vs_lambda.png")
     for row in table.to_dict("records"):
         typer.echo(json.dumps(jsonable(row)))
@@ -179,7 +194,7 @@ def aggregate_cmd(
     earliest <plate>_<well>_<site>.npz with key 'f') is read as it is."""
     from raycp.profiles.aggregate import aggregate_cells
 
-    output.mkdir(parents=True, exist_ok=True)
+    make_local_folder(output)
     res = aggregate_cells(
         cells,
         site_cols=_cols(site_cols, "--site-cols"),
@@ -193,8 +208,9 @@ def aggregate_cmd(
     write_parquet(res.wells, output / "wells.parquet")
     write_json(output / "aggregation.json", res.accounting)
     a = res.accounting
-    typer.echo(json.dumps(jsonable({k: a[k] for k in ("cells_read", "cells_dropped_nan", "sites", "wells", "path",
-                                                      "features", "features_dropped_na")})))
+    _warn_dropped(a["features_dropped_na"], na_cutoff, "cells")
+    typer.echo(json.dumps(jsonable({k: a[k] for k in ("cells_read", "cells_missing_key", "cells_dropped_nan", "sites",
+                                                      "wells", "path", "features", "features_dropped_na")})))
 
 
 @app.command("effect")
@@ -218,13 +234,14 @@ def effect_cmd(
     res = effect_of_wells(df, _cols(treatment_cols, "--treatment-cols"), ctrl,
                           sphere_lambda=None if no_sphere else sphere_lambda, plate_col=plate_col,
                           na_cutoff=na_cutoff, source=str(wells))
-    output.mkdir(parents=True, exist_ok=True)
+    make_local_folder(output)
     write_parquet(res.treatments, output / "effect.parquet")
-    (output / "subsets").mkdir(exist_ok=True)
+    make_local_folder(output / "subsets")
     subsets = select_subsets(res.treatments, fraction)
     for name, table in subsets.items():
         table.to_csv(output / "subsets" / f"{name}.csv", index=False)
     acct = {**res.accounting, "subset_sizes": {k: len(v) for k, v in subsets.items()}}
     write_json(output / "effect.json", acct)
+    _warn_dropped(acct["features_dropped_na"], na_cutoff, "wells")
     typer.echo(json.dumps(jsonable({"treatments": len(res.treatments), **acct["subset_sizes"],
                                     "features_dropped_na": acct["features_dropped_na"]})))

@@ -174,14 +174,20 @@ def feature_matrix_na(df: pd.DataFrame, features: Sequence[str] | None = None, *
     rule applied: features NaN in more than ``na_cutoff`` of the rows are dropped first (a feature
     NaN in every row, as MAD-normalising a constant feature gives, always is, unless the cutoff
     is 1), then rows holding a NaN among the rest are marked not ``ok``. ±inf is an error naming
-    the column. Raises :class:`InputError` when no feature is left."""
+    the column. A row NaN in every feature (a well whose sites had no cell) is a missing row: it
+    does not count towards a feature's NaN fraction, and is left out. Raises :class:`InputError`
+    when no feature is left."""
     feats = list(features) if features is not None else feature_columns(df, source)
     X = feature_matrix(df, feats)
     check_finite(X, feats, source)
-    try:
-        dropped = na_features(np.isnan(X).sum(axis=0), len(X), feats, na_cutoff)
+    isnan = np.isnan(X)
+    empty = isnan.all(axis=1) if X.shape[1] else np.zeros(len(X), dtype=bool)
+    try:  # a row NaN in every feature (a well without cells) is a missing row, not evidence on a feature
+        dropped = na_features(isnan[~empty].sum(axis=0), int((~empty).sum()), feats, na_cutoff)
     except ValueError as exc:
         raise InputError(f"{source}: {exc}", fix="pass --na-cutoff between 0 and 1 (pycytominer's default 0.05)") from None
+    if len(X) and empty.all():
+        raise InputError(f"{source}: every row is NaN in every feature column", fix="check the table")
     if dropped:
         if len(dropped) == len(feats):
             raise InputError(f"{source}: every feature column is NaN in more than {na_cutoff:g} of the rows "

@@ -40,6 +40,9 @@ def run(
         sets.append(f"data.output={output}")
     if config is None and not sets:
         raise typer.BadParameter("give a run config file (see configs/demo.yaml)")
+    from raycp.run.runner import select_stages
+
+    select_stages(start, stop)  # a mistyped stage is reported as such, before the config is read
     cfg = api.load(config, sets)
     con = _console()
     result = api.run(cfg, start=start, stop=stop, progress=track,

@@ -100,10 +100,6 @@ class PipelineConfig(RunConfig):
         if features is None:
             features = [{"kind": "trained"}] + ([{"kind": "imagenet"}] if weights else []) + [{"kind": "cellprofiler"}]
         if isinstance(features, list):
-            if not weights and any(isinstance(f, dict) and f.get("kind") == "imagenet" and not f.get("path")
-                                   for f in features):
-                raise ValueError("the imagenet feature set needs imagenet_weights (a local ImageNet EfficientNet "
-                                 "weights file; raycp never downloads weights) or its own path")
             features = [{**f, "path": weights} if isinstance(f, dict) and f.get("kind") == "imagenet"
                         and not f.get("path") and weights else f for f in features]
         return {**data, "features": features}

@@ -68,7 +68,7 @@ def test_config_mistakes_are_one_line():
 
     with pytest.raises(ConfigError, match="unknown key 'model.weights'"):
         load_extract_config(None, ["model.weights=x"], index="i", output="o")
-    with pytest.raises(ConfigError, match="needs model.path"):
+    with pytest.raises(ConfigError, match="model.path"):
         load_extract_config(None, ["model.kind=imagenet"], index="i", output="o")
 
 

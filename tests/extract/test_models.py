@@ -93,3 +93,14 @@ def test_other_layers_are_selectable_by_name(checkpoint, real_crops):
 def test_a_missing_checkpoint_is_one_line(tmp_path):
     with pytest.raises(InputError, match="no model.json"):
         load_extractor(ModelConfig(kind="trained", path=str(tmp_path / "nothing")), CHANNELS, run="unused")
+
+
+def test_the_imagenet_baseline_has_one_fingerprint_however_often_it_is_loaded(lite0_weights):
+    """Its classifier head is freshly initialised at each load; a resumed run must still see the
+    same model (issue 12: a run killed during ImageNet extraction could never resume)."""
+    cfg = ModelConfig(kind="imagenet", path=lite0_weights, arch="efficientnet_lite0")
+    a = load_extractor(cfg, CHANNELS, run="unused")
+    b = load_extractor(cfg, CHANNELS, run="unused")
+    heads = [m.module.features.model.state_dict()["classifier.weight"] for m in (a, b)]
+    assert not torch.equal(*heads)  # what made the fingerprints differ
+    assert a.info.fingerprint == b.info.fingerprint

@@ -66,8 +66,11 @@ def test_rows_are_dropped_only_for_the_nans_left_and_counted():
     assert a["features_dropped_na"] == ["f3"] and a["cells_dropped_nan"] == 2
     assert a["cells_dropped_nan_per_site"] == {"P/A01/1": 1, "P/A02/1": 1}
     assert res.features == ["f1", "f2"]
-    with pytest.raises(InputError, match="every feature column is NaN"):
+    with pytest.raises(InputError, match="every cell is NaN in every feature"):
         aggregate_cells(cells[["Metadata_Plate", "Metadata_Well", "Metadata_Site", "f3"]])
+    half = cells.assign(f1=np.where(np.arange(40) < 10, np.nan, cells.f1), f2=np.where(np.arange(40) < 10, 0.0, np.nan))
+    with pytest.raises(InputError, match="every feature column is NaN in more than 0.05 of the cells"):
+        aggregate_cells(half[["Metadata_Plate", "Metadata_Well", "Metadata_Site", "f1", "f2"]])
 
 
 def test_an_all_nan_lincs_column_keeps_the_320_treatments_and_is_listed(lincs_path, lincs, tmp_path):
@@ -220,3 +223,38 @@ def test_the_real_deepprofiler_outputs_aggregate(shared_data, tmp_path):
     assert res.accounting["input"] == "deepprofiler_npz"
     assert res.accounting["cells_read"] == 158 + 179 and len(res.wells) == 1 and len(res.features) == 6400
     assert res.sites.Metadata_Site.tolist() == ["5", "8"]
+
+
+def test_a_well_without_cells_is_a_missing_row_not_a_reason_to_drop_every_feature():
+    rng = np.random.default_rng(5)
+    df = pd.DataFrame(rng.normal(size=(40, 3)), columns=["f1", "f2", "f3"])
+    df.loc[[0, 1, 2, 3, 4, 6], :] = np.nan  # 15 % of the wells have no profile at all
+    df.loc[5, "f2"] = np.nan  # 1 of the 34 others: 3 %
+    fm = feature_matrix_na(df)
+    assert fm.features == ["f1", "f2", "f3"] and fm.dropped_na == []
+    assert fm.ok.sum() == 33  # 6 empty wells and 1 with a NaN left out
+    with pytest.raises(InputError, match="every row is NaN in every feature"):
+        feature_matrix_na(df.iloc[:5])
+
+
+def test_an_aggregation_that_keeps_no_well_is_an_error(fibrosis_files, tmp_path):
+    cells = pd.read_parquet(fibrosis_files[0])
+    column = [c for c in cells.columns if not c.startswith("Metadata_")][0]
+    cells[column] = np.nan
+    path = tmp_path / "c.parquet"
+    cells.to_parquet(path)
+    result = runner.invoke(app, ["aggregate", str(path), "--na-cutoff", "1", "--output", str(tmp_path / "o")])
+    assert result.exit_code == 1 and isinstance(result.exception, InputError)
+    assert "no well profile: of 607 cells, 0 have no" in str(result.exception) and "607 have a NaN feature" in str(result.exception)
+
+
+def test_the_lambda_sweep_lists_the_dropped_column(lincs, tmp_path):
+    column = [c for c in lincs.columns if not c.startswith("Metadata_")][2]
+    path = tmp_path / "w.parquet"
+    lincs.assign(**{column: np.nan}).to_parquet(path)
+    result = runner.invoke(app, ["sweep", str(path), "--treatment-cols", ",".join(LINCS_TREATMENT), "--annotation-col",
+                                 "Metadata_moa", "--control-query", LINCS_CONTROLS, "--lambdas", "0.01",
+                                 "--output", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "s" / "sweep.json").read_text())["features_dropped_na"] == [column]
+    assert "1 feature(s) NaN in more than 0.05 of the wells were dropped" in result.output

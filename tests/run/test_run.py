@@ -111,7 +111,7 @@ def test_changed_science_of_a_finished_stage_is_refused_before_work(tiny_run):
     (["--set", "profiles.sphere_lambda=0"], "profiles.sphere_lambda: Input should be greater than 0", 2),
     (["--set", "profiles.lambdas=[0.1, -1]"], "every λ must be > 0", 2),
     (["--set", "train.optim.lr=-1"], "train.optim.lr", 2),
-    (["--set", "features=[{kind: imagenet}]"], "needs imagenet_weights", 2),
+    (["--set", "features=[{kind: imagenet}]"], "imagenet_weights", 2),
 ])
 def test_bad_config_is_one_line_before_any_work(tiny_screen, tmp_path, capsys, args, message, code):
     (tmp_path / "a-file").write_text("not a folder")
