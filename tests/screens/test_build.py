@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import tifffile
 
-from raycp.errors import InputError, StorageError
+from raycp.errors import InputError
 from raycp.io.index import IS_CONTROL, PLATE, SITE, TREATMENT, WELL, read_index
 from raycp.screens import programs as prog
 from raycp.screens.build import NUCLEUS_X, NUCLEUS_Y, build_screen, compose_site, plan_screen
@@ -176,7 +176,7 @@ def test_a_plate_map_with_more_treatments_than_wells_fails_before_writing(source
 def test_an_unwritable_output_url_is_a_clear_error(source_folder, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    with pytest.raises(StorageError, match=r"a_file/screen: output location is not writable .*\(fix: choose"):
+    with pytest.raises(InputError, match=r"a_file/screen: output location is not writable .*\(fix: choose"):
         build_screen(screen_config(source_folder, extra=TINY), str(blocker / "screen"), engine="local")
 
 

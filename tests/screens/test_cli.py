@@ -41,7 +41,7 @@ def test_dry_run_prints_the_resolved_config_and_plan(source_folder, tmp_path):
 def test_bad_inputs_raise_one_line_errors(source_folder, tmp_path):
     with pytest.raises(ConfigError, match="unknown screen preset 'huge'.*fix: use one of mini, small, bench"):
         app(["build", "--preset", "huge", "-o", str(tmp_path / "x")], standalone_mode=False)
-    with pytest.raises(ConfigError, match=r"preset mini: unknown key 'layout.well' \(fix: remove it"):
+    with pytest.raises(ConfigError, match=r"--set layout.well: unknown key 'layout.well' \(fix: remove it"):
         app(["build", "-o", str(tmp_path / "x"), "--set", "layout.well=96"], standalone_mode=False)
     with pytest.raises(ConfigError, match=r"layout.wells: Input should be 96 or 384"):
         app(["build", "-o", str(tmp_path / "x"), "--set", "layout.wells=100"], standalone_mode=False)
