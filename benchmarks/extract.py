@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _memory import tree_pss  # noqa: E402 - benchmarks/ is the script's folder
+
 SHARED = Path(os.environ.get("RAYCP_SHARED_DATA", REPO.parent / "shared" / "data"))
 SITE = SHARED / "images" / "pediatric_5ch_BR00143976_C03_s3" / "images" / "orig"
 PHENIX = {"DNA": 5, "ER": 2, "RNA": 6, "AGP": 3, "Mito": 4}

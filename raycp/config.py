@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from raycp.errors import ConfigError, InputError
 from raycp.io import urls
 from raycp.io.index import DEFAULT_CHANNELS, check_channels
-from raycp.preprocess.config import CompressionConfig, CropsConfig, IlluminationConfig, NucleiConfig
 
 _SECRET = re.compile(r"(secret|password|token|credential|access_key|session_key)", re.IGNORECASE)
 
@@ -52,20 +51,6 @@ class DataConfig(_Strict):
             return check_channels(value)
         except InputError as exc:
             raise ValueError(exc.one_line()) from None
-
-
-class RunConfig(_Strict):
-    """A run of the image stages: inputs/outputs, the paper's preprocessing constants, compute.
-
-    ``raycp run`` extends it with training, feature sets and profiles
-    (:class:`raycp.run.config.PipelineConfig`); ``raycp preprocess`` reads exactly this."""
-
-    data: DataConfig
-    illumination: IlluminationConfig = Field(default_factory=IlluminationConfig)
-    compression: CompressionConfig = Field(default_factory=CompressionConfig)
-    nuclei: NucleiConfig = Field(default_factory=NucleiConfig)
-    crops: CropsConfig = Field(default_factory=CropsConfig)
-    compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -158,11 +143,6 @@ def build_config(model: type[BaseModel], path: str | None = None,
         return model.model_validate(tree)
     except ValidationError as exc:
         raise _config_error(exc, source, overrides) from None
-
-
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] | None = None) -> RunConfig:
-    """The image stages' config from a run YAML (other stages' sections skipped) and overrides."""
-    return build_config(RunConfig, path, overrides, skip_other_sections=True)
 
 
 def redact(tree: Any) -> Any:

@@ -193,7 +193,7 @@ def quiet_console() -> None:
     if getattr(ray_worker.print_to_stdstream, "_raycp", False):
         return
 
-    def keep(data, ignore_prefix: bool = False):  # noqa: ARG001 - Ray's signature
+    def keep(data, ignore_prefix: bool = False):
         lines = [str(line) for line in data.get("lines", [])]
         text = "\n".join(lines).strip()
         if not text:

@@ -74,7 +74,7 @@ def s3_server(tmp_path_factory):
         try:
             urllib.request.urlopen(endpoint, timeout=1)
             break
-        except Exception:
+        except OSError:  # URLError, connection refused: not up yet
             if proc.poll() is not None or time.time() > deadline:
                 pytest.fail(f"moto_server did not start on {endpoint}")
             time.sleep(0.2)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -224,7 +224,8 @@ def test_one_run_config_serves_every_stage_command(capsys, tmp_path):
     code, out, err = run(capsys, "config", "show", "-c", "configs/demo.yaml", "--set", "imagenet_weights=/w.safetensors")
     assert code == 0, err
     assert "train:" in out and "profiles:" in out and "na_cutoff: 0.05" in out
-    from raycp.config import RUN_SECTIONS, load_config
+    from raycp.config import RUN_SECTIONS
+    from raycp.preprocess.config import load_config
     from raycp.run.config import PipelineConfig
 
     assert set(RUN_SECTIONS) == set(PipelineConfig.model_fields)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from raycp.config import ComputeConfig, RunConfig, build_config, load_config, save_resolved
+from raycp.config import ComputeConfig, build_config, save_resolved
 from raycp.errors import ConfigError
+from raycp.preprocess.config import RunConfig, load_config
 
 
 def _write(tmp_path, text: str) -> str:

@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 
 from raycp.errors import InputError
-from raycp.profiles.io import NA_CUTOFF
 from raycp.evaluate.metrics import (
     DEFAULT_SEP,
     FOE_PERCENTILE,
@@ -31,6 +30,7 @@ from raycp.evaluate.metrics import (
     precision_at_k,
     recall_at_k,
 )
+from raycp.profiles.io import NA_CUTOFF
 
 __all__ = [
     "EvaluationRun",
@@ -78,7 +78,7 @@ def control_mask_from_query(wells: pd.DataFrame, query: str, source: str = "well
     selects nothing)."""
     try:
         selected = wells.query(query)
-    except Exception as exc:  # pandas raises many types for a bad expression
+    except Exception as exc:  # noqa: BLE001 - pandas raises many types for a bad expression
         raise InputError(f"{source}: control query {query!r} is invalid ({' '.join(str(exc).split())})",
                          fix=f"write a pandas query over the Metadata_ columns; {_TEXT_HINT}") from None
     mask = wells.index.isin(selected.index)

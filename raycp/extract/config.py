@@ -59,7 +59,7 @@ class ModelConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _path(self) -> "ModelConfig":
+    def _path(self) -> ModelConfig:
         if self.kind == "imagenet" and not self.path:
             raise ValueError("the imagenet feature set needs a local ImageNet EfficientNet weights file: model.path "
                              "(in a run config, imagenet_weights); raycp never downloads weights")

@@ -232,7 +232,7 @@ class Extractor:
         self.forward_calls += 1
         return y.float()
 
-    def forward(self, crops) -> "torch.Tensor":  # noqa: F821 - torch imported lazily
+    def forward(self, crops) -> torch.Tensor:  # noqa: F821 - torch imported lazily
         """One model pass over a batch of uint8 crops (numpy or torch) -> float32 on CPU."""
         import torch
 

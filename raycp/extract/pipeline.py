@@ -124,7 +124,7 @@ def _binary_column(values: list):
     return pa.array([bytes(memoryview(v)) for v in values], type=pa.large_binary())
 
 
-def _table(rows: list[dict], binary: tuple[str, ...]) -> "pa.Table":  # noqa: F821
+def _table(rows: list[dict], binary: tuple[str, ...]) -> pa.Table:  # noqa: F821
     import pyarrow as pa
 
     cols = {}

@@ -31,9 +31,22 @@ import pandas as pd
 from raycp.errors import InputError
 from raycp.io import urls
 from raycp.io.index import (
-    IS_CONTROL, PLANE_DEFAULTS, PLATE, SITE, TREATMENT, WELL, ScreenIndex, frame_col, normalize_well,
-    plane_channel_col, plane_numbers,
-    row_letters, series_col, url_col, validate, well_id,
+    IS_CONTROL,
+    PLANE_DEFAULTS,
+    PLATE,
+    SITE,
+    TREATMENT,
+    WELL,
+    ScreenIndex,
+    frame_col,
+    normalize_well,
+    plane_channel_col,
+    plane_numbers,
+    row_letters,
+    series_col,
+    url_col,
+    validate,
+    well_id,
 )
 from raycp.io.tables import every_column, is_metadata, read_table
 

@@ -37,7 +37,7 @@ def is_metadata(name: str) -> bool:
     return str(name).startswith(METADATA_PREFIXES)
 
 
-def every_column(name: str) -> bool:  # noqa: ARG001 - a TextRule
+def every_column(name: str) -> bool:
     """Every column is text (plate maps, DeepProfiler index files)."""
     return True
 

@@ -23,13 +23,14 @@ OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="run fo
 
 def load_run(config: str | None, overrides: list[str] | None, index: str | None, output: str | None):
     from raycp import config as cfg
+    from raycp.preprocess.config import RunConfig
 
     sets = list(overrides or [])
     if index:
         sets.append(f"data.index={index}")
     if output:
         sets.append(f"data.output={output}")
-    return cfg.build_config(cfg.RunConfig, config, sets, skip_other_sections=True)
+    return cfg.build_config(RunConfig, config, sets, skip_other_sections=True)
 
 
 def _index(run):

@@ -1,7 +1,7 @@
 """Configuration of the image stages; defaults are the paper's / DeepProfiler's constants.
 
 Every section is strict (unknown keys are errors). The sections are the run config's
-``illumination``, ``compression``, ``nuclei`` and ``crops`` (:class:`raycp.config.RunConfig`).
+``illumination``, ``compression``, ``nuclei`` and ``crops`` (:class:`RunConfig`).
 This module imports only pydantic so that :mod:`raycp.config` can import it.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from raycp.config import ComputeConfig, DataConfig, build_config
 
 
 class _Strict(BaseModel):
@@ -33,7 +35,7 @@ class CompressionConfig(_Strict):
     png_level: int = Field(6, ge=0, le=9, description="zlib level of the PNGs (lossless at any level)")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "CompressionConfig":
+    def _ordered(self) -> CompressionConfig:
         if self.low_percentile >= self.high_percentile:
             raise ValueError("low_percentile must be below high_percentile")
         return self
@@ -78,7 +80,7 @@ class CropsConfig(_Strict):
                                       "sc-metadata.csv, as DeepProfiler's export-sc does")
 
     @model_validator(mode="after")
-    def _mask(self) -> "CropsConfig":
+    def _mask(self) -> CropsConfig:
         if self.mask and not self.mask_channel:
             raise ValueError("crops.mask needs crops.mask_channel (an index channel holding a label image)")
         if self.size % 2:
@@ -95,7 +97,7 @@ class PreprocessConfig(_Strict):
     crops: CropsConfig = Field(default_factory=CropsConfig)
 
     @classmethod
-    def of(cls, run) -> "PreprocessConfig":
+    def of(cls, run) -> PreprocessConfig:
         """The sections of a run config (any object with these attributes; missing ones default)."""
         parts = {}
         for name, model in (("illumination", IlluminationConfig), ("compression", CompressionConfig),
@@ -105,3 +107,22 @@ class PreprocessConfig(_Strict):
                 data = section.model_dump() if hasattr(section, "model_dump") else dict(section)
                 parts[name] = model.model_validate(data)
         return cls(**parts)
+
+
+class RunConfig(_Strict):
+    """A run of the image stages: inputs/outputs, the paper's preprocessing constants, compute.
+
+    ``raycp run`` extends it with training, feature sets and profiles
+    (:class:`raycp.run.config.PipelineConfig`); ``raycp preprocess`` reads exactly this."""
+
+    data: DataConfig
+    illumination: IlluminationConfig = Field(default_factory=IlluminationConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    nuclei: NucleiConfig = Field(default_factory=NucleiConfig)
+    crops: CropsConfig = Field(default_factory=CropsConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] | None = None) -> RunConfig:
+    """The image stages' config from a run YAML (other stages' sections skipped) and overrides."""
+    return build_config(RunConfig, path, overrides, skip_other_sections=True)

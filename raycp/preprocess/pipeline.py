@@ -37,16 +37,26 @@ from raycp.errors import ConfigError, InputError
 from raycp.io import urls
 from raycp.io.images import ImageReadError, check_site_planes, read_plane
 from raycp.io.index import (
-    IS_CONTROL, KEYS, PLANE_PREFIXES, PLATE, SITE, TREATMENT, WELL, ScreenIndex, plane_refs, read_index, url_col,
+    IS_CONTROL,
+    KEYS,
+    PLANE_PREFIXES,
+    PLATE,
+    SITE,
+    TREATMENT,
+    WELL,
+    ScreenIndex,
+    plane_refs,
+    read_index,
+    url_col,
 )
 from raycp.ledger import PROCESSED, QUARANTINED, Ledger, short_reason
-from raycp.sites import JsonSpec, list_site_files, release_memory
 from raycp.preprocess import compress as compress_core
 from raycp.preprocess import crops as crops_core
 from raycp.preprocess import illumination as illum_core
 from raycp.preprocess import locations as loc_core
 from raycp.preprocess import nuclei as nuclei_core
 from raycp.preprocess.config import PreprocessConfig
+from raycp.sites import JsonSpec, list_site_files, release_memory
 
 STAGES = ("illum", "compress", "nuclei", "crops")
 FOLDERS = {"illum": "illum", "compress": "compressed", "nuclei": "nuclei", "crops": "crops"}

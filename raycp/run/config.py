@@ -1,6 +1,6 @@
 """The ``raycp run`` config: the whole paper in one file (Moshkov et al. 2024, Methods).
 
-:class:`PipelineConfig` extends the image stages' :class:`raycp.config.RunConfig` with training,
+:class:`PipelineConfig` extends the image stages' :class:`raycp.preprocess.config.RunConfig` with training,
 the feature sets to extract and compare, and the profiling/evaluation constants. Each stage's own
 config (``TrainConfig``, ``ExtractConfig``) is derived from it by :func:`stage_configs`, so a
 typo or an impossible value anywhere fails before any work starts. Imports only pydantic.
@@ -12,8 +12,9 @@ from typing import Literal, Optional
 
 from pydantic import Field, create_model, field_validator, model_validator
 
-from raycp.config import RunConfig, _Strict
+from raycp.config import _Strict
 from raycp.extract.config import CellProfilerConfig, InferenceConfig, ModelConfig, OutputsConfig
+from raycp.preprocess.config import RunConfig
 from raycp.train.config import TrainConfig
 
 STAGES = ("index", "illum", "compress", "nuclei", "crops", "train", "extract", "profiles", "evaluate",
@@ -105,7 +106,7 @@ class PipelineConfig(RunConfig):
         return {**data, "features": features}
 
     @model_validator(mode="after")
-    def _feature_sets(self) -> "PipelineConfig":
+    def _feature_sets(self) -> PipelineConfig:
         names = [f.folder_name for f in self.features]
         if not names:
             raise ValueError("features: choose at least one feature set")

@@ -19,6 +19,7 @@ from raycp.io.outputs import read_parquet, write_json
 from raycp.report import Section, render_report
 from raycp.run import stages as S
 from raycp.run.config import STAGES
+from raycp.run.status import read_status
 
 STAGE_TITLES = {"index": "index (sites found)", "illum": "illumination functions", "compress": "compression (PNG)",
                 "nuclei": "nuclei", "crops": "single-cell crops", "train": "CNN training (crops)",
@@ -45,7 +46,6 @@ def _plot(draw) -> bytes:
 
 
 def _statuses(cfg) -> dict[str, dict]:
-    from raycp.run.runner import read_status
 
     return {stage: st for stage in STAGES if (st := read_status(cfg, stage)) is not None}
 

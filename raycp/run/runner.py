@@ -20,9 +20,10 @@ from datetime import datetime, timezone
 from raycp.config import save_resolved
 from raycp.errors import ConfigError, InputError
 from raycp.io import urls
-from raycp.io.outputs import write_json
 from raycp.run import stages as S
 from raycp.run.config import STAGES, PipelineConfig
+from raycp.run.report import build_report
+from raycp.run.status import read_status, write_status
 
 RUNNERS: dict[str, Callable[[S.Context], dict]] = {
     "index": S.run_index, "illum": S.run_illum, "compress": S.run_compress, "nuclei": S.run_nuclei,
@@ -60,20 +61,6 @@ def fingerprints(cfg: PipelineConfig) -> dict[str, str]:
         blob = json.dumps({"stage": stage, "science": _science(cfg, stage), "previous": previous}, sort_keys=True)
         previous = out[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return out
-
-
-def status_url(cfg: PipelineConfig, stage: str) -> str:
-    return urls.join(cfg.data.output, S.FOLDERS[stage], "status.json")
-
-
-def read_status(cfg: PipelineConfig, stage: str) -> dict | None:
-    url = status_url(cfg, stage)
-    if not urls.exists(url):
-        return None
-    try:
-        return json.loads(urls.read_bytes(url))
-    except ValueError:
-        return None  # a torn status file (writes are atomic, so only a foreign file) means: not finished
 
 
 @dataclass
@@ -140,15 +127,9 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _write_status(cfg: PipelineConfig, stage: str, **fields) -> None:
-    write_json(status_url(cfg, stage), {"stage": stage, **fields})
-
-
 def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, stop: str | None = None,
                  progress: Callable | None = None, echo: Callable[[str], None] = print) -> RunResult:
     """Run (or resume) the stages from ``start`` to ``stop``; see the module docstring."""
-    from raycp.run.report import build_report
-
     chosen = select_stages(start, stop)
     force = set(chosen) if start else set()  # --from: the chosen stages run again (they still resume per site)
     prints = preflight(cfg, chosen, force)
@@ -167,12 +148,12 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, stop: str | N
         echo(f"[{n}/{len(chosen)}] {stage} …")
         folder = urls.join(cfg.data.output, S.FOLDERS[stage])
         started = _now()
-        _write_status(cfg, stage, state="running", fingerprint=prints[stage], started=started)
+        write_status(cfg, stage, state="running", fingerprint=prints[stage], started=started)
         t0 = time.perf_counter()
         summary = runners[stage](ctx)
         seconds = time.perf_counter() - t0
         save_resolved(cfg, folder)
-        _write_status(cfg, stage, state="complete", fingerprint=prints[stage], started=started, finished=_now(),
+        write_status(cfg, stage, state="complete", fingerprint=prints[stage], started=started, finished=_now(),
                       seconds=round(seconds, 2), summary=summary)
         ctx.summaries[stage] = summary
         ran_before = True

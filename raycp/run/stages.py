@@ -187,7 +187,7 @@ class _EpochWatcher:
                 self.echo(f"  epoch {e + 1}/{self.cfg.optim.epochs} checkpointed ({time.perf_counter() - start:.0f} s)")
             seen |= epochs
 
-    def __enter__(self) -> "_EpochWatcher":
+    def __enter__(self) -> _EpochWatcher:
         self._thread.start()
         return self
 
@@ -305,7 +305,7 @@ def _evaluate_one(ctx: Context, name: str, wells: pd.DataFrame, folder: str) -> 
         write_parquet(run.evaluation.queries, urls.join(sub, "queries.parquet"))
         write_parquet(run.evaluation.pr_curve, urls.join(sub, "pr_curve.parquet"))
         write_json(urls.join(sub, "metrics.json"), {**s, "accounting": run.accounting})
-        save_png(lambda path, c=run.evaluation.pr_curve: plot_pr_curve(c, path, label=f"{name} · {label}"),
+        save_png(lambda path, c=run.evaluation.pr_curve, lb=label: plot_pr_curve(c, path, label=f"{name} · {lb}"),
                  urls.join(sub, "pr_curve.png"))
     sweep = sweep_lambdas(wells, p.treatment_cols, p.annotation_col, p.control_query, p.lambdas,
                           sep=p.annotation_sep, sphere_scope_col=_scope(ctx), na_cutoff=p.na_cutoff,

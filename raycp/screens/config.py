@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from raycp.config import ComputeConfig, build_config
 from raycp.errors import ConfigError
 from raycp.io import urls
-from raycp.io.shared import shared_data_dir
 from raycp.io.index import DEFAULT_CHANNELS
+from raycp.io.shared import shared_data_dir
 from raycp.screens.programs import MOAS, check_moas
 
 PHENIX_5CH_MAP = {5: "DNA", 2: "ER", 6: "RNA", 3: "AGP", 4: "Mito"}

@@ -116,7 +116,7 @@ class TrainConfig(_Strict):
     compute: TrainCompute = Field(default_factory=TrainCompute)
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         lo, hi = self.augment.contrast
         if not 0 < lo <= hi:
             raise ValueError("augment.contrast must be (lo, hi) with 0 < lo <= hi")

@@ -262,9 +262,9 @@ def _unwrap(exc: BaseException) -> BaseException | None:
 
 
 def _check_resources(cfg: TrainConfig, use_gpu: bool) -> None:
-    from raycp import runtime
-
     import ray
+
+    from raycp import runtime
 
     total = runtime.cluster_cpus()
     need = cfg.compute.num_workers * cfg.compute.cpus_per_worker
@@ -329,7 +329,7 @@ def fit(cfg: TrainConfig, *, compute=None, inject_failure: dict | None = None, e
     )
     try:
         result = trainer.fit()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         inner = _unwrap(exc)
         if inner is not None:
             raise inner from None

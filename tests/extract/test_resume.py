@@ -18,7 +18,12 @@ import pytest
 
 from raycp.extract.writers import read_cells
 from tests.extract.conftest import (
-    PLATE, RAY, replicated_index, save_index, tree_hashes, write_crops_shards,
+    PLATE,
+    RAY,
+    replicated_index,
+    save_index,
+    tree_hashes,
+    write_crops_shards,
 )
 
 CALLS_PER_SITE = 3  # 38 cells in chunks of 16

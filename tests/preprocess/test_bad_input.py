@@ -13,11 +13,10 @@ import pandas as pd
 import pytest
 import tifffile
 
-from tests.preprocess.conftest import emptiest_window
 from raycp.io import importers
 from raycp.io.index import validate, write_index
 from tests.conftest import PHENIX_5CH_MAP
-from tests.preprocess.conftest import raycp_main
+from tests.preprocess.conftest import emptiest_window, raycp_main
 
 CH = {"DNA": 5, "ER": 2, "RNA": 6, "AGP": 3, "Mito": 4}
 

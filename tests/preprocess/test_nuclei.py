@@ -10,10 +10,10 @@ import pytest
 import tifffile
 from scipy import ndimage as ndi
 
-from tests.preprocess.conftest import emptiest_window
 from raycp.errors import InputError
 from raycp.preprocess import locations as loc
 from raycp.preprocess.nuclei import BORDER, NUMBER, X, Y, detect_nuclei, match_centres
+from tests.preprocess.conftest import emptiest_window
 
 NF1_SITES = ("B7_01_1_3", "D6_01_1_2", "D7_01_1_1", "F7_01_1_2", "H12_01_1_1")
 

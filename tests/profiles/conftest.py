@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-
 LINCS = "profiles/lincs_A549_SQ00015054_normalized_feature_select.csv.gz"
 FIBROSIS = "profiles/fibrosis_singlecell_4plates"
 LINCS_TREATMENT = ["Metadata_broad_sample", "Metadata_mmoles_per_liter"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 PEDIATRIC = "images/pediatric_5ch_BR00143976_C03_s3/images/orig"
 
 #: 2 plates × (6 compounds × 2 replicates + 3 DMSO) wells, one 160-px site each, 8 real cells a site;

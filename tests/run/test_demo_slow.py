@@ -15,10 +15,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.run.run_helper import run_overrides
 from raycp.run import load, run
 from raycp.run.config import STAGES
 from raycp.run.stages import FOLDERS
+from tests.run.run_helper import run_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 

@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.run.run_helper import run_overrides
 from raycp.cli import main
 from raycp.errors import ConfigError
 from raycp.run import load, run
 from raycp.run.config import STAGES
 from raycp.run.stages import FOLDERS
+from tests.run.run_helper import run_overrides
 
 
 def _status(out: Path, stage: str) -> dict:

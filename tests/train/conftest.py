@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from crops_helper import make_crop_shards  # noqa: E402
+from crops_helper import make_crop_shards
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from crops_helper import CLASSES, make_crop_shards
+
 from raycp.errors import InputError
 from raycp.train import data as D
 from raycp.train.config import AugmentSection, SplitSection
@@ -214,7 +214,7 @@ def test_normalisation_is_per_crop_and_channel():
     np.testing.assert_allclose(out, want, atol=1e-5)
     assert np.allclose(out[0].mean(axis=(1, 2)), 0, atol=1e-5) and np.allclose(out[0].std(axis=(1, 2)), 1, atol=1e-4)
     assert np.all(out[1, 2] == 0)  # no NaN from a zero std
-    brighter = D.normalize(torch.from_numpy((x.astype(np.float32) * 0.5 + 20)))
+    brighter = D.normalize(torch.from_numpy(x.astype(np.float32) * 0.5 + 20))
     np.testing.assert_allclose(brighter[0].numpy(), out[0], atol=1e-4)  # gain/offset per channel are removed
 
 

@@ -9,7 +9,7 @@ import torch
 from raycp.errors import InputError
 from raycp.train import data as D
 from raycp.train.config import TrainConfig
-from raycp.train.loop import STATE_FILE, Recipe, lr_factor, load_state, param_groups
+from raycp.train.loop import STATE_FILE, Recipe, load_state, lr_factor, param_groups
 
 
 def test_defaults_are_the_papers_recipe(tmp_path):

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from crops_helper import train_cfg
 from safetensors.torch import load as load_safetensors
 
-from crops_helper import train_cfg
 from raycp.io import urls
 from raycp.train import trainer
 

@@ -7,7 +7,12 @@ import torch
 
 from raycp.errors import InputError
 from raycp.train.model import (
-    FeatureModel, create_model, expand_stem, load_imagenet_init, read_state_dict, resolve_layer,
+    FeatureModel,
+    create_model,
+    expand_stem,
+    load_imagenet_init,
+    read_state_dict,
+    resolve_layer,
 )
 
 

@@ -1,0 +1,137 @@
+"""The package's shape (ARCHITECTURE.md): layers import downward only, and no module imports
+itself back through others. Every import counts, the ones inside functions too: a lazy import
+hides a cycle from Python, not from a reader.
+
+Layers: 0 foundation (errors, config, console, runtime, ledger, io) < 1 stage cores (the paper's
+steps as numpy/torch/pandas functions) < 2 Ray adapters (where a core runs and how it streams)
+< 3 entry points (``raycp run``, the CLIs)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "raycp"
+
+FOUNDATION = {"raycp", "raycp.errors", "raycp.config", "raycp.console", "raycp.runtime", "raycp.ledger"}
+ADAPTERS = {"raycp.sites", "raycp.inspect", "raycp.preprocess.pipeline", "raycp.extract.pipeline",
+            "raycp.extract.sources", "raycp.train.trainer", "raycp.train.data", "raycp.train.loop",
+            "raycp.screens.build"}
+
+# Upward imports that exist today, each to be removed by the orchestration issue (#13: one home
+# for Ray, a neutral raycp/models for checkpoint loading). A new one fails this test.
+KNOWN_UPWARD = {
+    ("raycp.extract.models", "raycp.train.data"),     # crop normalisation lives in the training data module
+    ("raycp.extract.models", "raycp.train.trainer"),  # checkpoint loading lives in the Ray Train driver
+    ("raycp.extract.writers", "raycp.sites"),         # listing finished site files
+}
+
+
+def layer(module: str) -> int:
+    if module == "raycp.cli" or module.endswith(".cli") or module == "raycp.run" or module.startswith("raycp.run."):
+        return 3
+    if module in FOUNDATION or module == "raycp.io" or module.startswith("raycp.io."):
+        return 0
+    return 2 if module in ADAPTERS else 1
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                pkg = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+                pkg = pkg[: len(pkg) - node.level + 1]
+                base = ".".join([*pkg, base] if base else pkg)
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            # a package's __init__ re-exporting its own modules, or a module importing its package, is no edge
+            if target and target != name and not name.startswith(target + ".") and not target.startswith(name + "."):
+                found.add(target)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(root):
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root)
+        on.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter[0]
+                    counter[0] += 1
+                    stack.append(child)
+                    on.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                comp = []
+                while True:
+                    top = stack.pop()
+                    on.discard(top)
+                    comp.append(top)
+                    if top == node:
+                        break
+                if len(comp) > 1:
+                    out.append(sorted(comp))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return out
+
+
+def test_no_module_imports_itself_back():
+    assert _cycles(_graph()) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_layers_import_downward_only():
+    graph = _graph()
+    assert {"raycp.io.tables", "raycp.preprocess.compress", "raycp.extract.pipeline", "raycp.run.runner"} <= set(graph)
+    upward = {(m, t) for m, targets in graph.items() for t in targets if layer(t) > layer(m)}
+    assert upward - KNOWN_UPWARD == set(), sorted(upward - KNOWN_UPWARD)
+    assert KNOWN_UPWARD <= upward, "a known upward import is gone: remove it from KNOWN_UPWARD"
+
+
+def test_the_foundation_imports_no_stage():
+    graph = _graph()
+    for module in graph:
+        if layer(module) == 0:
+            assert all(layer(t) == 0 for t in graph[module]), (module, sorted(graph[module]))
