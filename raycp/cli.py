@@ -152,7 +152,10 @@ def index_summarize(
     index = read_index(run.data.index, channels=run.data.channels if chosen else None)
     folder = urls.join(run.data.output, "summary")
     urls.ensure_writable(folder)
-    stats, ledger = inspect.summarize_screen(index, run.compute, progress=track)
+    from raycp import runtime
+
+    runtime.use(run.compute)
+    stats, ledger = inspect.summarize_screen(index, progress=track)
     _write_summary(stats, ledger, run, folder)
     _print_stats(stats)
     print_ledger(ledger.summary())

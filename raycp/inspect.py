@@ -35,7 +35,7 @@ def site_summary(site: np.ndarray, channels: tuple[str, ...] | list[str]) -> lis
     return rows
 
 
-def summarize_screen(index: ScreenIndex, compute=None, *, progress=None) -> tuple[pd.DataFrame, Ledger]:
+def summarize_screen(index: ScreenIndex, *, progress=None) -> tuple[pd.DataFrame, Ledger]:
     """Read every site of ``index`` on Ray and summarise it; unreadable sites are quarantined.
 
     ``progress(iterable, total=, description=)`` wraps the result stream (the CLI's progress bar).
@@ -47,7 +47,7 @@ def summarize_screen(index: ScreenIndex, compute=None, *, progress=None) -> tupl
 
     ledger = Ledger("summary")
     frames = []
-    stream = map_sites(index, summarize, compute=compute)
+    stream = map_sites(index, summarize)
     if progress is not None:
         stream = progress(stream, total=len(index), description="summarising sites")
     for key, result, reason in stream:

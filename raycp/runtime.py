@@ -1,4 +1,6 @@
-"""Ray runtime: join ``RAY_ADDRESS`` (or the configured address) or start a small local cluster.
+"""Ray runtime, the one home for Ray: join ``RAY_ADDRESS`` (or the configured address) or start a
+small local cluster. Entry points choose the cluster (:func:`use`, or :func:`init` to connect now);
+library code asks for it with :func:`connection` and never connects by itself.
 
 Local defaults suit a laptop or a 2-core CI box: object store capped, dashboard off, usage
 stats off, token auth off (Ray >= 2.59 turns it on for local clusters and writes a token under
@@ -88,6 +90,32 @@ def init(compute: ComputeConfig | None = None, *, log_to_driver: bool = False):
         quiet_console()
     _record_connection(ray, address)
     return ray
+
+
+_CHOSEN: dict = {"set": False, "compute": None}
+
+
+def use(compute: ComputeConfig | None = None) -> None:
+    """For entry points (the CLI, ``raycp run``, jobs): the cluster this process works on, by
+    :func:`init`'s rules (``compute.ray_address`` > ``RAY_ADDRESS`` > a local cluster sized by
+    ``compute``). Nothing connects yet: library code connects on first need through
+    :func:`connection`, so a command whose work is already done starts no cluster."""
+    _CHOSEN.update(set=True, compute=compute)
+
+
+def connection():
+    """The ``ray`` module for library code: the connection this process already has, or the one
+    its entry point chose with :func:`use` (made now, once). Library code never connects by
+    itself; it raises :class:`RuntimeSetupError` when no entry point chose a cluster."""
+    import ray
+
+    if ray.is_initialized():
+        _quiet_data_context()
+        return ray
+    if not _CHOSEN["set"]:
+        raise RuntimeSetupError("this needs a Ray cluster and no entry point chose one",
+                                fix="call raycp.runtime.init(compute) first (the raycp command does)")
+    return init(_CHOSEN["compute"])
 
 
 def _quiet_data_context() -> None:

@@ -35,8 +35,7 @@ def index_blocks(table, n_blocks: int) -> list:
     return [table.iloc[i:i + step] for i in range(0, len(table), step)]
 
 
-def map_sites(index: ScreenIndex, fn: Callable[[np.ndarray, dict], Any], *, compute=None,
-              ) -> Iterator[tuple[dict, Any, str | None]]:
+def map_sites(index: ScreenIndex, fn: Callable[[np.ndarray, dict], Any]) -> Iterator[tuple[dict, Any, str | None]]:
     """Yield ``(key, result, reason)`` per site, computed on the Ray cluster.
 
     ``result`` must be JSON-serialisable (it crosses the object store as text so no user data
@@ -44,7 +43,7 @@ def map_sites(index: ScreenIndex, fn: Callable[[np.ndarray, dict], Any], *, comp
     """
     from raycp import runtime
 
-    ray = runtime.init(compute)
+    ray = runtime.connection()
     channels = index.channels
 
     def task(row: dict) -> dict:

@@ -135,3 +135,29 @@ def test_the_foundation_imports_no_stage():
     for module in graph:
         if layer(module) == 0:
             assert all(layer(t) == 0 for t in graph[module]), (module, sorted(graph[module]))
+
+
+def test_only_the_runtime_connects_to_ray():
+    """One home for Ray: library code asks :func:`raycp.runtime.connection` for the cluster its entry
+    point chose (:func:`raycp.runtime.use`); only the runtime calls ``ray.init``, and only entry
+    points call :func:`raycp.runtime.init` or ``use``."""
+    calls = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    isinstance(node.func.value, ast.Name):
+                calls.append((name, f"{node.func.value.id}.{node.func.attr}"))
+    inits = {(m, c) for m, c in calls if c in ("ray.init", "runtime.init", "runtime.use")}
+    assert {m for m, c in inits if c == "ray.init"} == {"raycp.runtime"}
+    assert all(layer(m) == 3 for m, c in inits if c in ("runtime.init", "runtime.use")), sorted(inits)
+    assert ("raycp.run.runner", "runtime.use") in inits
+
+
+def test_library_code_without_a_chosen_cluster_says_so():
+    import subprocess
+    import sys
+
+    code = ("from raycp import runtime\n"
+            "try:\n    runtime.connection()\nexcept runtime.RuntimeSetupError as exc:\n    print(exc.one_line())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "needs a Ray cluster and no entry point chose one" in out.stdout, out.stdout + out.stderr

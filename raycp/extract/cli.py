@@ -39,7 +39,10 @@ def extract(
         sets.append(f"model.kind={model}")
     if weights:
         sets.append(f"model.path={weights}")
+    from raycp import runtime
+
     cfg = load_extract_config(config, sets, index=index, output=output)
+    runtime.use(cfg.compute)
     result = run_extract(cfg, progress=track)
     print_ledger(result.ledger.summary())
     f = result.figures

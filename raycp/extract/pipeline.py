@@ -588,7 +588,7 @@ def run_extract(cfg, *, progress: Progress | None = None) -> ExtractResult:
     def all_rows() -> Iterator[dict]:
         yield from resumed_rows
         if len(p.todo):  # Ray starts only when there is work: a finished folder costs no cluster
-            ray = runtime.init(cfg.compute)
+            ray = runtime.connection()
             _choose_device(p, ray)
             yield from stream(ray, p)
 

@@ -30,7 +30,11 @@ def load_run(config: str | None, overrides: list[str] | None, index: str | None,
         sets.append(f"data.index={index}")
     if output:
         sets.append(f"data.output={output}")
-    return cfg.build_config(RunConfig, config, sets, skip_other_sections=True)
+    from raycp import runtime
+
+    run = cfg.build_config(RunConfig, config, sets, skip_other_sections=True)
+    runtime.use(run.compute)  # the stages connect when they have work
+    return run
 
 
 def _index(run):

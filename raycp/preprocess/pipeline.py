@@ -528,7 +528,7 @@ def _run_site_stage(stage: str, index: ScreenIndex, spec: StageSpec, *, compute,
     def rows() -> Iterator[dict]:
         yield from resumed
         if len(todo):
-            ray = runtime.init(compute)
+            ray = runtime.connection()
             yield from _stream(ray, todo, site_batch, spec, min_per_block=1, compute=compute)
 
     stream = rows()
@@ -617,7 +617,7 @@ def run_illumination(run, index: ScreenIndex, *, progress: Progress | None = Non
         return _sorted_sites(rows)
 
     if len(todo):
-        ray = runtime.init(run.compute)
+        ray = runtime.connection()
         spec = stage_spec("illum", run, index, correct=False)
         stream: Iterable = _stream(ray, todo, illumination_batch, spec, min_per_block=8, compute=run.compute)
         if progress is not None:

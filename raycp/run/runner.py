@@ -130,6 +130,9 @@ def _now() -> str:
 def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, stop: str | None = None,
                  progress: Callable | None = None, echo: Callable[[str], None] = print) -> RunResult:
     """Run (or resume) the stages from ``start`` to ``stop``; see the module docstring."""
+    from raycp import runtime
+
+    runtime.use(cfg.compute)  # connected by the first stage that needs Ray; a finished run starts none
     chosen = select_stages(start, stop)
     force = set(chosen) if start else set()  # --from: the chosen stages run again (they still resume per site)
     prints = preflight(cfg, chosen, force)

@@ -261,7 +261,7 @@ def _run_ray(batches: list[list[dict]], library: CellLibrary, plan: ScreenPlan, 
     """One Ray task per batch of sites; at most 2 × CPUs tasks in flight (flat driver memory)."""
     from raycp import runtime
 
-    ray = runtime.init(plan.config.compute)
+    ray = runtime.connection()
     remote = ray.remote(num_cpus=1, max_retries=2)(_render_task)
     lib_ref = ray.put(library)
     plates_ref = ray.put(plan.plates)

@@ -47,9 +47,11 @@ def build(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from raycp import runtime
     from raycp.io import urls
 
     urls.ensure_writable(out)  # before the bar: a bad output is one line
+    runtime.use(cfg.compute)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=False) as bar:
         task = bar.add_task("screen: sites", total=None)

@@ -53,6 +53,9 @@ def train(
               f"crop {'×'.join(map(str, s['shape']))}")
     if dry_run:
         return
+    from raycp import runtime
+
+    runtime.use()  # a local cluster with the defaults, or RAY_ADDRESS
     result = trainer.fit(cfg)
     from rich.table import Table
 

@@ -280,7 +280,7 @@ def _check_resources(cfg: TrainConfig, use_gpu: bool) -> None:
                               fix="lower compute.num_workers or add GPU nodes")
 
 
-def fit(cfg: TrainConfig, *, compute=None, inject_failure: dict | None = None, export: bool = True) -> TrainResult:
+def fit(cfg: TrainConfig, *, inject_failure: dict | None = None, export: bool = True) -> TrainResult:
     """Train (or resume) and export. ``inject_failure`` is a test hook (see ``loop._maybe_fail``)."""
     from raycp import runtime
     from raycp.config import save_resolved
@@ -292,7 +292,7 @@ def fit(cfg: TrainConfig, *, compute=None, inject_failure: dict | None = None, e
     latest = _check_latest_checkpoint(cfg)
     resume_state = _resume_state(cfg, latest)
     imagenet = _imagenet(cfg, len(prep.classes)) if latest is None and resume_state is None else None
-    ray = runtime.init(compute)
+    ray = runtime.connection()
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
