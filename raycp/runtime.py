@@ -49,9 +49,9 @@ def init(compute: ComputeConfig | None = None, *, log_to_driver: bool = False):
     """Connect to Ray once per process and return the ``ray`` module.
 
     Precedence: an already-initialised Ray > ``compute.ray_address`` > ``RAY_ADDRESS`` > a new
-    local cluster sized by ``compute``.
+    local cluster sized by ``compute``. The local-cluster environment (token auth and usage stats
+    off) is applied only when raycp starts the cluster itself: a joined cluster keeps its auth.
     """
-    _quiet_env()
     import ray
 
     if ray.is_initialized():
@@ -61,6 +61,8 @@ def init(compute: ComputeConfig | None = None, *, log_to_driver: bool = False):
 
     compute = compute or ComputeConfig()
     address = compute.ray_address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        _quiet_env()
     try:
         if address:
             ray.init(address=address, log_to_driver=log_to_driver, logging_level="WARNING")
