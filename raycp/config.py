@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -95,13 +96,13 @@ def _override_keys(overrides) -> set[str]:
     return {item.split("=", 1)[0].strip() for item in overrides or () if "=" in item}
 
 
-def _config_error(exc: ValidationError, source: str, overrides=()) -> ConfigError:
+def _config_error(exc: ValidationError, source: str, overrides=(), label: str = "--set") -> ConfigError:
     errors = exc.errors()
     err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # a typo first: it explains the rest
     where = ".".join(str(p) for p in err["loc"])
     given = _override_keys(overrides)
     if where and any(where == k or where.startswith(f"{k}.") or k.startswith(f"{where}.") for k in given):
-        source = f"--set {where}"
+        source = f"{label} {where}"
     if err["type"] == "extra_forbidden":
         return ConfigError(f"{source}: unknown key {where!r}", fix="remove it or check its spelling")
     if err["type"] == "missing":
@@ -143,6 +144,21 @@ def build_config(model: type[BaseModel], path: str | None = None,
         return model.model_validate(tree)
     except ValidationError as exc:
         raise _config_error(exc, source, overrides) from None
+
+
+def apply_overrides(config: BaseModel, overrides: Mapping[str, Any]) -> Any:
+    """A validated copy of ``config`` with dotted keys set: ``apply_overrides(cfg,
+    {"data.output": "s3://b/trial-3", "profiles.sphere_lambda": 1e-3})``. What a sweep trial or a
+    job changes of a run (values are Python values, not YAML text; ``config`` is not modified).
+
+    Raises :class:`ConfigError` for an unknown key or an invalid value, naming the key."""
+    tree = config.model_dump(mode="json")
+    for key, value in overrides.items():
+        _set_dotted(tree, str(key), value)
+    try:
+        return type(config).model_validate(tree)
+    except ValidationError as exc:
+        raise _config_error(exc, "overrides", [f"{k}=" for k in overrides], label="override") from None
 
 
 def redact(tree: Any) -> Any:

@@ -65,3 +65,19 @@ def test_secret_looking_values_never_reach_disk(tmp_path):
     save_resolved(WithSecret(), str(tmp_path))
     text = (tmp_path / "config.yaml").read_text()
     assert "abc123" not in text and yaml.safe_load(text)["aws_secret_access_key"] == "<redacted>"
+
+
+def test_apply_overrides_gives_a_validated_copy(tmp_path):
+    from raycp.config import apply_overrides
+    from raycp.errors import ConfigError
+    from raycp.run.config import PipelineConfig
+
+    base = build_config(PipelineConfig, None, ["data.index=i.parquet", f"data.output={tmp_path}"])
+    trial = apply_overrides(base, {"data.output": "s3://bucket/sweeps/t3", "profiles.sphere_lambda": 1e-3,
+                                   "crops.size": 96})
+    assert trial.data.output == "s3://bucket/sweeps/t3" and trial.profiles.sphere_lambda == 1e-3
+    assert trial.crops.size == 96 and base.crops.size == 128 and base.data.output == str(tmp_path)
+    with pytest.raises(ConfigError, match="override profiles.sphere_lamda: unknown key"):
+        apply_overrides(base, {"profiles.sphere_lamda": 1.0})
+    with pytest.raises(ConfigError, match="profiles.sphere_lambda"):
+        apply_overrides(base, {"profiles.sphere_lambda": 0})
