@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from raycp.train.model import FeatureModel, create_model, load_imagenet_init
+from raycp.models.network import FeatureModel, create_model, load_imagenet_init
 
 IMAGENET_SIZE = 224
 

@@ -4,7 +4,7 @@ Paper Methods, "Feature extraction": single-cell crops go through the network on
 the output of EfficientNet's ``block6a_activation`` (timm ``blocks.5.0.bn2``, 672×4×4 at 128 px)
 averaged over space — the forward is truncated there, the head never runs. Three specs:
 
-- ``trained``: the checkpoint exported by ``raycp train`` (``raycp.train.trainer.load_model``),
+- ``trained``: the checkpoint exported by ``raycp train`` (``raycp.models.export.load_model``),
   crops normalised as in training (``raycp.train.data.normalize``: per crop and channel z-score);
 - ``imagenet``: the paper's ImageNet baseline, :class:`raycp.extract.imagenet.ImageNetBaseline`
   (each channel alone, [−1, 1], ×3, 224 px; 5 × 672 = 3,360 features);
@@ -104,9 +104,9 @@ def _local_weights(path: str) -> str:
 
 def _trained(model_cfg, channels: list[str], run: str):
     """``(FeatureModel, preprocess, info_dict, model channels)`` of an exported checkpoint."""
-    from raycp.train.data import normalize
-    from raycp.train.model import FeatureModel
-    from raycp.train.trainer import load_model
+    from raycp.models.export import load_model
+    from raycp.models.network import FeatureModel
+    from raycp.models.normalize import normalize
 
     folder = model_cfg.path or urls.join(run, "train", "model")
     try:
@@ -135,8 +135,8 @@ def _trained(model_cfg, channels: list[str], run: str):
 def _random(model_cfg, channels: list[str]):
     import torch
 
-    from raycp.train.data import normalize
-    from raycp.train.model import FeatureModel, create_model
+    from raycp.models.network import FeatureModel, create_model
+    from raycp.models.normalize import normalize
 
     state = torch.random.get_rng_state()
     try:

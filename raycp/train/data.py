@@ -17,7 +17,7 @@ exactly the same epochs, which is what makes a resumed run bitwise identical to 
 one. Samples go to ranks round-robin; every rank runs the same number of steps,
 ``min_r ⌊n_r / batch⌋`` (drop-last): uneven batch counts deadlock DDP's all-reduce (ray#66085).
 
-**Crop normalisation** (:func:`normalize`), per crop and per channel, as DeepProfiler has done
+**Crop normalisation** (:func:`raycp.models.normalize.normalize`), per crop and per channel, as DeepProfiler has done
 since its 2024 TF2 crop generator (``fold_channels`` in ``plugins/crop_generators``; before that it
 divided each crop by its maximum, or by 255)::
 
@@ -61,14 +61,6 @@ logger = logging.getLogger(__name__)
 
 PLATE, WELL, SITE = "Metadata_Plate", "Metadata_Well", "Metadata_Site"
 IS_CONTROL, TOUCHES_BORDER = "Metadata_IsControl", "Metadata_TouchesBorder"
-NORM_EPS = 1e-6
-NORMALIZATION = {
-    "name": "per_crop_channel_zscore",
-    "formula": "x = pixel/255; x = (x - mean_c) / max(std_c, eps), mean/std (population) over each crop's channel",
-    "scale": 1 / 255,
-    "eps": NORM_EPS,
-    "source": "DeepProfiler 2024 TF2 crop generator (fold_channels)",
-}
 #: Parquet schema metadata keys a crop writer may use to declare its tensor layout.
 _SHAPE_KEYS = (b"raycp.crop_shape", b"crop_shape")
 _CHANNEL_KEYS = (b"raycp.channels", b"channels")
@@ -490,16 +482,6 @@ def validation_subset(val_sids: np.ndarray, *, max_cells: int | None, seed: int)
 
 
 # --------------------------------------------------------------- normalisation, augmentation
-
-
-def normalize(x, eps: float = NORM_EPS):
-    """uint8 (or float 0..255) N×C×H×W -> float32, per crop and channel ``(x/255 − mean)/std``."""
-    import torch
-
-    x = x.to(torch.float32) / 255.0
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    std = x.std(dim=(2, 3), keepdim=True, unbiased=False).clamp_min(eps)
-    return (x - mean) / std
 
 
 @dataclass

@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 
 from raycp.errors import ConfigError, InputError
+from raycp.models.network import create_model, load_imagenet_init
+from raycp.models.normalize import normalize
 from raycp.train import data as D
 from raycp.train import metrics as M
-from raycp.train.model import create_model, load_imagenet_init
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class Recipe:
 
     def prepare(self, x_u8: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """uint8 batch -> normalised (and, with a generator, augmented) float batch."""
-        x = D.normalize(x_u8)
+        x = normalize(x_u8)
         if generator is not None and self.cfg.augment.enabled:
             x = D.apply_augment(x, D.draw_augment(x.shape[0], x.shape[1], x.shape[2], self.cfg.augment, generator))
         if self.channels_last:

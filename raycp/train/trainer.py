@@ -13,7 +13,7 @@
    ``RAYCP_S3_ENDPOINT_URL``). A second ``fit`` with the same output and name resumes from the
    latest checkpoint; a worker lost mid-run is replaced and resumes the same way (``max_failures``);
 4. exports the trained network as ``<output>/train/model/model.safetensors`` + ``model.json``
-   (classes, channels, crop size, normalisation, feature layer), read back by :func:`load_model`,
+   (classes, channels, crop size, normalisation, feature layer), read back by :func:`raycp.models.export.load_model`,
    and writes the metrics reports (learning curve, per-class table).
 """
 
@@ -31,12 +31,13 @@ import pandas as pd
 
 from raycp.errors import ConfigError, InputError, RaycpError, StorageError
 from raycp.io import urls
+from raycp.models.export import MODEL_FILE, MODEL_JSON
+from raycp.models.normalize import NORMALIZATION
 from raycp.train import data as D
 from raycp.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE, MODEL_JSON = "model.safetensors", "model.json"
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
 
 
@@ -237,7 +238,7 @@ def _resume_state(cfg: TrainConfig, latest: str | None) -> bytes | None:
 def _imagenet(cfg: TrainConfig, n_classes: int) -> dict | None:
     if not cfg.model.imagenet_weights:
         return None
-    from raycp.train.model import create_model, load_imagenet_init, read_state_dict
+    from raycp.models.network import create_model, load_imagenet_init, read_state_dict
 
     tensors = read_state_dict(cfg.model.imagenet_weights)
     load_imagenet_init(create_model(cfg.model.arch, num_classes=n_classes, in_chans=len(cfg.channels)), tensors,
@@ -363,7 +364,7 @@ def export_model(state: dict, prep: Prepared, folder: str) -> dict:
     from safetensors.torch import save as save_safetensors
 
     from raycp import __version__
-    from raycp.train.model import DEFAULT_LAYER
+    from raycp.models.network import DEFAULT_LAYER
 
     cfg = prep.cfg
     tensors = {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
@@ -378,7 +379,7 @@ def export_model(state: dict, prep: Prepared, folder: str) -> dict:
         "channels": list(cfg.channels),
         "in_chans": len(cfg.channels),
         "crop_size": int(prep.crops.shape[1]),
-        "normalization": D.NORMALIZATION,
+        "normalization": NORMALIZATION,
         "feature_layer": DEFAULT_LAYER,
         "epochs_trained": int(state["epoch"]) + 1,
         "split": cfg.split.strategy,
@@ -395,23 +396,3 @@ def export_model(state: dict, prep: Prepared, folder: str) -> dict:
     urls.atomic_write_bytes(urls.join(folder, MODEL_FILE), save_safetensors(tensors, metadata={"format": "pt"}))
     urls.atomic_write_text(urls.join(folder, MODEL_JSON), json.dumps(info, indent=2))
     return info
-
-
-def load_model(folder: str):
-    """``(model in eval mode, info)`` from an exported folder; ``FeatureModel(model)`` gives the
-    block6a features, ``raycp.train.data.normalize`` the matching crop normalisation."""
-    from safetensors.torch import load as load_safetensors
-
-    from raycp.train.model import create_model
-
-    try:
-        info = json.loads(urls.read_bytes(urls.join(folder, MODEL_JSON)))
-        tensors = load_safetensors(urls.read_bytes(urls.join(folder, MODEL_FILE)))
-    except FileNotFoundError:
-        raise InputError(f"{folder}: no {MODEL_JSON} + {MODEL_FILE}", fix="point at <output>/train/model") from None
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{folder}: unreadable trained model ({type(exc).__name__})",
-                         fix="re-export it with `raycp train` (it resumes and re-exports)") from None
-    model = create_model(info["arch"], num_classes=info["num_classes"], in_chans=info["in_chans"])
-    model.load_state_dict(tensors)
-    return model.eval(), info

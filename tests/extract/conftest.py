@@ -90,8 +90,8 @@ def make_checkpoint(folder: Path, crops: np.ndarray | None = None, *, in_chans: 
     import torch
     from safetensors.torch import save_file
 
-    from raycp.train.data import NORMALIZATION, normalize
-    from raycp.train.model import create_model
+    from raycp.models.network import create_model
+    from raycp.models.normalize import NORMALIZATION, normalize
 
     torch.manual_seed(seed)
     model = create_model(arch, num_classes=4, in_chans=in_chans, drop_rate=0.0)

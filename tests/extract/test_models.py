@@ -15,8 +15,8 @@ from tests.extract.conftest import CHANNELS, make_checkpoint
 def test_checkpoint_features_are_the_spatial_mean_of_block6a(checkpoint, real_crops):
     """Paper: features = EfficientNet's block6a_activation (timm blocks.5.0.bn2 output, 672×4×4 at
     128 px) averaged over space; the head never runs."""
-    from raycp.train.data import normalize
-    from raycp.train.trainer import load_model
+    from raycp.models.export import load_model
+    from raycp.models.normalize import normalize
 
     _, crops = real_crops
     ex = load_extractor(ModelConfig(kind="trained", path=str(checkpoint)), CHANNELS, run="unused", batch_size=16)

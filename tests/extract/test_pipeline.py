@@ -26,9 +26,9 @@ def test_every_nucleus_gets_672_features_equal_to_a_direct_forward(trained_run, 
     np.testing.assert_allclose(meta["Metadata_X"], table["Nuclei_Location_Center_X"])
     assert meta["Metadata_TouchesBorder"].sum() == table["border"].sum() > 0  # border cells kept, flagged
 
-    from raycp.train.data import normalize
-    from raycp.train.model import FeatureModel
-    from raycp.train.trainer import load_model
+    from raycp.models.export import load_model
+    from raycp.models.network import FeatureModel
+    from raycp.models.normalize import normalize
 
     model, _ = load_model(str(checkpoint))
     with torch.inference_mode():  # the same crops, one process, one batch, no channels_last

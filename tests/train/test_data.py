@@ -11,6 +11,7 @@ import torch
 from crops_helper import CLASSES, make_crop_shards
 
 from raycp.errors import InputError
+from raycp.models.normalize import NORM_EPS, normalize
 from raycp.train import data as D
 from raycp.train.config import AugmentSection, SplitSection
 
@@ -208,13 +209,13 @@ def test_normalisation_is_per_crop_and_channel():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(3, 5, 16, 16), dtype=np.uint8)
     x[1, 2] = 7  # an empty (constant) channel
-    out = D.normalize(torch.from_numpy(x)).numpy()
+    out = normalize(torch.from_numpy(x)).numpy()
     f = x.astype(np.float64) / 255
-    want = (f - f.mean(axis=(2, 3), keepdims=True)) / np.maximum(f.std(axis=(2, 3), keepdims=True), D.NORM_EPS)
+    want = (f - f.mean(axis=(2, 3), keepdims=True)) / np.maximum(f.std(axis=(2, 3), keepdims=True), NORM_EPS)
     np.testing.assert_allclose(out, want, atol=1e-5)
     assert np.allclose(out[0].mean(axis=(1, 2)), 0, atol=1e-5) and np.allclose(out[0].std(axis=(1, 2)), 1, atol=1e-4)
     assert np.all(out[1, 2] == 0)  # no NaN from a zero std
-    brighter = D.normalize(torch.from_numpy(x.astype(np.float32) * 0.5 + 20))
+    brighter = normalize(torch.from_numpy(x.astype(np.float32) * 0.5 + 20))
     np.testing.assert_allclose(brighter[0].numpy(), out[0], atol=1e-4)  # gain/offset per channel are removed
 
 
@@ -224,7 +225,7 @@ def _off(**kw):
 
 
 def test_augmentations_follow_the_paper():
-    x = D.normalize(torch.from_numpy(np.random.default_rng(1).integers(0, 256, (16, 5, 32, 32), dtype=np.uint8)))
+    x = normalize(torch.from_numpy(np.random.default_rng(1).integers(0, 256, (16, 5, 32, 32), dtype=np.uint8)))
     p = D.draw_augment(16, 5, 32, AugmentSection(), torch.Generator().manual_seed(0))
     q = D.draw_augment(16, 5, 32, AugmentSection(), torch.Generator().manual_seed(0))
     assert all(torch.equal(getattr(p, f), getattr(q, f)) for f in ("crop", "boxes", "flip", "rot", "brightness"))

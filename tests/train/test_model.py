@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raycp.errors import InputError
-from raycp.train.model import (
+from raycp.models.network import (
     FeatureModel,
     create_model,
     expand_stem,

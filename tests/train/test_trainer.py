@@ -11,8 +11,9 @@ from safetensors.torch import load as load_safetensors
 
 from raycp.errors import ConfigError, InputError
 from raycp.io import urls
+from raycp.models.export import load_model
+from raycp.models.network import FeatureModel
 from raycp.train import trainer
-from raycp.train.model import FeatureModel
 
 
 def _weights(model_dir: str) -> dict[str, torch.Tensor]:
@@ -58,7 +59,7 @@ def test_two_workers_two_epochs_report_metrics(reference, s3_server):
 
 def test_exported_model_loads_for_extraction(reference):
     _, res = reference
-    model, info = trainer.load_model(res.model_dir)
+    model, info = load_model(res.model_dir)
     assert info["classes"] == res.classes and info["channels"] == ["DNA", "ER", "RNA", "AGP", "Mito"]
     assert info["normalization"]["name"] == "per_crop_channel_zscore" and info["crop_size"] == 64
     with torch.inference_mode():
