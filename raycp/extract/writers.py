@@ -224,7 +224,7 @@ def write_site(layout: FeatureLayout, key: dict, meta: pd.DataFrame, features: n
 
 def list_finished(layout: FeatureLayout) -> set[tuple[str, str, int]]:
     """Sites with a median file: one listing of ``sites/`` (no per-site probes)."""
-    from raycp.sites import list_site_files
+    from raycp.layout import list_site_files
 
     return list_site_files(urls.join(layout.folder, "sites"), ".parquet")
 

@@ -49,6 +49,7 @@ from raycp.io.index import (
     read_index,
     url_col,
 )
+from raycp.layout import list_site_files
 from raycp.ledger import PROCESSED, QUARANTINED, Ledger, short_reason
 from raycp.preprocess import compress as compress_core
 from raycp.preprocess import crops as crops_core
@@ -56,7 +57,7 @@ from raycp.preprocess import illumination as illum_core
 from raycp.preprocess import locations as loc_core
 from raycp.preprocess import nuclei as nuclei_core
 from raycp.preprocess.config import PreprocessConfig
-from raycp.sites import JsonSpec, list_site_files, release_memory
+from raycp.sites import JsonSpec, release_memory
 
 STAGES = ("illum", "compress", "nuclei", "crops")
 FOLDERS = {"illum": "illum", "compress": "compressed", "nuclei": "nuclei", "crops": "crops"}
