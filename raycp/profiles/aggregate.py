@@ -327,6 +327,7 @@ class _Source:
         self.paths: list[Path] = []
         self.features_dropped: list[str] = []
         self.origin = "cells"
+        self._layout: tuple[bool, int] | None = None
         if isinstance(source, pd.DataFrame):
             self.frame = source
             require_columns(source, self.site_cols, "cells", "site column")
@@ -364,6 +365,13 @@ class _Source:
                 raise InputError(f"{self.paths[0]}: no feature column common to all files", fix="check the tables")
         types = {np.dtype(s[c]) for s in schemas for c in self.features}
         self.dtype = np.dtype(np.float32) if types == {np.dtype(np.float32)} else np.dtype(np.float64)
+
+    def layout(self) -> tuple[bool, int]:
+        """Whether every site's rows are contiguous, and the number of rows: one pass over the keys,
+        once (a second aggregation pass, without a dropped feature, reads the same keys)."""
+        if self._layout is None:
+            self._layout = _check_contiguous(self.key_batches())
+        return self._layout
 
     def key_batches(self) -> Iterator[pd.DataFrame]:
         if self.frame is not None:
@@ -406,7 +414,6 @@ class _NpzSource:
         self.files = find_feature_files(str(folder))
         self.origin = str(folder)
         self.features_dropped: list[str] = []
-        self.frame = None
         self._read = read_npz
         first = read_npz(self.files[0].url)
         model = str(first.metadata.get("Metadata_Model") or "DeepProfiler")
@@ -437,9 +444,10 @@ class _NpzSource:
                                  SITE_COL: [f.site] * len(feats)})
             yield keys, np.ascontiguousarray(feats[:, cols], dtype=self.dtype), f.url
 
-    def key_batches(self) -> Iterator[pd.DataFrame]:
-        for keys, _, _ in self._sites():
-            yield keys
+    def layout(self) -> tuple[bool, int]:
+        """One file per site: contiguous by construction, so no pass over the files is needed (the
+        row count only sizes partitions, which a contiguous source never uses)."""
+        return True, 0
 
     def batches(self) -> Iterator[tuple[pd.DataFrame, np.ndarray, str]]:
         yield from self._sites()
@@ -568,7 +576,7 @@ def _aggregate_pass(src: _Source, site_cols, well_cols, memory_budget_bytes, spi
     }
     nan_counts = np.zeros(len(src.features), dtype=np.int64)
     sink = _Sink(site_cols, well_cols, src.features, src.dtype, sites_out)
-    contiguous, n_rows = _check_contiguous(src.key_batches())
+    contiguous, n_rows = src.layout()
     if contiguous:
         _reduce_contiguous(_clean(src.batches(), src.features, acct, nan_counts), sink)
     else:

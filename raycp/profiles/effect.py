@@ -23,7 +23,7 @@ import pandas as pd
 
 from raycp.errors import InputError
 from raycp.profiles.aggregate import group_codes
-from raycp.profiles.io import feature_columns, feature_matrix, require_columns
+from raycp.profiles.io import NA_CUTOFF, feature_columns, feature_matrix, require_columns
 
 EFFECT_COL = "ate"
 SUBSETS = ("weakest", "median", "strongest")
@@ -147,7 +147,7 @@ def effect_of_wells(
     sphere_lambda: float | None = 0.01,
     sphere_scope_col: str | None = None,
     plate_col: str = "Metadata_Plate",
-    na_cutoff: float | None = None,
+    na_cutoff: float = NA_CUTOFF,
     source: str = "wells",
 ) -> TreatmentEffect:
     """The paper's treatment-effect flow from well profiles, used by ``raycp profile effect`` and
@@ -157,13 +157,13 @@ def effect_of_wells(
 
     ``accounting`` adds the NaN rule's figures (features dropped, wells left out) and λ.
     Raises :class:`InputError` when no control well is selected."""
-    from raycp.profiles.io import NA_CUTOFF, feature_matrix_na
+    from raycp.profiles.io import feature_matrix_na
     from raycp.profiles.sphere import sphere
 
     mask = np.asarray(control_mask, dtype=bool)
     if not mask.any():
         raise InputError(f"{source}: no control well selected", fix="check the control query")
-    fm = feature_matrix_na(wells, na_cutoff=NA_CUTOFF if na_cutoff is None else na_cutoff, source=source)
+    fm = feature_matrix_na(wells, na_cutoff=na_cutoff, source=source)
     ok, X = fm.ok, fm.X
     if sphere_lambda is not None:
         groups = None if sphere_scope_col is None else wells[sphere_scope_col].to_numpy()[ok]
