@@ -231,29 +231,19 @@ def _register_stage_apps() -> None:
         app.command("run")(run_cli.run)
 
 
-def _usage_error_types() -> tuple[type, ...]:
-    """The exception classes a command-line parse error can be: typer >= 0.2x bundles its own click
-    (``typer._click``, whose exceptions derive from ``typer.TyperException``); older typer used
-    click itself."""
-    types: list[type] = [typer.TyperException]
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """``(usage errors, aborts)``: typer >= 0.2x raises its bundled click's (``typer._click``,
+    derived from ``typer.TyperException``, and ``typer.Abort``); older typer raised click's own."""
+    usage: list[type] = [typer.TyperException]
+    aborts: list[type] = [typer.Abort]
     try:
         import click
 
-        types.append(click.exceptions.ClickException)
+        usage.append(click.exceptions.ClickException)
+        aborts.append(click.exceptions.Abort)
     except ImportError:  # pragma: no cover - click is optional for typer >= 0.2x
         pass
-    return tuple(types)
-
-
-def _abort_types() -> tuple[type, ...]:
-    types: list[type] = [typer.Abort]
-    try:
-        import click
-
-        types.append(click.exceptions.Abort)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(types)
+    return tuple(usage), tuple(aborts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _register_stage_apps()
     runtime.set_quiet(not os.environ.get("RAYCP_DEBUG"))
+    usage_errors, aborts = _click_exceptions()
     try:
         result = app(args=argv, prog_name="raycp", standalone_mode=False)
     except RaycpError as exc:
@@ -274,10 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("raycp: interrupted", err=True)
         return 130
-    except _abort_types():
+    except aborts:
         typer.echo("raycp: interrupted", err=True)
         return 130
-    except _usage_error_types() as exc:
+    except usage_errors as exc:
         show = getattr(exc, "show", None)
         if show is not None:
             show()
@@ -314,7 +305,6 @@ def entry() -> int:
     once, where no Python handler runs. The watcher then prints one line saying the Ray cluster
     went away and that re-running resumes, and exits 4 (the stages write ``complete`` only after
     their outputs, so nothing half-written is marked finished)."""
-    import json
     import signal
     import subprocess
     import tempfile
@@ -341,11 +331,7 @@ def entry() -> int:
         finally:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
-        try:
-            with open(status) as fh:
-                record = json.load(fh)
-        except (OSError, ValueError):
-            record = {}
+        record = runtime.read_status_record(status)
     if record.get("exit") is not None:
         return int(record["exit"])  # the child finished and reported its own outcome
     ray_info = record.get("ray")
@@ -375,19 +361,7 @@ def _report_exit(code: int) -> int:
     """Record the command's own outcome for a supervising ``raycp`` process (see :func:`entry`)."""
     from raycp import runtime
 
-    path = os.environ.get(runtime.STATUS_ENV)
-    if path:
-        import json
-
-        try:
-            with open(path) as fh:
-                record = json.load(fh)
-        except (OSError, ValueError):
-            record = {}
-        record["exit"] = int(code)
-        with open(f"{path}.tmp", "w") as fh:
-            json.dump(record, fh)
-        os.replace(f"{path}.tmp", path)
+    runtime.update_status_record(exit=int(code))
     return code
 
 

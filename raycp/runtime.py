@@ -90,7 +90,7 @@ def init(compute: ComputeConfig | None = None, *, log_to_driver: bool = False):
     _quiet_data_context()
     if _QUIET["on"]:
         quiet_console()
-    _record_connection(ray, address)
+    _record_connection(address)
     return ray
 
 
@@ -146,23 +146,45 @@ STATUS_ENV = "RAYCP_STATUS_FILE"
 """Set by the supervising ``raycp`` process (:func:`raycp.cli.entry`) for the command it runs."""
 
 
-def _record_connection(ray, address: str | None) -> None:
-    """Tell a supervising ``raycp`` process which cluster this process uses: the pids of the
-    processes of a local cluster started here, or the address joined."""
+def read_status_record(path: str) -> dict:
+    """The record a supervised command left for its ``raycp`` process (empty when none)."""
+    import json
+
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+def update_status_record(**fields) -> None:
+    """Add ``fields`` to the record for a supervising ``raycp`` process (:data:`STATUS_ENV`),
+    atomically; nothing when this process is not supervised."""
+    import json
+
     path = os.environ.get(STATUS_ENV)
     if not path:
         return
-    import json
+    record = {**read_status_record(path), **fields}
+    with open(f"{path}.tmp", "w") as fh:
+        json.dump(record, fh)
+    os.replace(f"{path}.tmp", path)
+
+
+def _local_node():
+    """Ray's node object when this process started the cluster it is connected to, else ``None``."""
+    import ray
 
     node = getattr(ray._private.worker, "_global_node", None)
-    pids = {}
-    if node is not None and node.all_processes:
-        pids = {kind: [info.process.pid for info in infos] for kind, infos in node.all_processes.items()}
-    record = {"ray": {"address": address, "started_here": bool(pids), "pids": pids}}
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(record, fh)
-    os.replace(tmp, path)
+    return node if ray.is_initialized() and node is not None and node.all_processes else None
+
+
+def _record_connection(address: str | None) -> None:
+    """Tell a supervising ``raycp`` process which cluster this process uses: the pids of the
+    processes of a local cluster started here, or the address joined."""
+    node = _local_node()
+    pids = {kind: [info.process.pid for info in infos] for kind, infos in node.all_processes.items()} if node else {}
+    update_status_record(ray={"address": address, "started_here": bool(pids), "pids": pids})
 
 
 def pid_alive(pid: int) -> bool:
@@ -183,10 +205,7 @@ def pid_alive(pid: int) -> bool:
 
 def started_here() -> bool:
     """Whether this process started the Ray cluster it is connected to (a local one)."""
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)
-    return bool(ray.is_initialized() and node is not None and node.all_processes)
+    return _local_node() is not None
 
 
 def actor_restart_args() -> dict:
@@ -274,8 +293,8 @@ def lost_cluster(exc: BaseException) -> RuntimeSetupError | None:
 
     if not ray.is_initialized():
         return None
-    node = getattr(ray._private.worker, "_global_node", None)
-    if node is not None and node.all_processes:
+    node = _local_node()
+    if node is not None:
         dead = sorted({kind for kind, _ in node.dead_processes()})
         if not dead:
             return None
@@ -306,7 +325,6 @@ def cluster_gone(what: str) -> RuntimeSetupError:
 def abandon() -> None:
     """After :func:`lost_cluster`: disconnect from the dead cluster and stop what is left of a
     local one, with Ray's shutdown chatter (lost-object recovery notices) kept off stderr."""
-    import os
     import sys
 
     import ray

@@ -177,16 +177,7 @@ def validate(table: pd.DataFrame, channels: list[str] | tuple[str, ...], *, sour
                 if extra_ch else "extra columns must be named Metadata_*")
         raise InputError(f"{source}: unknown column(s) {', '.join(unknown)}", fix=hint)
 
-    out = table.copy()
-    for col in KEYS:
-        blank = out[col].isna() | (out[col].astype(str).str.strip() == "")
-        if blank.any():
-            i = int(np.flatnonzero(blank.to_numpy())[0])
-            raise InputError(f"{source}: {int(blank.sum())} row(s) have no {col} (first: row {i + 1})",
-                             fix=f"fill {col} for every site")
-    out[PLATE] = as_text(out[PLATE]).str.strip()
-    out[WELL] = as_text(out[WELL]).map(normalize_well)
-    out[SITE] = site_numbers(out[SITE], source=source)
+    out = site_keys(table.copy(), source=source)
     for col in (PLATE, WELL):
         for name in out[col].unique():
             urls.safe_name(name, what=f"{source}: {col}")
@@ -224,30 +215,52 @@ def validate(table: pd.DataFrame, channels: list[str] | tuple[str, ...], *, sour
     return index
 
 
+def site_keys(frame: pd.DataFrame, *, source: str, rows: str = "row(s)") -> pd.DataFrame:
+    """``frame`` with its plate, well and site keys in the one form raycp joins on: the plate as
+    text, the well through :func:`normalize_well`, the site an int64. A blank key is an error
+    naming the first row (``rows`` says what a row is, e.g. ``nuclei``)."""
+    for col in KEYS:
+        blank = frame[col].isna() | (frame[col].astype(str).str.strip() == "")
+        if blank.any():
+            i = int(np.flatnonzero(blank.to_numpy())[0])
+            raise InputError(f"{source}: {int(blank.sum())} {rows} have no {col} (first: row {i + 1})",
+                             fix=f"fill {col} for every site")
+    frame[PLATE] = as_text(frame[PLATE]).str.strip()
+    frame[WELL] = as_text(frame[WELL]).map(normalize_well)
+    frame[SITE] = site_numbers(frame[SITE], source=source)
+    return frame
+
+
+def _whole_numbers(values: pd.Series, *, source: str, column: str, expected: str, fix: str,
+                   default: int | None = None, lowest: int | None = None) -> pd.Series:
+    """``values`` (numbers or text) as int64, blanks as ``default`` when given; one error naming
+    the first row that is not a whole number (≥ ``lowest``)."""
+    text = as_text(values).str.strip()
+    numbers = pd.to_numeric(text, errors="coerce")
+    if default is not None:
+        numbers = numbers.where(text.notna() & (text != ""), default)
+    bad = numbers.isna() | (numbers % 1 != 0)
+    if lowest is not None:
+        bad |= numbers < lowest
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise InputError(f"{source}: {column} row {i + 1} is '{values.iloc[i]}', {expected}", fix=fix)
+    return numbers.astype(np.int64)
+
+
 def site_numbers(values: pd.Series, *, source: str, column: str = SITE) -> pd.Series:
     """Site numbers as int64 from numbers or text (``"01"`` -> 1); one error naming the first
     row that is not a whole number."""
-    numbers = pd.to_numeric(as_text(values).str.strip(), errors="coerce")
-    bad = numbers.isna() | (numbers % 1 != 0)
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise InputError(f"{source}: {column} row {i + 1} is '{values.iloc[i]}', not a site number",
-                         fix="number sites 1, 2, 3 ...")
-    return numbers.astype(np.int64)
+    return _whole_numbers(values, source=source, column=column, expected="not a site number",
+                          fix="number sites 1, 2, 3 ...")
 
 
 def plane_numbers(values: pd.Series, default: int, *, lowest: int, source: str, column: str) -> pd.Series:
     """A Frame_/Series_/Channel_ column as int64 (blank = ``default``); one error naming the
     first row that is not a whole number ≥ ``lowest``."""
-    numbers = pd.to_numeric(values.astype(object).where(values.notna(), None), errors="coerce")
-    blank = values.isna() | (values.astype(str).str.strip() == "")
-    numbers = numbers.where(~blank, default)
-    bad = numbers.isna() | (numbers % 1 != 0) | (numbers < lowest)
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise InputError(f"{source}: {column} row {i + 1} is '{values.iloc[i]}', not a whole number ≥ {lowest}",
-                         fix=f"write {column} as 0, 1, 2 ... (CellProfiler numbers frames and series from 0)")
-    return numbers.astype(np.int64)
+    return _whole_numbers(values, source=source, column=column, expected=f"not a whole number ≥ {lowest}",
+                          fix=f"write {column} as 0, 1, 2 ... (CellProfiler numbers frames and series from 0)",
+                          default=default, lowest=lowest)
 
 
 def check_files_exist(index: ScreenIndex, *, source: str = "index", workers: int = 32) -> None:

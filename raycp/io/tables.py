@@ -44,22 +44,9 @@ def every_column(name: str) -> bool:
 
 def as_text(values: pd.Series) -> pd.Series:
     """A column as text (pandas' default text dtype, :data:`TEXT_DTYPE`): strings kept as they
-    are, integers and integral floats as their decimal digits, other numbers as ``repr``,
+    are, integers and integral floats as their decimal digits, other numbers as ``str``,
     missing stays missing."""
-    if pd.api.types.is_bool_dtype(values.dtype):
-        out = values.astype(object).map(lambda v: None if pd.isna(v) else str(bool(v)))
-    elif pd.api.types.is_integer_dtype(values.dtype):
-        out = values.astype(object).map(lambda v: None if pd.isna(v) else str(int(v)))
-    elif pd.api.types.is_float_dtype(values.dtype):
-        def fmt(v):
-            if pd.isna(v):
-                return None
-            f = float(v)
-            return str(int(f)) if f.is_integer() else repr(f)
-        out = values.map(fmt).astype(object)
-    else:
-        out = values.astype(object).map(lambda v: None if _missing(v) else _scalar_text(v))
-    return out.astype(TEXT_DTYPE)
+    return values.astype(object).map(lambda v: None if _missing(v) else _scalar_text(v)).astype(TEXT_DTYPE)
 
 
 def _missing(value) -> bool:
@@ -70,6 +57,8 @@ def _missing(value) -> bool:
 
 
 def _scalar_text(value) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).decode("utf-8", errors="replace")
     if isinstance(value, (float, np.floating)) and float(value).is_integer():

@@ -106,20 +106,17 @@ def input_path(path: str, base: str | None = None) -> str:
         from urllib.parse import unquote, urlparse
 
         text = unquote(urlparse(text).path)
-    if "://" in text:
-        scheme, rest = text.split("://", 1)
-        bucket, _, key = rest.partition("/")
-        key = posixpath.normpath(key) if key else ""
-        return f"{scheme}://{bucket}/{key}" if key and key != "." else f"{scheme}://{bucket}"
-    text = text.replace("\\", "/")
-    if base is None or text.startswith("/"):
-        return os.path.normpath(text) if text else text
-    if "://" in base:
-        scheme, rest = base.split("://", 1)
-        bucket, _, key = rest.partition("/")
-        joined = posixpath.normpath(posixpath.join("/" + key, text)).lstrip("/")
-        return f"{scheme}://{bucket}/{joined}"
-    return os.path.normpath(os.path.join(base, text))
+    if "://" not in text:
+        text = text.replace("\\", "/")
+        if base is None or text.startswith("/"):
+            return os.path.normpath(text) if text else text
+        if "://" not in base:
+            return os.path.normpath(os.path.join(base, text))
+        text = f"{base.rstrip('/')}/{text}"
+    scheme, rest = text.split("://", 1)
+    bucket, _, key = rest.partition("/")
+    key = posixpath.normpath("/" + key).lstrip("/") if key else ""  # '..' stops at the bucket
+    return f"{scheme}://{bucket}/{key}" if key else f"{scheme}://{bucket}"
 
 
 def input_url(path: str, base: str | None = None) -> str:
@@ -171,8 +168,11 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
             os.replace(tmp, path)
         else:
             with_retries(lambda: fs.pipe_file(path, data), url=url)
-    except (PermissionError, NotADirectoryError, FileExistsError, IsADirectoryError) as exc:
+    except _NOT_WRITABLE as exc:
         raise not_writable(url, exc) from None
+
+
+_NOT_WRITABLE = (PermissionError, NotADirectoryError, FileExistsError, IsADirectoryError)
 
 
 def not_writable(url: str, exc: OSError) -> InputError:
@@ -189,7 +189,7 @@ def make_local_folder(path) -> None:
     """``mkdir -p`` for a local output folder, with :func:`not_writable` as its error."""
     try:
         os.makedirs(path, exist_ok=True)
-    except (PermissionError, NotADirectoryError, FileExistsError) as exc:
+    except _NOT_WRITABLE as exc:
         raise not_writable(str(path), exc) from None
 
 

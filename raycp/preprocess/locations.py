@@ -25,7 +25,7 @@ import pandas as pd
 
 from raycp.errors import InputError
 from raycp.io import urls
-from raycp.io.index import PLATE, SITE, WELL, normalize_well, site_numbers
+from raycp.io.index import PLATE, SITE, WELL, site_keys
 from raycp.io.tables import as_text, read_csv_text, text_columns
 from raycp.preprocess.nuclei import NUMBER, X, Y
 
@@ -63,12 +63,7 @@ def canonical(frame: pd.DataFrame, *, source: str, keys: bool = True) -> pd.Data
                 raise InputError(f"{source}: no {key} column (looked for {', '.join(aliases)})",
                                  fix="add plate/well/site columns to the locations table")
             out[key] = frame[col]
-            if out[key].isna().any():
-                raise InputError(f"{source}: {int(out[key].isna().sum())} nuclei have no {col}",
-                                 fix="give every nucleus its plate, well and site")
-        out[PLATE] = as_text(out[PLATE]).str.strip()
-        out[WELL] = as_text(out[WELL]).map(normalize_well)
-        out[SITE] = site_numbers(out[SITE], source=source)
+        site_keys(out, source=source, rows="nuclei")
     for key, aliases in _XY_ALIASES.items():
         col = _pick(frame, aliases)
         if col is None:
