@@ -16,6 +16,12 @@ import typer
 from raycp.console import console as _console
 from raycp.console import print_ledger, track, warn
 from raycp.errors import RaycpError
+from raycp.extract import cli as extract_cli
+from raycp.preprocess import cli as preprocess_cli
+from raycp.profiles import cli as profiles_cli
+from raycp.run import cli as run_cli
+from raycp.screens import cli as screens_cli
+from raycp.train import cli as train_cli
 
 app = typer.Typer(
     name="raycp",
@@ -29,6 +35,13 @@ index_app = typer.Typer(help="Build, check and summarise the screen index (one r
 config_app = typer.Typer(help="Show the resolved run configuration.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 app.add_typer(config_app, name="config")
+# the stages' own apps, registered at import (each module is typer + lazy imports of its library)
+app.add_typer(screens_cli.app, name="screen")
+app.add_typer(preprocess_cli.app, name="preprocess")
+app.add_typer(train_cli.app, name="train")
+app.add_typer(extract_cli.app, name="extract")
+app.add_typer(profiles_cli.app, name="profile")
+app.command("run")(run_cli.run)
 
 EXIT_QUARANTINED = 3
 
@@ -213,24 +226,6 @@ def version() -> None:
     typer.echo(__version__)
 
 
-def _register_stage_apps() -> None:
-    from raycp.extract import cli as extract_cli
-    from raycp.preprocess import cli as preprocess_cli
-    from raycp.profiles import cli as profiles_cli
-    from raycp.run import cli as run_cli
-    from raycp.screens import cli as screens_cli
-    from raycp.train import cli as train_cli
-
-    have = {group.name for group in app.registered_groups}
-    stages = (("screen", screens_cli.app), ("preprocess", preprocess_cli.app), ("train", train_cli.app),
-              ("extract", extract_cli.app), ("profile", profiles_cli.app))
-    for name, sub in stages:
-        if name not in have:
-            app.add_typer(sub, name=name)
-    if "run" not in {command.name for command in app.registered_commands}:
-        app.command("run")(run_cli.run)
-
-
 def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """``(usage errors, aborts)``: typer >= 0.2x raises its bundled click's (``typer._click``,
     derived from ``typer.TyperException``, and ``typer.Abort``); older typer raised click's own."""
@@ -252,7 +247,6 @@ def main(argv: list[str] | None = None) -> int:
     exits 2; a lost Ray cluster exits 4 (see :func:`raycp.runtime.lost_cluster`)."""
     from raycp import runtime
 
-    _register_stage_apps()
     runtime.set_quiet(not os.environ.get("RAYCP_DEBUG"))
     usage_errors, aborts = _click_exceptions()
     try:

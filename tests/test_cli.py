@@ -146,9 +146,8 @@ def _fix_texts() -> list[tuple[str, int, str]]:
 def _cli_options() -> set[str]:
     import typer.main
 
-    from raycp.cli import _register_stage_apps, app
+    from raycp.cli import app  # every stage's app is registered at import
 
-    _register_stage_apps()
     options: set[str] = set()
 
     def walk(command):

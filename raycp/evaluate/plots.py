@@ -115,6 +115,30 @@ def plot_umaps(
     return path
 
 
+def plot_well_umaps(wells: pd.DataFrame, path: str | os.PathLike, *, control_query: str,
+                    sphere_lambda: float | None, scope_col: str | None = None, plate_col: str = "Metadata_Plate",
+                    na_cutoff: float = 0.05, source: str = "wells") -> Path:
+    """:func:`plot_umaps` of a well-profile table: the wells left after the NaN rule
+    (:func:`raycp.profiles.io.feature_matrix_na`), before and (when ``sphere_lambda`` is given)
+    after sphering on the control wells (per ``scope_col`` group when given); paper Fig. 6A/C.
+    Used by ``raycp run`` (evaluate stage) and ``raycp profile evaluate --plots``.
+
+    Raises :class:`raycp.errors.InputError` when the control query selects no well."""
+    from raycp.evaluate import control_mask_from_query
+    from raycp.profiles.io import feature_matrix_na
+    from raycp.profiles.sphere import sphere
+
+    fm = feature_matrix_na(wells, na_cutoff=na_cutoff, source=source)
+    X, ok = fm.X, fm.ok
+    ctrl = control_mask_from_query(wells, control_query)
+    after = None
+    if sphere_lambda is not None:
+        groups = None if scope_col is None else wells[scope_col].to_numpy()[ok]
+        after = sphere(X[ok], ctrl[ok], sphere_lambda, groups)
+    plates = wells[plate_col].to_numpy()[ok] if plate_col in wells.columns else np.zeros(int(ok.sum()))
+    return plot_umaps(X[ok], after, plates, ctrl[ok], path)
+
+
 def write_html(out_dir: str | os.PathLike, images: Sequence[str | os.PathLike], metrics: dict, title: str = "raycp evaluation") -> Path:
     """A small self-describing HTML page: the metrics table and the PNGs (relative links)."""
     out_dir = Path(out_dir)

@@ -33,6 +33,7 @@ import numpy as np
 
 from raycp.errors import InputError
 from raycp.io import urls
+from raycp.layout import RunLayout
 
 FEATURE_PREFIX = "efn"
 
@@ -108,7 +109,7 @@ def _trained(model_cfg, channels: list[str], run: str):
     from raycp.models.network import FeatureModel
     from raycp.models.normalize import normalize
 
-    folder = model_cfg.path or urls.join(run, "train", "model")
+    folder = model_cfg.path or RunLayout(run).model
     try:
         model, info = load_model(folder)
     except RuntimeError as exc:  # state dict does not fit the architecture named in model.json

@@ -40,6 +40,7 @@ from raycp.extract import sources as src
 from raycp.extract import writers
 from raycp.io import urls
 from raycp.io.index import KEYS, PLATE, SITE, WELL, ScreenIndex, url_col
+from raycp.layout import FeatureSetLayout, RunLayout
 from raycp.ledger import PROCESSED, QUARANTINED, Ledger, short_reason
 from raycp.sites import JsonSpec, release_memory
 
@@ -75,8 +76,8 @@ class ExtractSpec(JsonSpec):
         return src.SourceSpec(**self.source)
 
     @property
-    def layout(self) -> writers.FeatureLayout:
-        return writers.FeatureLayout(self.features_folder, self.npz_layout)
+    def layout(self) -> FeatureSetLayout:
+        return FeatureSetLayout(self.features_folder, self.npz_layout)
 
 
 # -- transport of a site between operators (Arrow only: nothing is ever unpickled) ----------------
@@ -355,7 +356,7 @@ class Plan:
     cfg: object
     index: ScreenIndex
     spec: ExtractSpec
-    layout: writers.FeatureLayout
+    layout: FeatureSetLayout
     model_json: dict
     keys: list[dict]
     todo: pd.DataFrame
@@ -425,7 +426,7 @@ def plan(cfg) -> Plan:
         shard_channels, shard_size = _crops_probe(run, index)
         crop_size = shard_size or crop_size
         if shard_channels is not None and not set(channels) <= set(shard_channels):
-            raise InputError(f"{urls.join(run, 'crops')}: the crops hold channels {shard_channels}, "
+            raise InputError(f"{RunLayout(run).folder('crops')}: the crops hold channels {shard_channels}, "
                              f"not all of data.channels {channels}",
                              fix="set data.channels to channels the crops hold, or re-run the crops stage")
     elif cfg.crops.mask and kind != "cellprofiler":
@@ -454,7 +455,7 @@ def plan(cfg) -> Plan:
         del extractor
     model_json.update({"name": cfg.model.folder_name, "layer": cfg.model.layer if kind != "cellprofiler" else None,
                        "input": input_, "crop_size": crop_size if kind != "cellprofiler" else None})
-    layout = writers.FeatureLayout.of(run, cfg.model.folder_name, cfg.outputs.npz_layout)
+    layout = RunLayout(run).features(cfg.model.folder_name, cfg.outputs.npz_layout)
     _check_model_json(layout, model_json)
     source = src.SourceSpec(run=run, input=input_, channels=list(model_channels),
                             config=cfg.model_dump(mode="json"), correct=correct, compressed=compressed,
@@ -485,7 +486,7 @@ def _cp_fingerprint(cfg) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _check_model_json(layout: writers.FeatureLayout, model_json: dict) -> None:
+def _check_model_json(layout: FeatureSetLayout, model_json: dict) -> None:
     """A folder holds one model's features: refuse to resume into one made by another model."""
     try:
         old = json.loads(urls.read_bytes(layout.model_json))
@@ -561,7 +562,7 @@ def stream(ray, plan_: Plan) -> Iterator[dict]:
         yield from batch.to_dict("records")
 
 
-def _n_features(layout: writers.FeatureLayout) -> int:
+def _n_features(layout: FeatureSetLayout) -> int:
     """Feature columns of the compacted site medians (the CellProfiler baseline's count is data-driven)."""
     import pyarrow.parquet as pq
 

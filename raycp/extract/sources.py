@@ -28,6 +28,7 @@ from raycp.errors import InputError
 from raycp.io import urls
 from raycp.io.images import ImageReadError, check_site_planes, read_plane
 from raycp.io.index import IS_CONTROL, KEYS, PLATE, SITE, TREATMENT, WELL, plane_refs, url_col
+from raycp.layout import RunLayout
 from raycp.preprocess import compress as compress_core
 from raycp.preprocess import crops as crops_core
 from raycp.preprocess import illumination as illum_core
@@ -61,12 +62,7 @@ def where(key: dict) -> str:
 
 def crops_url(run: str, key: dict) -> str:
     """The crops stage's shard of a site (``<run>/crops/<plate>/<well>_<site>.parquet``)."""
-    return urls.join(run, "crops", key[PLATE], f"{key[WELL]}_{key[SITE]}.parquet")
-
-
-def nuclei_url(run: str, key: dict) -> str:
-    """The nuclei stage's table of a site (``<run>/nuclei/<plate>/<well>_<site>.parquet``)."""
-    return urls.join(run, "nuclei", key[PLATE], f"{key[WELL]}_{key[SITE]}.parquet")
+    return RunLayout(run).crops(key[PLATE], key[WELL], key[SITE])
 
 
 def _nan_to(value, default=None):
@@ -136,7 +132,7 @@ class SiteSource:
         self.spec = spec
         self.cfg = ExtractConfig.model_validate(spec.config)
         self.pool = ThreadPoolExecutor(max_workers=threads or max(1, min(8, len(spec.channels) + 1)))
-        self._illum = illum_core.PlateFunctions(urls.join(spec.run, "illum") if spec.correct else None)
+        self._illum = illum_core.PlateFunctions(RunLayout(spec.run).illum if spec.correct else None)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
@@ -155,7 +151,7 @@ class SiteSource:
     def nuclei_table(self, key: dict, dna: np.ndarray | None) -> pd.DataFrame:
         """Nuclei centres (canonical CellProfiler columns) from the nuclei stage, a template, or detection."""
         if self.spec.locate == "file":
-            url = nuclei_url(self.spec.run, key)
+            url = RunLayout(self.spec.run).nuclei(key[PLATE], key[WELL], key[SITE])
             try:
                 table = pd.read_parquet(io.BytesIO(urls.read_bytes(url)))
             except FileNotFoundError:
@@ -304,12 +300,12 @@ def decide_input(cfg, run: str) -> str:
         return "images"
     if cfg.input != "auto":
         return cfg.input
-    return "crops" if urls.exists(urls.join(run, "crops", "_SUCCESS")) else "images"
+    return "crops" if urls.exists(RunLayout(run).success("crops")) else "images"
 
 
 def decide_locate(cfg, run: str, *, need_labels: bool = False) -> str:
     """How nuclei are found in the images path: the nuclei stage's files, a per-site template, or detection."""
-    if urls.exists(urls.join(run, "nuclei", "_SUCCESS")):
+    if urls.exists(RunLayout(run).success("nuclei")):
         return "file"
     source = cfg.nuclei.locations
     if source and not loc_core.is_template(source):
@@ -323,8 +319,8 @@ def decide_correct(cfg, run: str, compressed: bool, input_: str) -> bool:
     compressed index); as in the crops stage, correction on but no functions is an error."""
     if input_ != "images" or compressed or not cfg.illumination.enabled:
         return False
-    if not urls.exists(urls.join(run, "illum", "_SUCCESS")):
-        raise InputError(f"{urls.join(run, 'illum')}: no illumination functions (illum/_SUCCESS missing)",
+    if not urls.exists(RunLayout(run).success("illum")):
+        raise InputError(f"{RunLayout(run).illum}: no illumination functions (illum/_SUCCESS missing)",
                          fix="run `raycp preprocess illum` first, or set illumination.enabled=false")
     return True
 

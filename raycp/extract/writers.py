@@ -1,6 +1,6 @@
 """Feature outputs of one model, per site, written atomically (paper Methods, "Feature aggregation").
 
-Layout under ``<run>/features/<model>/``::
+Layout under ``<run>/features/<model>/`` (:class:`raycp.layout.FeatureSetLayout`)::
 
     cells/<plate>/<well>_<site>.parquet   one row per cell: Metadata_* + float32 features
     npz/<plate>/<well>/<site>.npz         optional, DeepProfiler's per-site file (features, metadata, locations)
@@ -30,53 +30,17 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from raycp.io import urls
 from raycp.io.index import KEYS, PLATE, SITE, WELL
+from raycp.layout import FeatureSetLayout, list_site_files
 
 N_CELLS = "Metadata_n_cells"
-MODEL_JSON = "model.json"
 FEATURES = "features"
 FEATURE_NAMES_KEY = b"raycp.feature_names"
-
-
-@dataclass(frozen=True)
-class FeatureLayout:
-    """URLs of one model's feature outputs under ``<run>/features/<model>``."""
-
-    folder: str
-    npz_layout: str = "well/site"
-
-    @classmethod
-    def of(cls, run: str, model_name: str, npz_layout: str = "well/site") -> FeatureLayout:
-        return cls(urls.join(run, "features", model_name), npz_layout)
-
-    def cells(self, plate: str, well: str, site: int) -> str:
-        return urls.join(self.folder, "cells", plate, f"{well}_{site}.parquet")
-
-    def site(self, plate: str, well: str, site: int) -> str:
-        return urls.join(self.folder, "sites", plate, f"{well}_{site}.parquet")
-
-    def npz(self, plate: str, well: str, site: int) -> str:
-        if self.npz_layout == "well_site":
-            return urls.join(self.folder, "npz", plate, f"{well}_{site}.npz")
-        return urls.join(self.folder, "npz", plate, well, f"{site}.npz")
-
-    @property
-    def sites_table(self) -> str:
-        return urls.join(self.folder, "sites.parquet")
-
-    @property
-    def model_json(self) -> str:
-        return urls.join(self.folder, MODEL_JSON)
-
-    @property
-    def success(self) -> str:
-        return urls.join(self.folder, "_SUCCESS")
 
 
 # -- tables ---------------------------------------------------------------------------------------
@@ -202,7 +166,7 @@ def npz_metadata(row_meta: dict, model_name: str) -> dict:
 
 # -- one site --------------------------------------------------------------------------------------
 
-def write_site(layout: FeatureLayout, key: dict, meta: pd.DataFrame, features: np.ndarray, names: list[str], *,
+def write_site(layout: FeatureSetLayout, key: dict, meta: pd.DataFrame, features: np.ndarray, names: list[str], *,
                npz: bool = False, site_info: dict | None = None, model_name: str = "raycp",
                locations: np.ndarray | None = None) -> int:
     """Write a site's cells, optional npz, then its median (the site's finished mark); returns n cells."""
@@ -222,11 +186,9 @@ def write_site(layout: FeatureLayout, key: dict, meta: pd.DataFrame, features: n
 
 # -- resume and compaction ------------------------------------------------------------------------
 
-def list_finished(layout: FeatureLayout) -> set[tuple[str, str, int]]:
+def list_finished(layout: FeatureSetLayout) -> set[tuple[str, str, int]]:
     """Sites with a median file: one listing of ``sites/`` (no per-site probes)."""
-    from raycp.layout import list_site_files
-
-    return list_site_files(urls.join(layout.folder, "sites"), ".parquet")
+    return list_site_files(layout.sites_folder, ".parquet")
 
 
 def _read_site_table(url: str):
@@ -235,7 +197,7 @@ def _read_site_table(url: str):
     return pq.read_table(io.BytesIO(urls.read_bytes(url)))
 
 
-def iter_site_tables(layout: FeatureLayout, keys: Iterable[dict], *, threads: int = 16,
+def iter_site_tables(layout: FeatureSetLayout, keys: Iterable[dict], *, threads: int = 16,
                      window: int = 256) -> Iterator[tuple[dict, object]]:
     """``(key, one-row Arrow table)`` of finished sites, in the order of ``keys`` (parallel reads,
     at most ``window`` in flight)."""
@@ -247,7 +209,7 @@ def iter_site_tables(layout: FeatureLayout, keys: Iterable[dict], *, threads: in
             yield from zip(chunk, tables)
 
 
-def compact_sites(layout: FeatureLayout, keys: list[dict]) -> dict[tuple, int]:
+def compact_sites(layout: FeatureSetLayout, keys: list[dict]) -> dict[tuple, int]:
     """``sites.parquet`` from the per-site medians of ``keys`` (index order), streamed through a
     local temp file (memory: one window of rows); returns ``{(plate, well, site): n_cells}``."""
     import pyarrow as pa

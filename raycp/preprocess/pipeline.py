@@ -6,14 +6,9 @@ outputs itself (atomic writes, names from plate/well/site) and returns one small
 The driver only sees those rows (and, for illumination, per-plate partial sums), so memory stays
 flat whatever the screen size; nothing is materialised.
 
-Run layout (``<run>`` = ``data.output``)::
-
-    illum/<plate>/<channel>.npy, plate.json      one function per plate × channel
-    compressed/<plate>/<well>/<site>/<ch>.png    + sites.parquet (new index), histograms.parquet
-    nuclei/<plate>/<well>_<site>.parquet         nuclei centres (CellProfiler column names)
-    crops/<plate>/<well>_<site>.parquet          crops + manifest.parquet, labels.json
-    <stage>/_sites/<plate>/<well>_<site>.json    per-site receipt, written last (= site finished)
-    <stage>/ledger.parquet, ledger.json, config.yaml, _SUCCESS
+Every URL a stage writes comes from :class:`raycp.layout.RunLayout` (``<run>`` = ``data.output``):
+per-site outputs named from plate/well/site, a receipt per finished site under ``<stage>/_sites``
+(written last), and ``ledger.parquet``, ``ledger.json``, ``config.yaml``, ``_SUCCESS`` per stage.
 
 Re-running a stage lists its own ``_sites`` folder once, skips the sites with a receipt and
 retries the quarantined ones; outputs are byte-identical.
@@ -49,7 +44,7 @@ from raycp.io.index import (
     read_index,
     url_col,
 )
-from raycp.layout import list_site_files
+from raycp.layout import RunLayout, list_site_files
 from raycp.ledger import PROCESSED, QUARANTINED, Ledger, short_reason
 from raycp.preprocess import compress as compress_core
 from raycp.preprocess import crops as crops_core
@@ -60,7 +55,6 @@ from raycp.preprocess.config import PreprocessConfig
 from raycp.sites import JsonSpec, release_memory
 
 STAGES = ("illum", "compress", "nuclei", "crops")
-FOLDERS = {"illum": "illum", "compress": "compressed", "nuclei": "nuclei", "crops": "crops"}
 #: Extra per-site ledger columns of each stage (0 for quarantined sites).
 LEDGER_EXTRAS = {
     "illum": (),
@@ -77,40 +71,6 @@ BLOCKS_PER_CPU = 2
 TRIM_EVERY_SITES = 8
 
 Progress = Callable[..., Iterable]
-
-
-# -- run layout ------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Layout:
-    """URLs of a run's stage outputs; every name derives from plate/well/site."""
-
-    run: str
-
-    def folder(self, stage: str) -> str:
-        return urls.join(self.run, FOLDERS[stage])
-
-    def receipt(self, stage: str, plate: str, well: str, site: int) -> str:
-        return urls.join(self.folder(stage), "_sites", plate, f"{well}_{site}.json")
-
-    def png(self, plate: str, well: str, site: int, channel: str) -> str:
-        return urls.join(self.folder("compress"), plate, well, str(site), f"{channel}.png")
-
-    def nuclei(self, plate: str, well: str, site: int) -> str:
-        return urls.join(self.folder("nuclei"), plate, f"{well}_{site}.parquet")
-
-    @staticmethod
-    def crops_path(plate: str, well: str, site: int) -> str:
-        return f"{plate}/{well}_{site}.parquet"
-
-    def crops(self, plate: str, well: str, site: int) -> str:
-        return urls.join(self.folder("crops"), plate, f"{well}_{site}.parquet")
-
-    def deepprofiler(self) -> str:
-        return urls.join(self.folder("crops"), "deepprofiler")
-
-    def success(self, stage: str) -> str:
-        return urls.join(self.folder(stage), "_SUCCESS")
 
 
 def site_key(row: dict) -> dict:
@@ -139,7 +99,7 @@ class SiteContext:
     def __init__(self, spec: StageSpec, *, threads: int | None = None) -> None:
         self.spec = spec
         self.cfg = PreprocessConfig.model_validate(spec.config)
-        self.layout = Layout(spec.run)
+        self.layout = RunLayout(spec.run)
         self.pool = ThreadPoolExecutor(max_workers=threads or max(1, min(8, len(spec.channels))))
         self._illum = illum_core.PlateFunctions(self.layout.folder("illum") if spec.correct else None)
         #: the 8-bit site and float scratch plane, reused from site to site (:func:`compress.site_to_u8`)
@@ -232,7 +192,7 @@ def process_nuclei(ctx: SiteContext, row: dict) -> dict:
     return _write_receipt(ctx, key, {"n_nuclei": int(len(table))})
 
 
-def _write_nuclei(layout: Layout, key: dict, table: pd.DataFrame) -> None:
+def _write_nuclei(layout: RunLayout, key: dict, table: pd.DataFrame) -> None:
     out = table.copy()
     for k in (SITE, WELL, PLATE):
         out.insert(0, k, key[k])
@@ -245,7 +205,7 @@ def _write_nuclei(layout: Layout, key: dict, table: pd.DataFrame) -> None:
     urls.atomic_write_bytes(layout.nuclei(key[PLATE], key[WELL], key[SITE]), buf.getvalue())
 
 
-def _read_nuclei(layout: Layout, key: dict) -> pd.DataFrame:
+def _read_nuclei(layout: RunLayout, key: dict) -> pd.DataFrame:
     url = layout.nuclei(key[PLATE], key[WELL], key[SITE])
     try:
         data = urls.read_bytes(url)
@@ -340,9 +300,9 @@ def _string_nulls(table):
     return table
 
 
-def _export_deepprofiler(layout: Layout, key: dict, meta: pd.DataFrame, crops: np.ndarray) -> None:
+def _export_deepprofiler(layout: RunLayout, key: dict, meta: pd.DataFrame, crops: np.ndarray) -> None:
     """DeepProfiler ``export-sc``: one PNG strip per cell + this site's rows of ``sc-metadata.csv``."""
-    base = layout.deepprofiler()
+    base = layout.deepprofiler
     names = []
     for i, r in enumerate(meta.itertuples(index=False)):
         x, y = getattr(r, crops_core.CELL_X), getattr(r, crops_core.CELL_Y)
@@ -473,12 +433,12 @@ def _stream(ray, table: pd.DataFrame, fn: Callable, spec: StageSpec, *, min_per_
         yield from batch.to_dict("records")
 
 
-def _list_receipts(layout: Layout, stage: str) -> set[tuple[str, str, int]]:
+def _list_receipts(layout: RunLayout, stage: str) -> set[tuple[str, str, int]]:
     """Sites with a receipt: one listing of the stage's own ``_sites`` folder."""
-    return list_site_files(urls.join(layout.folder(stage), "_sites"), ".json")
+    return list_site_files(layout.receipts(stage), ".json")
 
 
-def _read_receipts(layout: Layout, stage: str, keys: list[dict], *, chunk: int = 256) -> Iterator[dict]:
+def _read_receipts(layout: RunLayout, stage: str, keys: list[dict], *, chunk: int = 256) -> Iterator[dict]:
     """Accounting rows of finished sites from their receipts, read in parallel, a chunk at a time
     (so a large screen's receipts never sit in memory together)."""
     def one(key: dict) -> dict:
@@ -517,7 +477,7 @@ def _run_site_stage(stage: str, index: ScreenIndex, spec: StageSpec, *, compute,
     """Skip sites with a receipt, stream the others through :func:`site_batch`, account for all."""
     from raycp import runtime
 
-    layout = Layout(spec.run)
+    layout = RunLayout(spec.run)
     urls.ensure_writable(layout.folder(stage))
     table = index.table
     done = _list_receipts(layout, stage)
@@ -542,7 +502,7 @@ def _run_site_stage(stage: str, index: ScreenIndex, spec: StageSpec, *, compute,
     return ledger
 
 
-def _finish(stage: str, run, layout: Layout, ledger: Ledger, figures: dict) -> StageResult:
+def _finish(stage: str, run, layout: RunLayout, ledger: Ledger, figures: dict) -> StageResult:
     from raycp import config as cfg
 
     folder = layout.folder(stage)
@@ -554,7 +514,7 @@ def _finish(stage: str, run, layout: Layout, ledger: Ledger, figures: dict) -> S
     return result
 
 
-def _require_illumination(run, layout: Layout, compressed_input: bool = False) -> bool:
+def _require_illumination(run, layout: RunLayout, compressed_input: bool = False) -> bool:
     """Whether to correct; an error when correction is on but the illum stage has not finished."""
     pre = PreprocessConfig.of(run)
     if compressed_input or not pre.illumination.enabled:
@@ -577,7 +537,7 @@ def run_illumination(run, index: ScreenIndex, *, progress: Progress | None = Non
     from raycp import runtime
 
     pre = PreprocessConfig.of(run)
-    layout = Layout(run.data.output)
+    layout = RunLayout(run.data.output)
     folder = layout.folder("illum")
     urls.ensure_writable(folder)
     table = index.table
@@ -676,7 +636,7 @@ def _read_plate_json(folder: str, plate: str) -> dict | None:
 
 def run_compression(run, index: ScreenIndex, *, progress: Progress | None = None) -> StageResult:
     """Stage 2: PNGs + a new index pointing at them; compression ratio and control histograms."""
-    layout = Layout(run.data.output)
+    layout = RunLayout(run.data.output)
     spec = stage_spec("compress", run, index, correct=_require_illumination(run, layout))
     channels = list(index.channels)
     hist = {"controls": np.zeros((len(channels), 256), dtype=np.int64),
@@ -742,7 +702,7 @@ def run_nuclei(run, index: ScreenIndex, *, progress: Progress | None = None,
                compressed_input: bool = False) -> StageResult:
     """Stage 3: nuclei centres per site, imported (CellProfiler) or detected on the DNA channel."""
     pre = PreprocessConfig.of(run)
-    layout = Layout(run.data.output)
+    layout = RunLayout(run.data.output)
     source = pre.nuclei.locations
     if source and not loc_core.is_template(source):
         ledger = _import_locations(run, index, source, progress=progress)
@@ -758,7 +718,7 @@ def run_nuclei(run, index: ScreenIndex, *, progress: Progress | None = None,
 
 def _import_locations(run, index: ScreenIndex, source: str, *, progress: Progress | None) -> Ledger:
     """A whole-screen table (SQLite/Parquet/CSV) split into per-site files on the driver (no images)."""
-    layout = Layout(run.data.output)
+    layout = RunLayout(run.data.output)
     urls.ensure_writable(layout.folder("nuclei"))
     locations = loc_core.read_table(source)
     groups = {k: g for k, g in locations.groupby([PLATE, WELL, SITE], sort=False)}
@@ -797,7 +757,7 @@ def run_crops(run, index: ScreenIndex, *, progress: Progress | None = None,
               compressed_input: bool = False) -> StageResult:
     """Stage 4: fused read → correct → 8 bits → locate → crop, one Parquet shard per site."""
     pre = PreprocessConfig.of(run)
-    layout = Layout(run.data.output)
+    layout = RunLayout(run.data.output)
     if pre.crops.mask:
         _check_channel(index, pre.crops.mask_channel, "crops.mask_channel")
     if urls.exists(layout.success("nuclei")):
@@ -821,7 +781,7 @@ def run_crops(run, index: ScreenIndex, *, progress: Progress | None = None,
     manifest = pd.DataFrame({
         PLATE: [r[PLATE] for r in done], WELL: [r[WELL] for r in done],
         SITE: np.array([r[SITE] for r in done], dtype=np.int64),
-        "path": [Layout.crops_path(r[PLATE], r[WELL], r[SITE]) for r in done],
+        "path": [RunLayout.crops_path(r[PLATE], r[WELL], r[SITE]) for r in done],
         "n_cells": np.array([r["n_cells"] for r in done], dtype=np.int64),
     })
     buf = io.BytesIO()
@@ -835,9 +795,9 @@ def run_crops(run, index: ScreenIndex, *, progress: Progress | None = None,
     return _finish("crops", run, layout, ledger, figures)
 
 
-def _concat_sc_metadata(layout: Layout, done: list[dict]) -> None:
+def _concat_sc_metadata(layout: RunLayout, done: list[dict]) -> None:
     """``sc-metadata.csv`` from the per-site parts, streamed through a local temp file."""
-    base = layout.deepprofiler()
+    base = layout.deepprofiler
     with tempfile.TemporaryDirectory() as tmpdir:
         local = os.path.join(tmpdir, "sc-metadata.csv")
         with open(local, "wb") as out:

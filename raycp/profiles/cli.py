@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import pandas as pd
 import typer
 
@@ -122,21 +121,11 @@ def _warn_no_map_queries(summary: dict) -> None:
 
 def _evaluation_plots(df, control_query, sphere_lambda, scope_col, plate_col, run, output: Path,
                       na_cutoff: float = NA_CUTOFF) -> list[str]:
-    from raycp.evaluate import control_mask_from_query
-    from raycp.evaluate.plots import plot_pr_curve, plot_umaps, write_html
-    from raycp.profiles.io import feature_matrix_na
-    from raycp.profiles.sphere import sphere
+    from raycp.evaluate.plots import plot_pr_curve, plot_well_umaps, write_html
 
-    images = [plot_pr_curve(run.evaluation.pr_curve, output / "pr_curve.png")]
-    fm = feature_matrix_na(df, na_cutoff=na_cutoff)
-    X, ok = fm.X, fm.ok
-    ctrl = control_mask_from_query(df, control_query)
-    after = None
-    if sphere_lambda is not None:
-        groups = None if scope_col is None else df[scope_col].to_numpy()[ok]
-        after = sphere(X[ok], ctrl[ok], sphere_lambda, groups)
-    plates = df[plate_col].to_numpy()[ok] if plate_col in df.columns else np.zeros(int(ok.sum()))
-    images.append(plot_umaps(X[ok], after, plates, ctrl[ok], output / "umap.png"))
+    images = [plot_pr_curve(run.evaluation.pr_curve, output / "pr_curve.png"),
+              plot_well_umaps(df, output / "umap.png", control_query=control_query, sphere_lambda=sphere_lambda,
+                              scope_col=scope_col, plate_col=plate_col, na_cutoff=na_cutoff)]
     write_html(output, images, run.evaluation.summary)
     return [p.name for p in images] + ["plots.html"]
 

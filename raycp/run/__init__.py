@@ -2,8 +2,8 @@
 
 index → illumination → compression → nuclei → crops → WSL training → extraction (the trained CNN
 and the baselines) → well profiles → evaluation (with and without sphering, λ curve) → treatment
-effect → ``report.html``. Stage functions are in :mod:`~raycp.run.stages`, resumption and the
-status files in :mod:`~raycp.run.runner`, the report in :mod:`~raycp.run.report`.
+effect → ``report.html``. The stages are registered in :mod:`raycp.stages` (one module each, the
+report is :mod:`raycp.stages.report`); resumption and fingerprints are in :mod:`~raycp.run.runner`.
 
 Python API::
 

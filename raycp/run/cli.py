@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from raycp.run.config import STAGES
+from raycp.stages import STAGES
 
 EXIT_QUARANTINED = 3
 _STAGES = " | ".join(STAGES)

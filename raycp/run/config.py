@@ -17,10 +17,6 @@ from raycp.extract.config import CellProfilerConfig, InferenceConfig, ModelConfi
 from raycp.preprocess.config import RunConfig
 from raycp.train.config import TrainConfig
 
-STAGES = ("index", "illum", "compress", "nuclei", "crops", "train", "extract", "profiles", "evaluate",
-          "effect", "report")
-"""The stages in order; ``--from``/``--to`` take these names."""
-
 _RUN_FILLS = ("crops", "output", "channels")  # the run sets these from data.* and the crops stage
 
 TrainSection = create_model(
@@ -122,9 +118,9 @@ class PipelineConfig(RunConfig):
         tree = self.train.model_dump(mode="json", exclude={"enabled"})
         if tree["model"].get("imagenet_weights") is None and self.imagenet_weights:
             tree["model"]["imagenet_weights"] = self.imagenet_weights
-        from raycp.io import urls
+        from raycp.layout import RunLayout
 
-        return TrainConfig.model_validate({**tree, "crops": urls.join(self.data.output, "crops"),
+        return TrainConfig.model_validate({**tree, "crops": RunLayout(self.data.output).folder("crops"),
                                            "output": self.data.output, "channels": list(self.data.channels)})
 
     def extract_config(self, model: ModelConfig):

@@ -1,4 +1,5 @@
-"""``raycp run``: the stages in order, resumable, each with its folder, config, status and accounting.
+"""``raycp run``: the registered stages (:mod:`raycp.stages`) in order, resumable, each with its
+folder, config, status and accounting.
 
 A stage's ``status.json`` records ``state`` (``running`` → ``complete``), its wall time, its
 summary and a fingerprint of the config it ran with (chained through the stages before it). On a
@@ -20,45 +21,18 @@ from datetime import datetime, timezone
 from raycp.config import save_resolved
 from raycp.errors import ConfigError, InputError
 from raycp.io import urls
-from raycp.run import stages as S
-from raycp.run.config import STAGES, PipelineConfig
-from raycp.run.report import build_report
-from raycp.run.status import read_status, write_status
-
-RUNNERS: dict[str, Callable[[S.Context], dict]] = {
-    "index": S.run_index, "illum": S.run_illum, "compress": S.run_compress, "nuclei": S.run_nuclei,
-    "crops": S.run_crops, "train": S.run_train, "extract": S.run_extract, "profiles": S.run_profiles,
-    "evaluate": S.run_evaluate, "effect": S.run_effect, "report": None,  # the report is set below
-}
-EXPENSIVE = ("index", "illum", "compress", "nuclei", "crops", "train", "extract")
-"""Stages whose outputs are per-site or per-epoch files: a changed config must not mix into them."""
-
-
-def _science(cfg: PipelineConfig, stage: str) -> dict:
-    """The config a stage's outputs depend on (compute knobs excluded)."""
-    d = cfg.model_dump(mode="json")
-    own = {
-        "index": {"index": d["data"]["index"], "channels": d["data"]["channels"]},
-        "illum": d["illumination"],
-        "compress": d["compression"],
-        "nuclei": d["nuclei"],
-        "crops": d["crops"],
-        "train": cfg.train.model_dump(mode="json", exclude={"compute"}) | {"imagenet_weights": d["imagenet_weights"]},
-        "extract": {"features": d["features"], "cellprofiler": d["cellprofiler"], "outputs": d["outputs"],
-                    "imagenet_weights": d["imagenet_weights"]},
-        "profiles": {"standardize": d["profiles"]["standardize"]},
-        "evaluate": d["profiles"],
-        "effect": d["profiles"],
-        "report": {},
-    }
-    return own[stage]
+from raycp.layout import RunLayout
+from raycp.run.config import PipelineConfig
+from raycp.stages import REGISTRY, STAGES, Context, read_status, write_status
 
 
 def fingerprints(cfg: PipelineConfig) -> dict[str, str]:
-    """Per stage: sha256 of its own science and the fingerprint of the stage before it."""
+    """Per stage: sha256 of its own science (:attr:`Stage.science`: the config its outputs depend
+    on, compute knobs excluded) and the fingerprint of the stage before it."""
     out, previous = {}, ""
     for stage in STAGES:
-        blob = json.dumps({"stage": stage, "science": _science(cfg, stage), "previous": previous}, sort_keys=True)
+        science = REGISTRY[stage].science(cfg)
+        blob = json.dumps({"stage": stage, "science": science, "previous": previous}, sort_keys=True)
         previous = out[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return out
 
@@ -115,9 +89,9 @@ def preflight(cfg: PipelineConfig, chosen: list[str], force: set[str]) -> dict[s
     prints = fingerprints(cfg)
     for stage in chosen:
         st = read_status(cfg, stage)
-        if (stage in EXPENSIVE and stage not in force and st and st.get("state") == "complete"
+        if (REGISTRY[stage].expensive and stage not in force and st and st.get("state") == "complete"
                 and st.get("fingerprint") != prints[stage]):
-            folder = urls.join(cfg.data.output, S.FOLDERS[stage])
+            folder = RunLayout(cfg.data.output).folder(stage)
             raise ConfigError(f"stage {stage!r} in {cfg.data.output} was finished with another config",
                               fix=f"use a new data.output, or delete {folder} and the stages after it")
     return prints
@@ -136,8 +110,8 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, stop: str | N
     chosen = select_stages(start, stop)
     force = set(chosen) if start else set()  # --from: the chosen stages run again (they still resume per site)
     prints = preflight(cfg, chosen, force)
-    ctx = S.Context(cfg=cfg, progress=progress, echo=echo)
-    runners = {**RUNNERS, "report": build_report}
+    ctx = Context(cfg=cfg, progress=progress, echo=echo, stages=tuple(REGISTRY.values()))
+    layout = RunLayout(cfg.data.output)
     records = []
     ran_before = False  # once a stage has (re-)run, the stages after it read new inputs: they run too
     for n, stage in enumerate(chosen, 1):
@@ -149,11 +123,11 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, stop: str | N
             echo(f"[{n}/{len(chosen)}] {stage}: finished earlier ({st.get('seconds', 0):.1f} s), skipped")
             continue
         echo(f"[{n}/{len(chosen)}] {stage} …")
-        folder = urls.join(cfg.data.output, S.FOLDERS[stage])
+        folder = layout.folder(stage)
         started = _now()
         write_status(cfg, stage, state="running", fingerprint=prints[stage], started=started)
         t0 = time.perf_counter()
-        summary = runners[stage](ctx)
+        summary = REGISTRY[stage].run(ctx)
         seconds = time.perf_counter() - t0
         save_resolved(cfg, folder)
         write_status(cfg, stage, state="complete", fingerprint=prints[stage], started=started, finished=_now(),
@@ -165,5 +139,5 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, stop: str | N
         echo(f"[{n}/{len(chosen)}] {stage}: {summary.get('processed', 0)} processed · {q} quarantined · "
              f"{seconds:.1f} s")
     save_resolved(cfg, cfg.data.output)
-    report = urls.join(cfg.data.output, "report.html") if "report" in chosen else None
+    report = layout.report if "report" in chosen else None
     return RunResult(output=cfg.data.output, records=records, report=report)

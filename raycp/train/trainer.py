@@ -31,6 +31,7 @@ import pandas as pd
 
 from raycp.errors import ConfigError, InputError, RaycpError, StorageError
 from raycp.io import urls
+from raycp.layout import RunLayout
 from raycp.models.export import MODEL_FILE, MODEL_JSON
 from raycp.models.normalize import NORMALIZATION
 from raycp.train import data as D
@@ -85,7 +86,8 @@ class TrainResult:
 
 
 def train_dir(cfg: TrainConfig) -> str:
-    return urls.join(cfg.output, "train")
+    """``<output>/train`` (:class:`raycp.layout.RunLayout`)."""
+    return RunLayout(cfg.output).train
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
@@ -162,7 +164,7 @@ def ray_storage(url: str):
 
 def checkpoint_dirs(cfg: TrainConfig) -> list[tuple[int, str]]:
     """``(epoch, url)`` of the run's checkpoint folders, oldest first."""
-    run = urls.join(train_dir(cfg), cfg.name)
+    run = RunLayout(cfg.output).train_run(cfg.name)
     fs, path = urls.filesystem(run)
     if not fs.exists(path):
         return []
@@ -207,7 +209,7 @@ def _check_latest_checkpoint(cfg: TrainConfig) -> str | None:
     if not found:
         return None
     if not cfg.resume:
-        raise ConfigError(f"{urls.join(train_dir(cfg), cfg.name)} already holds checkpoints and resume is off",
+        raise ConfigError(f"{RunLayout(cfg.output).train_run(cfg.name)} already holds checkpoints and resume is off",
                           fix="set resume: true to continue it, or choose another output or name")
     _, url = found[-1]
     try:
@@ -345,7 +347,7 @@ def fit(cfg: TrainConfig, *, inject_failure: dict | None = None, export: bool = 
 
     with final.as_directory() as folder:
         state = load_state(folder, where=final.path)
-    model_dir = urls.join(out, "model")
+    model_dir = RunLayout(cfg.output).model
     if export:
         export_model(state, prep, model_dir)
     from raycp.train import metrics as M

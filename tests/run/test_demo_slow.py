@@ -15,9 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from raycp.layout import stage_folder
 from raycp.run import load, run
-from raycp.run.config import STAGES
-from raycp.run.stages import FOLDERS
+from raycp.stages import STAGES
 from tests.run.run_helper import run_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -91,13 +91,13 @@ def test_killed_during_extraction_resumes_without_redoing_earlier_stages(tiny_sc
     assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    before = {s: json.loads((out / FOLDERS[s] / "status.json").read_text()) for s in STAGES[:STAGES.index("extract")]}
+    before = {s: json.loads((out / stage_folder(s) / "status.json").read_text()) for s in STAGES[:STAGES.index("extract")]}
     assert all(st["state"] == "complete" for st in before.values())
     assert json.loads((out / "features" / "status.json").read_text())["state"] == "running"
     again = run(load(None, sets), echo=print)
     states = {r.stage: r.state for r in again.records}
     assert all(states[s] == "skipped" for s in before) and states["extract"] == "complete", states
-    after = {s: json.loads((out / FOLDERS[s] / "status.json").read_text()) for s in before}
+    after = {s: json.loads((out / stage_folder(s) / "status.json").read_text()) for s in before}
     assert after == before
     summary = json.loads((out / "features" / "status.json").read_text())["summary"]
     assert summary["processed"] == summary["total"]

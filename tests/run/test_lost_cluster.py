@@ -43,9 +43,9 @@ def _raylets(ray_tmp: Path) -> list:
 
 
 def _status(out: Path, stage: str) -> dict:
-    from raycp.run.stages import FOLDERS
+    from raycp.layout import stage_folder
 
-    return json.loads((out / FOLDERS[stage] / "status.json").read_text())
+    return json.loads((out / stage_folder(stage) / "status.json").read_text())
 
 
 @pytest.mark.timeout(900)

@@ -12,14 +12,14 @@ import pytest
 
 from raycp.cli import main
 from raycp.errors import ConfigError
+from raycp.layout import stage_folder
 from raycp.run import load, run
-from raycp.run.config import STAGES
-from raycp.run.stages import FOLDERS
+from raycp.stages import STAGES
 from tests.run.run_helper import run_overrides
 
 
 def _status(out: Path, stage: str) -> dict:
-    return json.loads((out / FOLDERS[stage] / "status.json").read_text())
+    return json.loads((out / stage_folder(stage) / "status.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_every_stage_runs_and_accounts_for_every_input(tiny_run):
         s = st["summary"]
         assert st["state"] == "complete" and st["seconds"] >= 0, stage
         assert s["processed"] + s["quarantined"] == s["total"], stage
-        assert (out / FOLDERS[stage] / "config.yaml").exists(), stage
+        assert (out / stage_folder(stage) / "config.yaml").exists(), stage
     for stage in ("index", "compress", "crops"):
         assert _status(out, stage)["summary"]["total"] == len(sites), stage
     extract = _status(out, "extract")["summary"]

@@ -17,14 +17,7 @@ import pandas as pd
 from raycp.io import urls
 from raycp.io.outputs import read_parquet, write_json
 from raycp.report import Section, render_report
-from raycp.run import stages as S
-from raycp.run.config import STAGES
-from raycp.run.status import read_status
-
-STAGE_TITLES = {"index": "index (sites found)", "illum": "illumination functions", "compress": "compression (PNG)",
-                "nuclei": "nuclei", "crops": "single-cell crops", "train": "CNN training (crops)",
-                "extract": "feature extraction (sites × feature sets)", "profiles": "well profiles (wells × sets)",
-                "evaluate": "evaluation (feature sets)", "effect": "treatment effect (wells)", "report": "report"}
+from raycp.stages.base import Context, Stage, read_status
 
 
 def _png(url: str) -> bytes | None:
@@ -45,13 +38,13 @@ def _plot(draw) -> bytes:
     return buf.getvalue()
 
 
-def _statuses(cfg) -> dict[str, dict]:
+def _statuses(ctx: Context) -> dict[str, dict]:
+    """The status of every registered stage that has started, in the registry's order."""
+    return {s.name: st for s in ctx.stages if (st := read_status(ctx.cfg, s.name)) is not None}
 
-    return {stage: st for stage in STAGES if (st := read_status(cfg, stage)) is not None}
 
-
-def comparison_section(ctx: S.Context) -> Section:
-    url = urls.join(ctx.folder("evaluate"), "comparison.parquet")
+def comparison_section(ctx: Context) -> Section:
+    url = ctx.layout.comparison
     sec = Section("Comparison of feature sets",
                   "Treatment profiles (mean of wells) evaluated as in the paper: cosine similarity, each annotated "
                   "treatment queried against the others, a hit shares ≥1 MoA. map_paper: the paper's mAP (queries "
@@ -69,12 +62,12 @@ def comparison_section(ctx: S.Context) -> Section:
     return sec
 
 
-def lambda_section(ctx: S.Context) -> Section:
+def lambda_section(ctx: Context) -> Section:
     sec = Section("Sphering λ (paper Fig. 6B)", "mAP of each feature set without correction (left) and sphered "
                   "with decreasing λ (stronger whitening to the right); sphering is fitted on the control wells.")
     curves = []
     for model in ctx.cfg.features:
-        url = urls.join(ctx.folder("evaluate"), model.folder_name, "lambda_curve.parquet")
+        url = urls.join(ctx.layout.evaluation(model.folder_name), "lambda_curve.parquet")
         if urls.exists(url):
             curves.append(read_parquet(url))
     if not curves:
@@ -98,20 +91,20 @@ def lambda_section(ctx: S.Context) -> Section:
     return sec
 
 
-def umap_section(ctx: S.Context) -> Section:
+def umap_section(ctx: Context) -> Section:
     sec = Section("Well profiles before and after sphering (paper Fig. 6A/C)",
                   "UMAP (cosine) of well profiles coloured by plate and by control/treated. Before sphering, plates "
                   "separate; after, controls should mix across plates.")
     if not ctx.cfg.profiles.umap:
         sec.text = "Not drawn (profiles.umap is false)."
     for model in ctx.cfg.features:
-        png = _png(urls.join(ctx.folder("evaluate"), model.folder_name, "umap.png"))
+        png = _png(urls.join(ctx.layout.evaluation(model.folder_name), "umap.png"))
         if png:
             sec.figures.append((model.folder_name, png))
     return sec
 
 
-def training_section(ctx: S.Context) -> Section:
+def training_section(ctx: Context) -> Section:
     folder = ctx.folder("train")
     sec = Section("CNN training (paper Fig. 2)", "Weakly supervised: every cell labelled with its treatment "
                   "(controls are classes too); loss, accuracy and macro F1 per epoch on training and held-out cells.")
@@ -129,10 +122,9 @@ def training_section(ctx: S.Context) -> Section:
     return sec
 
 
-def effect_section(ctx: S.Context) -> Section:
-    folder = ctx.folder("effect")
+def effect_section(ctx: Context) -> Section:
     sec = Section("Treatment effect (paper Fig. 3B)", "")
-    url = urls.join(folder, "effect.parquet")
+    url = ctx.layout.effect
     if not urls.exists(url):
         return sec
     from raycp.profiles.effect import EFFECT_COL
@@ -140,7 +132,7 @@ def effect_section(ctx: S.Context) -> Section:
     effect = read_parquet(url)
     subsets = {}
     for name in ("weakest", "median", "strongest"):
-        u = urls.join(folder, "subsets", f"{name}.parquet")
+        u = ctx.layout.effect_subset(name)
         if urls.exists(u):
             subsets[name] = read_parquet(u)
     name = (ctx.summaries.get("effect") or {}).get("feature_set", "")
@@ -170,21 +162,22 @@ def effect_section(ctx: S.Context) -> Section:
     return sec
 
 
-def accounting_section(ctx: S.Context, statuses: dict[str, dict]) -> Section:
+def accounting_section(ctx: Context, statuses: dict[str, dict]) -> Section:
+    titles = {s.name: s.title for s in ctx.stages}
     rows = []
     for stage, st in statuses.items():
         if stage == "report":
             continue
         s = st.get("summary") or {}
         reasons = "; ".join(f"{k} ({v})" for k, v in (s.get("reasons") or {}).items())
-        rows.append({"stage": STAGE_TITLES.get(stage, stage), "total": s.get("total"), "processed": s.get("processed"),
+        rows.append({"stage": titles.get(stage, stage), "total": s.get("total"), "processed": s.get("processed"),
                      "quarantined": s.get("quarantined"), "reasons": reasons or "–"})
     sec = Section("Input accounting", "Every input of every stage is processed or quarantined with a reason "
                   "(processed + quarantined = total); per-site tables are each stage's ledger.parquet.",
                   tables=[("per stage", pd.DataFrame(rows))])
     wells_url = None
     for model in ctx.cfg.features:
-        u = urls.join(ctx.folder("profiles"), model.folder_name, "wells.parquet")
+        u = ctx.layout.wells(model.folder_name)
         if urls.exists(u):
             wells_url = u
             break
@@ -215,12 +208,12 @@ def timing_section(statuses: dict[str, dict]) -> Section:
                    tables=[("per stage", pd.DataFrame(rows))])
 
 
-def build_report(ctx: S.Context) -> dict:
+def build_report(ctx: Context) -> dict:
     """Render ``<run>/report.html`` from the stages' outputs; returns the report stage's summary."""
     from raycp import __version__
 
     cfg = ctx.cfg
-    statuses = _statuses(cfg)
+    statuses = _statuses(ctx)
     for stage, st in statuses.items():
         ctx.summaries.setdefault(stage, st.get("summary") or {})
     index = ctx.summaries.get("index") or {}
@@ -229,7 +222,7 @@ def build_report(ctx: S.Context) -> dict:
     sections = [comparison_section(ctx), lambda_section(ctx), umap_section(ctx), training_section(ctx),
                 effect_section(ctx), accounting_section(ctx, statuses), timing_section(statuses)]
     page = render_report("raycp run report", subtitle, sections)
-    url = urls.join(cfg.data.output, "report.html")
+    url = ctx.layout.report
     urls.atomic_write_text(url, page)
     figures = sum(len(s.figures) for s in sections)
     write_json(urls.join(ctx.folder("report"), "contents.json"),
@@ -238,4 +231,4 @@ def build_report(ctx: S.Context) -> dict:
             "report": url, "figures": figures, "bytes": len(page)}
 
 
-__all__ = ["build_report"]
+STAGE = Stage("report", "report", build_report, lambda cfg: {}, section=None)

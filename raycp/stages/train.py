@@ -1,0 +1,71 @@
+"""The ``train`` stage: weakly supervised training of the Cell Painting CNN (paper Methods,
+"Weakly supervised learning"); resumes from the latest checkpoint (:mod:`raycp.train.trainer`)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from raycp.io.outputs import jsonable
+from raycp.stages.base import Context, Stage, not_run
+
+
+def run_train(ctx: Context) -> dict:
+    """Train on ``<run>/crops`` into ``<run>/train``; the summary holds the last epoch's metrics."""
+    if not ctx.cfg.train.enabled:
+        return not_run("train.enabled=false")
+    from raycp.train import trainer
+
+    cfg = ctx.cfg.train_config()
+    prep = trainer.prepare(cfg)
+    s = prep.summary()
+    ctx.echo(f"  {s['crops']} crops ({s['train']} train / {s['val']} val, {cfg.split.strategy}) · {s['classes']} "
+             f"classes · balanced epoch {s['epoch_samples']} · {cfg.optim.epochs} epochs")
+    with _EpochWatcher(cfg, ctx.echo):
+        result = trainer.fit(cfg)
+    last = result.last
+    val = last.get("val") or {}
+    return jsonable({"total": s["crops"], "processed": s["crops"], "quarantined": 0, "reasons": {},
+                     "epochs": len(result.history), "classes": len(result.classes),
+                     "train_macro_f1": last.get("train", {}).get("macro_f1"), "val_macro_f1": val.get("macro_f1"),
+                     "val_accuracy": val.get("accuracy"), "val_loss": val.get("loss"),
+                     "model": result.model_dir, "reports": result.reports, "history": result.history})
+
+
+class _EpochWatcher:
+    """Prints each checkpointed epoch while Ray Train runs (the workers' own output stays quiet)."""
+
+    def __init__(self, cfg, echo: Callable[[str], None], interval: float = 2.0) -> None:
+        self.cfg, self.echo, self.interval = cfg, echo, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="raycp-epochs", daemon=True)
+
+    def _watch(self) -> None:
+        from raycp.train import trainer
+
+        seen = {e for e, _ in trainer.checkpoint_dirs(self.cfg)}
+        start = time.perf_counter()
+        while not self._stop.wait(self.interval):
+            try:
+                epochs = {e for e, _ in trainer.checkpoint_dirs(self.cfg)}
+            except OSError:
+                continue
+            for e in sorted(epochs - seen):
+                self.echo(f"  epoch {e + 1}/{self.cfg.optim.epochs} checkpointed ({time.perf_counter() - start:.0f} s)")
+            seen |= epochs
+
+    def __enter__(self) -> _EpochWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _science(cfg) -> dict:
+    return cfg.train.model_dump(mode="json", exclude={"compute"}) | {"imagenet_weights": cfg.imagenet_weights}
+
+
+STAGE = Stage("train", "CNN training (crops)", run_train, _science, expensive=True, section="train")
