@@ -1,10 +1,10 @@
 """Where a site's crops come from: the crops stage's shards, or the images in the same pass.
 
 Both give the same ``(metadata, N×C×S×S uint8 crops)`` for a site, in the channel order the model
-takes, with the same pixels: the images path chains the preprocessing stage's pure cores exactly
-as ``raycp preprocess crops`` does (read → illumination correction → 0.05/99.95 percentile
-stretch to 8 bits → nuclei (imported or detected on the corrected DNA channel) → 128×128 crops
-centred on each nucleus, zero-padded at the border; paper Methods, "image preprocessing").
+takes, with the same pixels: the images path is the crops stage's own site → crops path
+(:func:`raycp.preprocess.site.site_crops`: read → illumination correction → 0.05/99.95 percentile
+stretch to 8 bits → nuclei → 128×128 crops; paper Methods, "image preprocessing"), and shards are
+read by the crops stage's one reader (:func:`raycp.preprocess.crops.read_shard`).
 
 The CellProfiler baseline needs whole images and masks instead of crops: :meth:`SiteSource.cp_site`
 gives the corrected channels (float, scaled to [0, 1] as CellProfiler does) and the nuclei labels.
@@ -15,10 +15,6 @@ per-worker state (a thread pool for channel reads, the current plate's illuminat
 
 from __future__ import annotations
 
-import io
-import json
-import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,14 +22,14 @@ import pandas as pd
 
 from raycp.errors import InputError
 from raycp.io import urls
-from raycp.io.images import ImageReadError, check_site_planes, read_plane
-from raycp.io.index import IS_CONTROL, KEYS, PLATE, SITE, TREATMENT, WELL, plane_refs, url_col
+from raycp.io.images import ImageReadError
+from raycp.io.index import KEYS, PLATE, SITE, WELL, url_col
 from raycp.layout import RunLayout
-from raycp.preprocess import compress as compress_core
 from raycp.preprocess import crops as crops_core
 from raycp.preprocess import illumination as illum_core
 from raycp.preprocess import locations as loc_core
 from raycp.preprocess import nuclei as nuclei_core
+from raycp.preprocess.site import SiteReader, cell_metadata, detect, site_crops, site_key, site_nuclei, where
 from raycp.sites import JsonSpec
 
 
@@ -52,56 +48,9 @@ class SourceSpec(JsonSpec):
 
 
 
-def site_key(row: dict) -> dict:
-    return {PLATE: str(row[PLATE]), WELL: str(row[WELL]), SITE: int(row[SITE])}
-
-
-def where(key: dict) -> str:
-    return f"{key[PLATE]} {key[WELL]} site {key[SITE]}"
-
-
 def crops_url(run: str, key: dict) -> str:
     """The crops stage's shard of a site (``<run>/crops/<plate>/<well>_<site>.parquet``)."""
     return RunLayout(run).crops(key[PLATE], key[WELL], key[SITE])
-
-
-def _nan_to(value, default=None):
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return default
-    return value
-
-
-# -- crops shards ---------------------------------------------------------------------------------
-
-def read_crops_shard(url: str, channels: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
-    """A crops shard as ``(metadata, N×C×S×S uint8)`` with its channels put in ``channels`` order."""
-    import pyarrow.parquet as pq
-
-    try:
-        data = urls.read_bytes(url)
-    except FileNotFoundError:
-        raise InputError(f"{url}: no crops for this site (the crops stage quarantined it or did not reach it)",
-                         fix="see crops/ledger.parquet, or set input=images to crop in this pass") from None
-    try:
-        table = pq.read_table(io.BytesIO(data))
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-        raise InputError(f"{url}: unreadable crops shard ({type(exc).__name__})",
-                         fix="re-run `raycp preprocess crops` for this site") from None
-    if crops_core.CROP not in table.column_names:
-        raise InputError(f"{url}: no {crops_core.CROP} column", fix="point at a shard written by `raycp preprocess crops`")
-    stored = json.loads((table.schema.metadata or {}).get(b"raycp.channels", b"null") or "null")
-    crops = crops_core.tensor_to_numpy(table.column(crops_core.CROP), crops_core.crop_shape(table.schema))
-    meta = table.drop_columns([crops_core.CROP]).to_pandas()
-    if stored is None:
-        stored = list(channels)[: crops.shape[1]] if crops.ndim == 4 else []
-    missing = [c for c in channels if c not in stored]
-    if missing:
-        raise InputError(f"{url}: the crops have channels {stored}, not {missing}",
-                         fix="re-run the crops stage with these channels or choose data.channels among them")
-    order = [stored.index(c) for c in channels]
-    if order != list(range(crops.shape[1])):
-        crops = np.ascontiguousarray(crops[:, order])
-    return meta, crops
 
 
 # -- images ---------------------------------------------------------------------------------------
@@ -123,112 +72,32 @@ def seeded_nuclei(dna: np.ndarray, xs: np.ndarray, ys: np.ndarray, *, smoothing_
     return segmentation.watershed(-smooth, markers, mask=fg | (markers > 0)).astype(np.int32)
 
 
-class SiteSource:
+class SiteSource(SiteReader):
     """Per-worker maker of a site's crops (or, for cp-measure, its images and nuclei labels)."""
 
     def __init__(self, spec: SourceSpec, *, threads: int | None = None) -> None:
         from raycp.extract.config import ExtractConfig
 
+        super().__init__(spec.run, correct=spec.correct, threads=threads or min(8, len(spec.channels) + 1))
         self.spec = spec
         self.cfg = ExtractConfig.model_validate(spec.config)
-        self.pool = ThreadPoolExecutor(max_workers=threads or max(1, min(8, len(spec.channels) + 1)))
-        self._illum = illum_core.PlateFunctions(RunLayout(spec.run).illum if spec.correct else None)
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=False)
-
-    # -- reading
-    def read(self, row: dict, channels: list[str]) -> list[np.ndarray]:
-        """The planes of ``channels`` (fetched and decoded in parallel threads), one shape and dtype."""
-        refs = plane_refs(row, channels)
-        planes = [p for p, _ in self.pool.map(read_plane, refs)]
-        check_site_planes(planes, [r.url for r in refs])
-        return planes
-
-    def functions(self, plate: str, channels: list[str]) -> np.ndarray | None:
-        return self._illum.get(plate, channels)
-
-    def nuclei_table(self, key: dict, dna: np.ndarray | None) -> pd.DataFrame:
-        """Nuclei centres (canonical CellProfiler columns) from the nuclei stage, a template, or detection."""
-        if self.spec.locate == "file":
-            url = RunLayout(self.spec.run).nuclei(key[PLATE], key[WELL], key[SITE])
-            try:
-                table = pd.read_parquet(io.BytesIO(urls.read_bytes(url)))
-            except FileNotFoundError:
-                raise InputError(f"{url}: no nuclei for this site (the nuclei stage quarantined it)",
-                                 fix="see nuclei/ledger.parquet for the reason") from None
-        elif self.spec.locate == "template":
-            table = loc_core.read_site_csv(self.cfg.nuclei.locations, key[PLATE], key[WELL], key[SITE])
-        else:
-            table = self._detect(dna)
-        if len(table) == 0:
-            what = "detected" if self.spec.locate == "detect" else "in the locations"
-            raise InputError(f"{where(key)}: empty site, zero nuclei {what}",
-                             fix="nothing to profile: check the DNA image (blank, out of focus?) or the locations")
-        return table.reset_index(drop=True)
-
-    def _detect(self, plane: np.ndarray, *, return_labels: bool = False):
-        n = self.cfg.nuclei
-        return nuclei_core.detect_nuclei(
-            plane, smoothing_sigma=n.smoothing_sigma, threshold_correction=n.threshold_correction,
-            diameter=n.diameter, min_diameter_fraction=n.min_diameter_fraction,
-            max_diameter_fraction=n.max_diameter_fraction, declump_distance_fraction=n.declump_distance_fraction,
-            min_contrast=n.min_contrast, return_labels=return_labels)
-
-    # -- crops
     def crops(self, row: dict) -> tuple[pd.DataFrame, np.ndarray]:
         """``(metadata, N×C×S×S uint8)`` of one site, from its shard or from its images."""
         key = site_key(row)
         if self.spec.input == "crops":
-            meta, crops = read_crops_shard(crops_url(self.spec.run, key), self.spec.channels)
+            meta, crops = crops_core.read_shard(crops_url(self.spec.run, key), self.spec.channels)
             if len(meta) == 0:
                 raise InputError(f"{where(key)}: empty site, the crops shard has no cell",
                                  fix="nothing to profile at this site")
             return meta, crops
-        return self._crops_from_images(row, key)
-
-    def _crops_from_images(self, row: dict, key: dict) -> tuple[pd.DataFrame, np.ndarray]:
-        spec, cfg = self.spec, self.cfg
-        channels = list(spec.channels)
-        dna = channels.index(cfg.nuclei.channel) if spec.locate == "detect" else None
-        if spec.locate == "detect" and dna is None:
-            raise InputError(f"nuclei.channel {cfg.nuclei.channel} is not among {channels}",
-                             fix="set nuclei.channel to the DNA channel")
-        planes = self.read(row, channels)
-        cc = cfg.compression
-        u8, dna_plane = compress_core.site_to_u8(
-            planes, None if spec.compressed else self.functions(key[PLATE], channels), compressed=spec.compressed,
-            dna=dna, low=cc.low_percentile, high=cc.high_percentile, source=row[url_col(channels[0])])
-        del planes
-        table = self.nuclei_table(key, dna_plane)
-        del dna_plane
-        loc_core.check_inside(table, u8.shape[1:], source=where(key))
-        xs = table[nuclei_core.X].to_numpy(np.float64)
-        ys = table[nuclei_core.Y].to_numpy(np.float64)
-        crops, border = crops_core.crop_cells(u8, xs, ys, cfg.crops.size)
-        keep = ~border if cfg.crops.skip_border else np.ones(len(border), dtype=bool)
-        if not keep.any():
-            raise InputError(f"{where(key)}: all {len(border)} nuclei are border cells and crops.skip_border is on",
-                             fix="turn crops.skip_border off to keep them zero-padded")
-        meta = self.cell_metadata(row, key, table, border)[keep].reset_index(drop=True)
-        return meta, np.ascontiguousarray(crops[keep])
+        got = site_crops(self, row, self.cfg, channels=list(self.spec.channels), compressed=self.spec.compressed,
+                         locate=self.spec.locate, metadata_columns=self.spec.metadata_columns)
+        return got.meta, got.crops
 
     def cell_metadata(self, row: dict, key: dict, table: pd.DataFrame, border: np.ndarray) -> pd.DataFrame:
-        """The crops stage's per-cell metadata: keys, cell id, centre, border flag, the index's Metadata_*."""
-        n = len(table)
-        meta = pd.DataFrame({
-            PLATE: [key[PLATE]] * n, WELL: [key[WELL]] * n, SITE: np.full(n, key[SITE], dtype=np.int64),
-            crops_core.CELL_ID: table[nuclei_core.NUMBER].to_numpy(np.int64),
-            crops_core.CELL_X: table[nuclei_core.X].to_numpy(np.float64),
-            crops_core.CELL_Y: table[nuclei_core.Y].to_numpy(np.float64),
-            crops_core.TOUCHES_BORDER: np.asarray(border, dtype=bool),
-            TREATMENT: pd.Series([_nan_to(row.get(TREATMENT))] * n, dtype=object),
-            IS_CONTROL: np.full(n, bool(_nan_to(row.get(IS_CONTROL), False)), dtype=bool),
-        })
-        for col in self.spec.metadata_columns:
-            if col not in meta.columns:
-                meta[col] = pd.Series([_nan_to(row.get(col))] * n, dtype=object)
-        return meta
+        """The crops stage's per-cell metadata (:func:`raycp.preprocess.site.cell_metadata`)."""
+        return cell_metadata(row, key, table, border, metadata_columns=self.spec.metadata_columns)
 
     # -- whole images for the CellProfiler baseline
     def cp_site(self, row: dict) -> tuple[pd.DataFrame, list[np.ndarray], np.ndarray]:
@@ -242,7 +111,7 @@ class SiteSource:
         key = site_key(row)
         spec, cp = self.spec, self.cfg.cellprofiler
         channels = list(spec.channels)
-        planes = self.read(row, channels)
+        planes, _ = self.read(row, channels)
         scale = 255.0 if planes[0].dtype == np.uint8 else 65535.0
         functions = None if spec.compressed else self.functions(key[PLATE], channels)
         images = []
@@ -254,7 +123,7 @@ class SiteSource:
         del planes
         dna = channels.index(self.cfg.nuclei.channel) if self.cfg.nuclei.channel in channels else None
         if cp.nuclei_labels:
-            (mask_plane,) = self.read(row, [cp.nuclei_labels])
+            (mask_plane,), _ = self.read(row, [cp.nuclei_labels])
             if mask_plane.shape != images[0].shape:
                 raise ImageReadError(f"{row[url_col(cp.nuclei_labels)]}: label image {mask_plane.shape} differs from "
                                      f"the site's {images[0].shape}", fix="the label image must match the site")
@@ -263,9 +132,9 @@ class SiteSource:
             if dna is None:
                 raise InputError(f"nuclei.channel {self.cfg.nuclei.channel} is not among {channels}",
                                  fix="set nuclei.channel to the DNA channel")
-            table, labels = self._detect(images[dna] * np.float32(scale), return_labels=True)
+            table, labels = detect(self.cfg.nuclei, images[dna] * np.float32(scale), return_labels=True)
         else:
-            table = self.nuclei_table(key, None)
+            table = site_nuclei(spec.locate, run=spec.run, key=key, nuclei_cfg=self.cfg.nuclei, dna_plane=None)
             loc_core.check_inside(table, images[0].shape, source=where(key))
             base = images[dna] if dna is not None else images[0]
             labels = seeded_nuclei(base, table[nuclei_core.X].to_numpy(), table[nuclei_core.Y].to_numpy(),

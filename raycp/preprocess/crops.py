@@ -138,22 +138,71 @@ def binary_to_numpy(array, shape) -> np.ndarray:
 
 
 def tensor_to_numpy(column, shape=None) -> np.ndarray:
-    """``N×C×S×S`` numpy array from a ``Crop`` column (pyarrow Array or ChunkedArray):
-    ``fixed_size_binary`` with its ``shape`` (``C, S, S``), or a ``fixed_shape_tensor``."""
+    """``N×C×S×S`` uint8 from a crop column (pyarrow Array or ChunkedArray, chunk by chunk, no
+    concatenation of the Arrow buffers): ``fixed_size_binary`` with its ``shape`` (``C, S, S``;
+    raycp's layout), a fixed-shape tensor (Arrow's or Ray Data's extension), raw ``binary`` with
+    its ``shape``, or nested lists. The one decoder of crop shards: the crops stage, extraction
+    and training read with it.
+
+    Raises :class:`InputError` when the shape is needed but not given, or the values are not
+    8-bit crops."""
     import pyarrow as pa
 
     chunks = [chunk for chunk in getattr(column, "chunks", [column]) if len(chunk)]
-    if pa.types.is_fixed_size_binary(column.type):
-        if shape is None:
-            raise InputError("a binary Crop column needs its shape", fix="read raycp.crop_shape from the schema")
-        arrays = [binary_to_numpy(chunk, shape) for chunk in chunks]
-        empty_shape = tuple(shape)
-    else:
-        arrays = [chunk.to_numpy_ndarray() for chunk in chunks]
-        empty_shape = tuple(column.type.shape)
+    arrays = [_chunk_to_numpy(chunk, shape) for chunk in chunks]
     if not arrays:
-        return np.zeros((0, *empty_shape), dtype=np.uint8)
-    return np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+        typ = column.type
+        empty = tuple(shape) if shape is not None else tuple(getattr(typ, "shape", ()) or ())
+        if not empty and pa.types.is_fixed_size_binary(typ):
+            raise InputError("a binary Crop column needs its shape", fix="read raycp.crop_shape from the schema")
+        return np.zeros((0, *empty), dtype=np.uint8)
+    out = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+    return _check_crops(out)
+
+
+def _chunk_to_numpy(chunk, shape) -> np.ndarray:
+    import pyarrow as pa
+
+    n = len(chunk)
+    if isinstance(chunk.type, pa.BaseExtensionType):
+        try:
+            arr = chunk.to_numpy_ndarray() if hasattr(chunk, "to_numpy_ndarray") else chunk.to_numpy()
+            if arr.dtype == object:
+                arr = np.stack(list(arr))
+        except Exception:  # noqa: BLE001 - an extension type we do not know: read its storage
+            chunk = chunk.storage
+        else:
+            arr = np.asarray(arr)
+            return arr.reshape((n, *shape)) if shape and arr.ndim == 2 else arr
+    typ = chunk.type
+    if pa.types.is_fixed_size_binary(typ) or pa.types.is_binary(typ) or pa.types.is_large_binary(typ):
+        if shape is None:
+            raise InputError("a binary Crop column needs its shape (raycp.crop_shape in the schema)",
+                             fix="read raycp.crop_shape from the schema, or write it (C, S, S)")
+        if pa.types.is_fixed_size_binary(typ):
+            return binary_to_numpy(chunk, shape)
+        return np.frombuffer(b"".join(chunk.to_pylist()), dtype=np.uint8).reshape((n, *shape))
+    dims, values = [], chunk
+    while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or pa.types.is_fixed_size_list(values.type):
+        if pa.types.is_fixed_size_list(values.type):
+            dims.append(values.type.list_size)
+        values = values.flatten()
+    if shape is None:
+        shape = tuple(dims[:3]) if len(dims) >= 3 else None
+    if shape is None:
+        raise InputError("cannot infer the crop shape from a flat list column",
+                         fix="write the shape in the Parquet schema metadata (raycp.crop_shape)")
+    return values.to_numpy(zero_copy_only=False).reshape((n, *shape))
+
+
+def _check_crops(arr: np.ndarray) -> np.ndarray:
+    if arr.ndim != 4:
+        raise InputError(f"crops have shape {arr.shape[1:]}, expected C×S×S", fix="write uint8 C×S×S crops")
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.integer) and arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise InputError(f"crops are {arr.dtype} with values outside 0..255", fix="write uint8 crops")
+        arr = arr.astype(np.uint8)
+    return arr
 
 
 def crops_batch_to_numpy(batch: dict, shape) -> dict:
@@ -164,18 +213,41 @@ def crops_batch_to_numpy(batch: dict, shape) -> dict:
     return {**batch, CROP: np.frombuffer(data, dtype=np.uint8).reshape(len(raw), *shape)}
 
 
-def read_shard(url: str) -> tuple[pd.DataFrame, np.ndarray]:
-    """One crops shard: ``(metadata DataFrame, N×C×S×S uint8)``."""
+def read_shard(url: str, channels: list[str] | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """One crops shard as ``(metadata DataFrame, N×C×S×S uint8)``; with ``channels``, its crop
+    channels put in that order (from the shard's ``raycp.channels``).
+
+    Raises :class:`InputError` naming the shard when it is missing, unreadable, has no ``Crop``
+    column, or lacks one of ``channels``."""
     import pyarrow.parquet as pq
 
     try:
         data = urls.read_bytes(url)
     except FileNotFoundError:
-        raise InputError(f"{url}: crops shard not found", fix="re-run `raycp preprocess crops`") from None
-    table = pq.read_table(io.BytesIO(data))
+        raise InputError(f"{url}: no crops for this site (the crops stage quarantined it or did not reach it)",
+                         fix="see crops/ledger.parquet, or set input=images to crop in this pass") from None
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise InputError(f"{url}: unreadable crops shard ({type(exc).__name__})",
+                         fix="re-run `raycp preprocess crops` for this site") from None
     if CROP not in table.column_names:
         raise InputError(f"{url}: no {CROP} column", fix="point at a shard written by `raycp preprocess crops`")
-    return table.drop_columns([CROP]).to_pandas(), tensor_to_numpy(table.column(CROP), crop_shape(table.schema))
+    crops = tensor_to_numpy(table.column(CROP), crop_shape(table.schema))
+    meta = table.drop_columns([CROP]).to_pandas()
+    if channels is None:
+        return meta, crops
+    stored = json.loads((table.schema.metadata or {}).get(b"raycp.channels", b"null") or "null")
+    if stored is None:
+        stored = list(channels)[: crops.shape[1]]
+    missing = [c for c in channels if c not in stored]
+    if missing:
+        raise InputError(f"{url}: the crops have channels {stored}, not {missing}",
+                         fix="re-run the crops stage with these channels or choose data.channels among them")
+    order = [stored.index(c) for c in channels]
+    if order != list(range(crops.shape[1])):
+        crops = np.ascontiguousarray(crops[:, order])
+    return meta, crops
 
 
 def shard_urls(folder: str) -> list[str]:

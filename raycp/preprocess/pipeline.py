@@ -1,8 +1,9 @@
 """Ray Data adapters: stream a screen's sites through the pure cores, one stage at a time.
 
 Every stage is ``from_pandas(index blocks) → map_batches(task, one site per call)``: the task
-reads the site's channel files (fsspec, in parallel threads), runs the core, writes the site's
-outputs itself (atomic writes, names from plate/well/site) and returns one small accounting row.
+(:mod:`raycp.preprocess.tasks`) reads the site's channel files (fsspec, in parallel threads), runs
+the core, writes the site's outputs itself (atomic writes, names from plate/well/site) and returns
+one small accounting row.
 The driver only sees those rows (and, for illumination, per-plate partial sums), so memory stays
 flat whatever the screen size; nothing is materialised.
 
@@ -30,7 +31,6 @@ import pandas as pd
 
 from raycp.errors import ConfigError, InputError
 from raycp.io import urls
-from raycp.io.images import ImageReadError, check_site_planes, read_plane
 from raycp.io.index import (
     IS_CONTROL,
     KEYS,
@@ -40,19 +40,17 @@ from raycp.io.index import (
     TREATMENT,
     WELL,
     ScreenIndex,
-    plane_refs,
     read_index,
     url_col,
 )
 from raycp.layout import RunLayout, list_site_files
 from raycp.ledger import PROCESSED, QUARANTINED, Ledger, short_reason
 from raycp.preprocess import compress as compress_core
-from raycp.preprocess import crops as crops_core
 from raycp.preprocess import illumination as illum_core
 from raycp.preprocess import locations as loc_core
-from raycp.preprocess import nuclei as nuclei_core
 from raycp.preprocess.config import PreprocessConfig
-from raycp.sites import JsonSpec, release_memory
+from raycp.preprocess.site import no_nuclei, site_key
+from raycp.preprocess.tasks import StageSpec, illumination_batch, site_batch, write_nuclei
 
 STAGES = ("illum", "compress", "nuclei", "crops")
 #: Extra per-site ledger columns of each stage (0 for quarantined sites).
@@ -67,327 +65,8 @@ COMPRESSED_MARK = b"raycp.preprocessed"
 #: this many blocks per CPU while there are enough sites.
 SITES_PER_TASK = 32
 BLOCKS_PER_CPU = 2
-#: A worker gives its freed heap back to the OS after this many sites (:func:`release_memory`).
-TRIM_EVERY_SITES = 8
 
 Progress = Callable[..., Iterable]
-
-
-def site_key(row: dict) -> dict:
-    return {PLATE: str(row[PLATE]), WELL: str(row[WELL]), SITE: int(row[SITE])}
-
-
-# -- what a worker needs, as JSON (no user data is ever unpickled) ----------------------------------
-
-@dataclass
-class StageSpec(JsonSpec):
-    stage: str
-    run: str
-    channels: list[str]
-    config: dict
-    correct: bool = True                  # apply the plate's illumination functions
-    compressed_input: bool = False        # the index points at compressed 8-bit PNGs
-    locate: str = "detect"                # crops/nuclei: detect | file | template
-    labels: dict[str, int] = field(default_factory=dict)
-    metadata_columns: list[str] = field(default_factory=list)
-
-
-
-class SiteContext:
-    """Per-worker state: config, a thread pool for channel reads, the current plate's functions."""
-
-    def __init__(self, spec: StageSpec, *, threads: int | None = None) -> None:
-        self.spec = spec
-        self.cfg = PreprocessConfig.model_validate(spec.config)
-        self.layout = RunLayout(spec.run)
-        self.pool = ThreadPoolExecutor(max_workers=threads or max(1, min(8, len(spec.channels))))
-        self._illum = illum_core.PlateFunctions(self.layout.folder("illum") if spec.correct else None)
-        #: the 8-bit site and float scratch plane, reused from site to site (:func:`compress.site_to_u8`)
-        self.buffers: dict[str, np.ndarray] = {}
-
-    def functions(self, plate: str, channels: list[str]) -> np.ndarray | None:
-        return self._illum.get(plate, channels)
-
-    def read(self, row: dict, channels: list[str]) -> tuple[list[np.ndarray], int]:
-        """The site's planes of ``channels`` (fetched and decoded in parallel threads; not stacked,
-        to spare a copy) and the bytes read from storage."""
-        refs = plane_refs(row, channels)
-        planes_sizes = list(self.pool.map(read_plane, refs))
-        planes = [p for p, _ in planes_sizes]
-        check_site_planes(planes, [r.url for r in refs])
-        return planes, int(sum(s for _, s in planes_sizes))
-
-
-def _nan_to(value, default):
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return default
-    return value
-
-
-# -- per-site work of each stage (called inside a Ray task; callable without Ray in tests) ----------
-
-def _write_receipt(ctx: SiteContext, key: dict, receipt: dict) -> dict:
-    urls.atomic_write_text(ctx.layout.receipt(ctx.spec.stage, key[PLATE], key[WELL], key[SITE]),
-                           json.dumps(receipt, sort_keys=True))
-    return receipt
-
-
-def process_compress(ctx: SiteContext, row: dict) -> dict:
-    """Correct, stretch to the 0.05/99.95 percentiles, 8 bits, one PNG per channel."""
-    key = site_key(row)
-    channels = list(ctx.spec.channels)
-    planes, file_bytes = ctx.read(row, channels)
-    functions = ctx.functions(key[PLATE], channels)
-    cc = ctx.cfg.compression
-    png_total = 0
-    limits, hists = [], []
-    for c, ch in enumerate(channels):
-        u8, _, lo, hi = compress_core.compress_plane(planes[c], None if functions is None else functions[c],
-                                                     low=cc.low_percentile, high=cc.high_percentile,
-                                                     keep_corrected=False)
-        data = compress_core.png_bytes(u8, cc.png_level)
-        urls.atomic_write_bytes(ctx.layout.png(key[PLATE], key[WELL], key[SITE], ch), data)
-        png_total += len(data)
-        limits.append([lo, hi])
-        hists.append(compress_core.histogram(u8).tolist())
-    return _write_receipt(ctx, key, {
-        "raw_bytes": int(sum(p.nbytes for p in planes)), "file_bytes": file_bytes, "png_bytes": png_total,
-        "height": int(planes[0].shape[0]), "width": int(planes[0].shape[1]), "dtype": str(planes[0].dtype),
-        "limits": limits, "histogram": hists,
-    })
-
-
-def _detect(ctx: SiteContext, plane: np.ndarray) -> pd.DataFrame:
-    n = ctx.cfg.nuclei
-    return nuclei_core.detect_nuclei(
-        plane, smoothing_sigma=n.smoothing_sigma, threshold_correction=n.threshold_correction,
-        diameter=n.diameter, min_diameter_fraction=n.min_diameter_fraction,
-        max_diameter_fraction=n.max_diameter_fraction, declump_distance_fraction=n.declump_distance_fraction,
-        min_contrast=n.min_contrast)
-
-
-def _no_nuclei(key: dict, what: str) -> InputError:
-    return InputError(f"{key[PLATE]} {key[WELL]} site {key[SITE]}: zero nuclei {what}",
-                      fix="check the DNA image (blank, out of focus?) or the locations source")
-
-
-def process_nuclei(ctx: SiteContext, row: dict) -> dict:
-    """Nuclei centres of one site (detected on the corrected DNA channel, or its per-site CSV)."""
-    key = site_key(row)
-    if ctx.spec.locate == "template":
-        table = loc_core.read_site_csv(ctx.cfg.nuclei.locations, key[PLATE], key[WELL], key[SITE])
-        shape = None
-    else:
-        dna = ctx.cfg.nuclei.channel
-        (raw,), _ = ctx.read(row, [dna])
-        functions = ctx.functions(key[PLATE], [dna])
-        plane = illum_core.correct(raw, None if functions is None else functions[0])
-        table = _detect(ctx, plane)
-        shape = raw.shape
-    if len(table) == 0:
-        raise _no_nuclei(key, "detected" if shape is not None else "in the locations file")
-    if shape is not None:
-        loc_core.check_inside(table, shape, source=f"{key[PLATE]} {key[WELL]} site {key[SITE]}")
-    _write_nuclei(ctx.layout, key, table)
-    return _write_receipt(ctx, key, {"n_nuclei": int(len(table))})
-
-
-def _write_nuclei(layout: RunLayout, key: dict, table: pd.DataFrame) -> None:
-    out = table.copy()
-    for k in (SITE, WELL, PLATE):
-        out.insert(0, k, key[k])
-    if nuclei_core.AREA not in out.columns:
-        out[nuclei_core.AREA] = np.int64(0)
-        out[nuclei_core.BORDER] = False
-    out = out[[PLATE, WELL, SITE, *nuclei_core.COLUMNS]]
-    buf = io.BytesIO()
-    out.to_parquet(buf, index=False)
-    urls.atomic_write_bytes(layout.nuclei(key[PLATE], key[WELL], key[SITE]), buf.getvalue())
-
-
-def _read_nuclei(layout: RunLayout, key: dict) -> pd.DataFrame:
-    url = layout.nuclei(key[PLATE], key[WELL], key[SITE])
-    try:
-        data = urls.read_bytes(url)
-    except FileNotFoundError:
-        raise InputError(f"{url}: no nuclei for this site (the nuclei stage quarantined it)",
-                         fix="see nuclei/ledger.parquet for the reason") from None
-    import pyarrow.parquet as pq
-
-    return pq.read_table(io.BytesIO(data)).to_pandas()
-
-
-def process_crops(ctx: SiteContext, row: dict) -> dict:
-    """Read → correct → stretch to 8 bits → locate → crop, fused: the site is read once."""
-    key = site_key(row)
-    spec, cfg = ctx.spec, ctx.cfg
-    mask_channel = cfg.crops.mask_channel if cfg.crops.mask else None
-    channels = [c for c in spec.channels if c != mask_channel]
-    dna = channels.index(cfg.nuclei.channel) if spec.locate == "detect" else None
-    planes, _ = ctx.read(row, channels)
-    cc = cfg.compression
-    u8, dna_plane = compress_core.site_to_u8(
-        planes, None if spec.compressed_input else ctx.functions(key[PLATE], channels),
-        compressed=spec.compressed_input, dna=dna, low=cc.low_percentile, high=cc.high_percentile,
-        source=row[url_col(channels[0])], buffers=ctx.buffers)
-    del planes
-    where = f"{key[PLATE]} {key[WELL]} site {key[SITE]}"
-    if spec.locate == "file":
-        table = _read_nuclei(ctx.layout, key)
-    elif spec.locate == "template":
-        table = loc_core.read_site_csv(cfg.nuclei.locations, key[PLATE], key[WELL], key[SITE])
-    else:
-        table = _detect(ctx, dna_plane)
-    del dna_plane
-    if len(table) == 0:
-        raise _no_nuclei(key, "detected" if spec.locate == "detect" else "in the locations")
-    loc_core.check_inside(table, u8.shape[1:], source=where)
-    size = cfg.crops.size
-    xs = table[nuclei_core.X].to_numpy(np.float64)
-    ys = table[nuclei_core.Y].to_numpy(np.float64)
-    crops, border = crops_core.crop_cells(u8, xs, ys, size)
-    out_channels = list(channels)
-    if mask_channel:
-        (mask_plane,), _ = ctx.read(row, [mask_channel])
-        if mask_plane.shape != u8.shape[1:]:
-            raise ImageReadError(f"{row[url_col(mask_channel)]}: mask shape {mask_plane.shape} differs from "
-                                 f"the image's {u8.shape[1:]}", fix="the label image must match the site")
-        masks = crops_core.mask_crops(crops_core.label_image(mask_plane), xs, ys, size)
-        crops = np.concatenate([crops, masks[:, None]], axis=1)
-        out_channels.append(mask_channel)
-    n_border = int(border.sum())
-    keep = ~border if cfg.crops.skip_border else np.ones(len(border), dtype=bool)
-    if not keep.any():
-        raise InputError(f"{where}: all {len(border)} nuclei are border cells and crops.skip_border is on",
-                         fix="turn crops.skip_border off to keep them zero-padded")
-    meta = _crop_metadata(spec, row, key, table, border)[keep].reset_index(drop=True)
-    crops = crops[keep]
-    arrow = crops_core.crops_table(crops, meta, out_channels)
-    arrow = _string_nulls(arrow)
-    urls.atomic_write_bytes(ctx.layout.crops(key[PLATE], key[WELL], key[SITE]), crops_core.table_bytes(arrow))
-    if cfg.crops.export_deepprofiler:
-        _export_deepprofiler(ctx.layout, key, meta, crops)
-    return _write_receipt(ctx, key, {"n_cells": int(len(meta)), "n_border": n_border,
-                                     "channels": out_channels})
-
-
-def _crop_metadata(spec: StageSpec, row: dict, key: dict, table: pd.DataFrame, border: np.ndarray) -> pd.DataFrame:
-    n = len(table)
-    treatment = _nan_to(row.get(TREATMENT), None)
-    meta = pd.DataFrame({
-        PLATE: [key[PLATE]] * n, WELL: [key[WELL]] * n, SITE: np.full(n, key[SITE], dtype=np.int64),
-        crops_core.CELL_ID: table[nuclei_core.NUMBER].to_numpy(np.int64),
-        crops_core.CELL_X: table[nuclei_core.X].to_numpy(np.float64),
-        crops_core.CELL_Y: table[nuclei_core.Y].to_numpy(np.float64),
-        crops_core.TOUCHES_BORDER: border.astype(bool),
-        TREATMENT: pd.Series([treatment] * n, dtype=object),
-        IS_CONTROL: np.full(n, bool(row.get(IS_CONTROL, False)), dtype=bool),
-        crops_core.LABEL: np.full(n, spec.labels.get(treatment, -1) if treatment is not None else -1, dtype=np.int64),
-    })
-    for col in spec.metadata_columns:
-        if col not in meta.columns:
-            meta[col] = pd.Series([_nan_to(row.get(col), None)] * n, dtype=object)
-    return meta
-
-
-def _string_nulls(table):
-    """All-null and large-string metadata columns become strings: every shard has one schema."""
-    import pyarrow as pa
-
-    for i, f in enumerate(table.schema):
-        if pa.types.is_null(f.type) or pa.types.is_large_string(f.type):
-            table = table.set_column(i, pa.field(f.name, pa.string()), table.column(i).cast(pa.string()))
-    return table
-
-
-def _export_deepprofiler(layout: RunLayout, key: dict, meta: pd.DataFrame, crops: np.ndarray) -> None:
-    """DeepProfiler ``export-sc``: one PNG strip per cell + this site's rows of ``sc-metadata.csv``."""
-    base = layout.deepprofiler
-    names = []
-    for i, r in enumerate(meta.itertuples(index=False)):
-        x, y = getattr(r, crops_core.CELL_X), getattr(r, crops_core.CELL_Y)
-        target = int(getattr(r, crops_core.LABEL))
-        name = crops_core.deepprofiler_image_name(key[PLATE], key[WELL], key[SITE], target, x, y)
-        urls.atomic_write_bytes(urls.join(base, name), compress_core.png_bytes(crops_core.deepprofiler_strip(crops[i])))
-        names.append(name)
-    part = pd.DataFrame({
-        PLATE: meta[PLATE], WELL: meta[WELL], SITE: meta[SITE],
-        "Nuclei_Location_Center_X": meta[crops_core.CELL_X], "Nuclei_Location_Center_Y": meta[crops_core.CELL_Y],
-        TREATMENT: meta[TREATMENT], crops_core.TOUCHES_BORDER: meta[crops_core.TOUCHES_BORDER],
-        "Key": f"{key[PLATE]}/{key[WELL]}/{key[SITE]}", "Target": meta[crops_core.LABEL], "Image_Name": names,
-    })
-    urls.atomic_write_text(urls.join(base, "_parts", key[PLATE], f"{key[WELL]}_{key[SITE]}.csv"),
-                           part.to_csv(index=False))
-
-
-PROCESSORS = {"compress": process_compress, "nuclei": process_nuclei, "crops": process_crops}
-
-
-def process_row(ctx: SiteContext, row: dict) -> dict:
-    """One accounting row: processed with its receipt, or quarantined with a one-line reason."""
-    key = site_key(row)
-    try:
-        receipt = PROCESSORS[ctx.spec.stage](ctx, row)
-        return {**key, "status": PROCESSED, "reason": "", "receipt": json.dumps(receipt, sort_keys=True)}
-    except Exception as exc:  # noqa: BLE001 - every failure becomes the site's quarantine reason
-        return {**key, "status": QUARANTINED, "reason": short_reason(exc), "receipt": ""}
-
-
-#: One context per worker process, reused by the tasks of a stage (Ray reuses task workers).
-_CONTEXTS: dict[str, SiteContext] = {}
-
-
-def _context(spec_json: str) -> SiteContext:
-    ctx = _CONTEXTS.get(spec_json)
-    if ctx is None:
-        for old in _CONTEXTS.values():
-            old.pool.shutdown(wait=False)
-        _CONTEXTS.clear()
-        ctx = _CONTEXTS[spec_json] = SiteContext(StageSpec.from_json(spec_json))
-    return ctx
-
-
-def site_batch(batch: pd.DataFrame, spec_json: str) -> pd.DataFrame:
-    """The Ray Data task of the per-site stages: one accounting row per site of ``batch``."""
-    ctx = _context(spec_json)
-    rows = []
-    for row in batch.to_dict("records"):
-        rows.append(process_row(ctx, row))
-        # not after every site: the next site reuses the freed pages, and trimming made each one
-        # fault its ~60 MB back in (measured +25 ms of CPU a site, a third of its processing)
-        release_memory(every=TRIM_EVERY_SITES)
-    return pd.DataFrame(rows, columns=[*KEYS, "status", "reason", "receipt"])
-
-
-def illumination_batch(batch: pd.DataFrame, spec_json: str) -> pd.DataFrame:
-    """The illumination task: its sites' thumbnails summed per (plate, image size) — partial sums
-    of the plate means, merged on the driver."""
-    out = pd.DataFrame(illumination_partials(_context(spec_json), batch.to_dict("records")),
-                       columns=[PLATE, "height", "width", "count", "sum", "sites"])
-    release_memory()
-    return out
-
-
-def illumination_partials(ctx: SiteContext, rows: list[dict]) -> list[dict]:
-    scale = ctx.cfg.illumination.scale
-    sums: dict[tuple, illum_core.PlateSum] = {}
-    quarantined = []
-    for row in rows:
-        key = site_key(row)
-        try:
-            planes, _ = ctx.read(row, list(ctx.spec.channels))
-            thumbs = illum_core.site_thumbnails(planes, scale)
-        except Exception as exc:  # noqa: BLE001
-            quarantined.append({**key, "status": QUARANTINED, "reason": short_reason(exc)})
-            continue
-        shape = tuple(int(s) for s in planes[0].shape)
-        acc = sums.setdefault((key[PLATE], shape), illum_core.PlateSum(key[PLATE], shape))
-        acc.add(thumbs, {**key, "status": PROCESSED, "reason": ""})
-    out = [{PLATE: p, "height": s[0], "width": s[1], "count": a.count, "sum": a.to_bytes(),
-            "sites": json.dumps(a.sites)} for (p, s), a in sums.items()]
-    if quarantined:
-        out.append({PLATE: "", "height": 0, "width": 0, "count": 0, "sum": b"", "sites": json.dumps(quarantined)})
-    return out
 
 
 # -- driver side --------------------------------------------------------------------------------------
@@ -728,9 +407,9 @@ def _import_locations(run, index: ScreenIndex, source: str, *, progress: Progres
         group = groups.get((key[PLATE], key[WELL], key[SITE]))
         try:
             if group is None or len(group) == 0:
-                raise _no_nuclei(key, f"in {source}")
+                raise no_nuclei(key, f"in {source}")
             table = group.drop(columns=[PLATE, WELL, SITE]).reset_index(drop=True)
-            _write_nuclei(layout, key, table)
+            write_nuclei(layout, key, table)
             receipt = json.dumps({"n_nuclei": int(len(table))}, sort_keys=True)
             urls.atomic_write_text(layout.receipt("nuclei", key[PLATE], key[WELL], key[SITE]), receipt)
             return {**key, "status": PROCESSED, "reason": "", "receipt": receipt}

@@ -56,6 +56,7 @@ import pandas as pd
 
 from raycp.errors import InputError
 from raycp.io import urls
+from raycp.preprocess.crops import shard_urls, tensor_to_numpy
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +113,7 @@ def list_crop_files(url: str) -> list[str]:
     if not fs.exists(path):
         raise InputError(f"{url}: crop shards not found", fix="point crops at the folder written by `raycp preprocess`")
     if fs.exists(path.rstrip("/") + "/manifest.parquet"):
-        try:
-            from raycp.preprocess.crops import shard_urls
-        except ImportError:  # preprocess stage not installed: list the folder instead
-            pass
-        else:
-            return shard_urls(url)
+        return shard_urls(url)
     found = sorted(p for p in fs.find(path) if p.endswith(".parquet") and p.rsplit("/", 1)[-1] not in _NOT_SHARDS
                    and not any(part.startswith((".", "_")) for part in p[len(path):].split("/") if part))
     if not found:
@@ -193,59 +189,6 @@ def _schema_channels(schema) -> list[str] | None:
     return None
 
 
-def crops_to_numpy(column, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """A crop column (Ray tensor extension, nested/fixed lists, or raw bytes) -> uint8 N×C×S×S."""
-    import pyarrow as pa
-
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    n = len(column)
-    if isinstance(column.type, pa.BaseExtensionType):
-        try:
-            arr = column.to_numpy_ndarray() if hasattr(column, "to_numpy_ndarray") else column.to_numpy()
-            if arr.dtype == object:
-                arr = np.stack(list(arr))
-            out = np.asarray(arr)
-        except Exception:  # noqa: BLE001 - unknown extension: fall back to its storage
-            column = column.storage
-        else:
-            return _check_crops(out.reshape((n, *shape)) if shape and out.ndim == 2 else out, shape)
-    typ = column.type
-    if pa.types.is_binary(typ) or pa.types.is_large_binary(typ) or pa.types.is_fixed_size_binary(typ):
-        if shape is None:
-            raise InputError("crop column holds raw bytes but no crop shape is declared",
-                             fix="write the shape in the Parquet schema metadata (raycp.crop_shape)")
-        if pa.types.is_fixed_size_binary(typ):
-            from raycp.preprocess.crops import binary_to_numpy
-
-            return _check_crops(binary_to_numpy(column, shape), shape)
-        flat = np.frombuffer(b"".join(column.to_pylist()), dtype=np.uint8)
-        return _check_crops(flat.reshape((n, *shape)), shape)
-    dims = []
-    values = column
-    while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or pa.types.is_fixed_size_list(values.type):
-        if pa.types.is_fixed_size_list(values.type):
-            dims.append(values.type.list_size)
-        values = values.flatten()
-    flat = values.to_numpy(zero_copy_only=False)
-    if shape is None:
-        shape = tuple(dims[:3]) if len(dims) >= 3 else None
-    if shape is None:
-        raise InputError("cannot infer the crop shape from a flat list column",
-                         fix="write the shape in the Parquet schema metadata (raycp.crop_shape)")
-    return _check_crops(flat.reshape((n, *shape)), shape)
-
-
-def _check_crops(arr: np.ndarray, shape) -> np.ndarray:
-    if arr.ndim != 4:
-        raise InputError(f"crops have shape {arr.shape[1:]}, expected C×S×S", fix="write uint8 C×S×S crops")
-    if arr.dtype != np.uint8:
-        if np.issubdtype(arr.dtype, np.integer) and arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise InputError(f"crops are {arr.dtype} with values outside 0..255", fix="write uint8 crops")
-        arr = arr.astype(np.uint8)
-    return arr
-
-
 def read_crop_metadata(url: str, *, label: str, crop_column: str | None = None,
                        extra: tuple[str, ...] = ()) -> CropSet:
     """Metadata columns and row-group layout of every crop shard (no pixels are read but one crop)."""
@@ -270,7 +213,7 @@ def read_crop_metadata(url: str, *, label: str, crop_column: str | None = None,
         frame["_row"] = np.concatenate([np.arange(s, dtype=np.int32) for s in rg_sizes]) if rg_sizes else []
         if len(frame) and shape is None:
             first = pf.read_row_group(0, columns=[column]).column(column).slice(0, 1)
-            shape = crops_to_numpy(first, _schema_shape(schema)).shape[1:]
+            shape = tensor_to_numpy(first, _schema_shape(schema)).shape[1:]
             channels = _schema_channels(schema)
         frames.append(frame)
     meta = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -597,7 +540,7 @@ def read_row_group_rows(url: str, rg: int, rows: np.ndarray, *, column: str,
     import pyarrow as pa
 
     taken = col.take(pa.array(rows, type=pa.int32()))
-    return crops_to_numpy(taken, shape)
+    return tensor_to_numpy(taken, shape)
 
 
 class _ReadItems:
@@ -617,7 +560,7 @@ class _ReadItems:
                 opened = {f: _open_parquet(self.files[f])}
             col = opened[f].read_row_group(int(g), columns=[self.column]).column(self.column)
             taken = col.take(pa.array(np.frombuffer(rows, dtype=np.int32), type=pa.int32()))
-            crops.append(crops_to_numpy(taken, self.shape))
+            crops.append(tensor_to_numpy(taken, self.shape))
             sids.append(np.frombuffer(s, dtype=np.int64))
         if not crops:
             return {"sid": np.zeros(0, np.int64), "crop": np.zeros((0, *self.shape), np.uint8)}

@@ -8,6 +8,7 @@ import pandas as pd
 
 from raycp.extract import writers
 from raycp.extract.models import feature_names
+from raycp.layout import RunLayout
 from raycp.profiles.io import feature_columns
 
 
@@ -22,7 +23,7 @@ def _site(n: int, seed: int):
 
 
 def test_site_files_are_byte_stable_and_the_median_marks_a_finished_site(tmp_path):
-    layout = writers.FeatureLayout.of(str(tmp_path / "run"), "cnn")
+    layout = RunLayout(str(tmp_path / "run")).features("cnn")
     names = feature_names(672)
     keys = []
     for site, n in ((1, 5), (2, 8)):

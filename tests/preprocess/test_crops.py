@@ -20,6 +20,7 @@ from raycp.io.index import validate
 from raycp.preprocess import compress as cc
 from raycp.preprocess import crops as cr
 from raycp.preprocess import pipeline as pl
+from raycp.preprocess import tasks
 from raycp.preprocess.nuclei import X, Y, detect_nuclei
 from tests.preprocess.conftest import pediatric_index, run_config, save_index
 
@@ -143,7 +144,7 @@ def test_skip_border_and_mask_channel_on_nf1(shared_data, tmp_path):
                          "crops.mask_channel=CellMask", f"crops.skip_border={str(skip).lower()}")
         spec = pl.stage_spec("crops", run, index, correct=False, locate="detect",
                              metadata_columns=["Metadata_Plate", "Metadata_Well", "Metadata_Site"])
-        out = pl.process_row(pl.SiteContext(spec), index.table.iloc[0].to_dict())
+        out = tasks.process_row(tasks.SiteContext(spec), index.table.iloc[0].to_dict())
         assert out["status"] == "processed", out["reason"]
         outs[skip] = cr.read_shard(str(tmp_path / f"run{skip}" / "crops" / "Plate_2" / "F07_2.parquet"))
     meta, crops = outs[False]

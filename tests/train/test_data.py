@@ -12,6 +12,7 @@ from crops_helper import CLASSES, make_crop_shards
 
 from raycp.errors import InputError
 from raycp.models.normalize import NORM_EPS, normalize
+from raycp.preprocess.crops import tensor_to_numpy
 from raycp.train import data as D
 from raycp.train.config import AugmentSection, SplitSection
 
@@ -61,7 +62,7 @@ def test_rows_are_read_exactly_with_duplicates(crops):
     sids = np.array([500, 3, 3, 200, 77, 500])
     uniq, arr = src.load(sids)
     assert uniq.tolist() == [3, 77, 200, 500]
-    direct = D.crops_to_numpy(pq.read_table(crops.files[0]).column("crop"))
+    direct = tensor_to_numpy(pq.read_table(crops.files[0]).column("crop"))
     assert np.array_equal(arr[0], direct[3])
 
 
