@@ -357,3 +357,23 @@ def actor_pool_size(*, cpus_per_actor: float = 1.0, max_size: int | None = None)
     if max_size is not None:
         size = min(size, max_size)
     return 1, size
+
+
+def train_storage(url: str):
+    """``(storage_path, storage_filesystem)`` for a Ray Train or Tune ``RunConfig`` at ``url``.
+
+    A local path is given as an absolute path (no filesystem object); any other URL goes through
+    raycp's own fsspec filesystem (:func:`raycp.io.urls.filesystem`: the same S3 endpoint,
+    credentials and anonymity as every other read and write — one S3 configuration), wrapped for
+    pyarrow as Ray's docs describe (``pyarrow.fs.PyFileSystem(FSSpecHandler(fs))``)."""
+    from pathlib import Path
+
+    from raycp.io import urls
+
+    if urls.protocol_of(url) == "file":
+        path = url.split("://", 1)[1] if url.startswith("file://") else url
+        return str(Path(path).absolute()), None
+    import pyarrow.fs as pafs
+
+    fs, path = urls.filesystem(url)
+    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))

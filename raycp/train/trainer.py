@@ -1,6 +1,8 @@
 """Ray Train driver: validate the inputs, launch ``TorchTrainer``, resume, export the model.
 
-:func:`fit` (the Python API behind ``raycp train CONFIG``):
+:func:`fit` (the Python API behind ``raycp train CONFIG``) is :func:`build_trainer` →
+:func:`run_trainer` → :func:`finish`; a Tune trial or a job builds the trainer with its own
+``RunConfig`` (storage, name, callbacks) and calls the other two:
 
 1. reads the crop shards' metadata only (:func:`raycp.train.data.read_crop_metadata`), encodes the
    classes (controls are classes), assigns the split and checks every bad input *before* any worker
@@ -134,34 +136,6 @@ def split_table(prep: Prepared) -> pd.DataFrame:
     return out
 
 
-# ------------------------------------------------------------------------------- storage
-
-
-def ray_storage(url: str):
-    """``(storage_path, storage_filesystem)`` for Ray Train: local paths as is; ``s3://`` through a
-    pyarrow S3 filesystem when an endpoint override is set (S3-compatible stores, moto)."""
-    import os
-
-    proto = urls.protocol_of(url)
-    if proto == "file":
-        path = url.split("://", 1)[1] if url.startswith("file://") else url
-        return str(Path(path).absolute()), None
-    if proto != "s3":
-        return url, None
-    endpoint = os.environ.get("RAYCP_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
-    if not endpoint:
-        return url, None
-    import pyarrow.fs as pafs
-
-    scheme, _, host = endpoint.partition("://")
-    if not host:
-        scheme, host = "https", endpoint
-    fs = pafs.S3FileSystem(endpoint_override=host, scheme=scheme,
-                           region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-                           anonymous=os.environ.get("RAYCP_S3_ANON") == "1")
-    return url.split("://", 1)[1], fs
-
-
 def checkpoint_dirs(cfg: TrainConfig) -> list[tuple[int, str]]:
     """``(epoch, url)`` of the run's checkpoint folders, oldest first."""
     run = RunLayout(cfg.output).train_run(cfg.name)
@@ -283,22 +257,45 @@ def _check_resources(cfg: TrainConfig, use_gpu: bool) -> None:
                               fix="lower compute.num_workers or add GPU nodes")
 
 
-def fit(cfg: TrainConfig, *, inject_failure: dict | None = None, export: bool = True) -> TrainResult:
-    """Train (or resume) and export. ``inject_failure`` is a test hook (see ``loop._maybe_fail``)."""
+def default_run_config(cfg: TrainConfig):
+    """``raycp train``'s Ray Train ``RunConfig``: storage ``<output>/train`` (through
+    :func:`raycp.runtime.train_storage`, the same filesystem and S3 settings as every other read
+    and write), name ``cfg.name``, ``FailureConfig(max_failures)``, ``CheckpointConfig(num_to_keep)``.
+    A second run with the same storage and name resumes from its latest checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    from raycp import runtime
+
+    storage_path, storage_fs = runtime.train_storage(train_dir(cfg))
+    return RunConfig(storage_path=storage_path, storage_filesystem=storage_fs, name=cfg.name,
+                     failure_config=FailureConfig(max_failures=cfg.compute.max_failures),
+                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.compute.keep_checkpoints))
+
+
+def build_trainer(cfg: TrainConfig, run_config=None, *, prep: Prepared | None = None,
+                  inject_failure: dict | None = None):
+    """A ``ray.train.torch.TorchTrainer`` of the paper's recipe for ``cfg``, not started.
+
+    ``run_config``: where checkpoints go, the run's name and callbacks — :func:`default_run_config`
+    when None; a Tune trial or a job passes its own. Checks every input first (crops, classes,
+    split, the latest checkpoint and ``resume_from``, the ImageNet file, the cluster's CPUs and
+    GPUs: :class:`InputError` / :class:`ConfigError`), then writes ``<output>/train/config.yaml``
+    and ``split.parquet``. Needs a Ray connection (:func:`raycp.runtime.connection`).
+    ``inject_failure`` is a test hook (see ``loop._maybe_fail``)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     from raycp import runtime
     from raycp.config import save_resolved
     from raycp.train.loop import WorkerSpec, fingerprint, train_loop_per_worker
 
-    prep = prepare(cfg)
+    prep = prep if prep is not None else prepare(cfg)
     out = train_dir(cfg)
     urls.ensure_writable(out)
     latest = _check_latest_checkpoint(cfg)
     resume_state = _resume_state(cfg, latest)
     imagenet = _imagenet(cfg, len(prep.classes)) if latest is None and resume_state is None else None
     ray = runtime.connection()
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     use_gpu = cfg.compute.use_gpu
     if use_gpu is None:
         use_gpu = float(ray.cluster_resources().get("GPU", 0)) >= cfg.compute.num_workers
@@ -309,27 +306,28 @@ def fit(cfg: TrainConfig, *, inject_failure: dict | None = None, export: bool = 
     split_table(prep).to_parquet(buf, index=False)
     urls.atomic_write_bytes(urls.join(out, "split.parquet"), buf.getvalue())
 
-    val_all = prep.val_sids
-    val = D.validation_subset(val_all, max_cells=cfg.split.val_max_cells, seed=cfg.seed)
+    val = D.validation_subset(prep.val_sids, max_cells=cfg.split.val_max_cells, seed=cfg.seed)
     source = D.CropSource(files=prep.crops.files, column=prep.crops.crop_column, shape=prep.crops.shape,
                           locations=prep.crops.locations(), reader=cfg.compute.reader, data_cpus=cfg.compute.data_cpus)
     spec = WorkerSpec(cfg=cfg.model_dump(mode="json"), classes=prep.classes, source=source,
                       train_sids=prep.train_sids, train_codes=prep.codes[prep.train_sids],
                       val_sids=val, val_codes=prep.codes[val], fingerprint=fingerprint(cfg.science()),
                       imagenet=imagenet, resume_state=resume_state, inject_failure=inject_failure)
-    storage_path, storage_fs = ray_storage(out)
     resources = {"CPU": cfg.compute.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": ray.put(spec)},
         scaling_config=ScalingConfig(num_workers=cfg.compute.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(storage_path=storage_path, storage_filesystem=storage_fs, name=cfg.name,
-                             failure_config=FailureConfig(max_failures=cfg.compute.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.compute.keep_checkpoints)),
+        run_config=run_config if run_config is not None else default_run_config(cfg),
     )
+
+
+def run_trainer(trainer):
+    """``trainer.fit()``; the raycp error inside a failed run (bad input met by a worker) is
+    raised as itself, so the user sees one line. Returns the Ray Train ``Result``."""
     try:
         result = trainer.fit()
     except Exception as exc:
@@ -340,18 +338,32 @@ def fit(cfg: TrainConfig, *, inject_failure: dict | None = None, export: bool = 
     if result.error is not None:
         inner = _unwrap(result.error)
         raise inner if inner is not None else result.error
-    final = result.checkpoint
-    if final is None:
-        raise StorageError(f"{out}: the run reported no checkpoint", fix="check the Ray Train logs")
+    return result
+
+
+def fit(cfg: TrainConfig, *, inject_failure: dict | None = None, export: bool = True) -> TrainResult:
+    """Train (or resume) and export: :func:`build_trainer` → :func:`run_trainer` → :func:`finish`.
+    ``inject_failure`` is a test hook (see ``loop._maybe_fail``)."""
+    prep = prepare(cfg)
+    result = run_trainer(build_trainer(cfg, prep=prep, inject_failure=inject_failure))
+    return finish(cfg, prep, result, export=export)
+
+
+def finish(cfg: TrainConfig, prep: Prepared, result, *, export: bool = True) -> TrainResult:
+    """From a finished Ray Train ``Result``: the final state, the exported model
+    (``<output>/train/model``, :func:`export_model`) and the metrics reports."""
+    from raycp.train import metrics as M
     from raycp.train.loop import load_state
 
+    final = result.checkpoint
+    out = train_dir(cfg)
+    if final is None:
+        raise StorageError(f"{out}: the run reported no checkpoint", fix="check the Ray Train logs")
     with final.as_directory() as folder:
         state = load_state(folder, where=final.path)
     model_dir = RunLayout(cfg.output).model
     if export:
         export_model(state, prep, model_dir)
-    from raycp.train import metrics as M
-
     title = f"{cfg.model.arch}, {cfg.split.strategy}, {cfg.compute.num_workers} worker(s)"
     reports = M.write_reports(state["history"], prep.classes, out, controls=prep.controls, title=title)
     return TrainResult(history=state["history"], classes=prep.classes, model_dir=model_dir, train_dir=out,
