@@ -98,7 +98,9 @@ def bare_loop(cfg, args) -> dict:
     """The recipe in this process: crops preloaded, no Ray, no DDP, no checkpoints."""
     import torch
 
+    from raycp.train import augment as A
     from raycp.train import data as D
+    from raycp.train import sampling as S
     from raycp.train import trainer
     from raycp.train.loop import Recipe
 
@@ -108,7 +110,7 @@ def bare_loop(cfg, args) -> dict:
     model = recipe.model()
     opt = recipe.optimizer(model)
     train = prep.train_sids
-    plan = D.plan_epoch(train, prep.codes[train], len(prep.classes), seed=0, epoch=0, rank=0, world=1,
+    plan = S.plan_epoch(train, prep.codes[train], len(prep.classes), seed=0, epoch=0, rank=0, world=1,
                         batch=args.batch, max_steps=args.steps)
     src = D.CropSource(prep.crops.files, prep.crops.crop_column, prep.crops.shape, prep.crops.locations(), reader="local")
     uniq, crops = src.load(plan.sids)
@@ -122,7 +124,7 @@ def bare_loop(cfg, args) -> dict:
         for step in range(plan.steps):
             sl = slice(step * args.batch, (step + 1) * args.batch)
             x, y = recipe.to_device(crops[slots[sl]], plan.labels[sl].astype(np.int64))
-            recipe.train_step(model, opt, x, y, D.augment_generator(0, epoch, 0, step))
+            recipe.train_step(model, opt, x, y, A.augment_generator(0, epoch, 0, step))
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

@@ -130,9 +130,8 @@ def _quiet_data_context() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     # raycp draws its own progress bars; Ray Data's notice that its own are off is noise.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    no_data_progress_bars()
 
 
 def shutdown() -> None:
@@ -345,9 +344,25 @@ def abandon() -> None:
 
 
 def cluster_cpus() -> float:
+    """CPUs of the connected cluster (1 when it reports none)."""
     import ray
 
     return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def cluster_gpus() -> float:
+    """GPUs of the connected cluster (0 when it has none)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def no_data_progress_bars() -> None:
+    """Ray Data's own progress bars off in this process (raycp draws its own); for the driver
+    and for Ray Train workers that read with Ray Data."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def actor_pool_size(*, cpus_per_actor: float = 1.0, max_size: int | None = None) -> tuple[int, int]:

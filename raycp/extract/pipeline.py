@@ -391,13 +391,14 @@ def _crops_probe(run: str, index: ScreenIndex) -> tuple[list[str] | None, int | 
     return None, None
 
 
-def _choose_device(p: Plan, ray) -> None:
+def _choose_device(p: Plan) -> None:
     """``inference.device`` against the cluster: auto = cuda when it has GPUs; cuda without GPUs is an error."""
+    from raycp import runtime
     from raycp.extract.models import resolve_device
 
     if p.cfg.model.kind == "cellprofiler":
         return
-    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    gpus = runtime.cluster_gpus()
     if p.cfg.inference.device == "cuda" and gpus <= 0:
         raise InputError("inference.device=cuda but the Ray cluster has no GPU",
                          fix="start Ray with GPUs (compute.num_gpus) or set inference.device=cpu")
@@ -508,9 +509,8 @@ def _pool_sizes(cfg, device: str) -> tuple[int, int]:
 
     inf = cfg.inference
     if device == "cuda":
-        import ray
 
-        gpus = float(ray.cluster_resources().get("GPU", 0.0))
+        gpus = runtime.cluster_gpus()
         hi = inf.actors or max(1, int(gpus // inf.gpus_per_actor))
     else:
         hi = runtime.actor_pool_size(cpus_per_actor=inf.cpus_per_actor, max_size=inf.actors)[1]
@@ -590,7 +590,7 @@ def run_extract(cfg, *, progress: Progress | None = None) -> ExtractResult:
         yield from resumed_rows
         if len(p.todo):  # Ray starts only when there is work: a finished folder costs no cluster
             ray = runtime.connection()
-            _choose_device(p, ray)
+            _choose_device(p)
             yield from stream(ray, p)
 
     t_pipe = time.perf_counter()

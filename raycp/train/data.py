@@ -1,7 +1,7 @@
-"""Training data: crop shards -> splits -> balanced epochs -> per-rank batches -> augmentations.
+"""Training data: crop shards → the driver's metadata view → per-rank batches of crops.
 
-Pure cores (unit-tested without Ray) and, at the end, the Ray Data adapter that streams crops to
-each Ray Train worker.
+The shards' layout (pure pyarrow, unit-tested without Ray) and the Ray Data adapter that streams
+crops to each Ray Train worker.
 
 **Crop shards** (``raycp preprocess``): Parquet files with a column of uint8 C×S×S crops (S = 128
 in the paper; raw bytes with ``raycp.crop_shape`` in the schema, or a tensor type) and
@@ -9,13 +9,8 @@ in the paper; raw bytes with ``raycp.crop_shape`` in the schema, or a tensor typ
 the metadata columns and the row-group layout (:func:`read_crop_metadata`); a crop is addressed by
 its *sid*, its row number in the concatenation of the shards (sorted by path).
 
-**Balanced epochs** (paper Methods, "Training cell painting models"): every epoch draws, for each
-class, the *median* number of training cells per class — without replacement from classes at or
-above the median, with replacement from smaller ones — then shuffles globally
-(:func:`balanced_epoch`). The draw is a pure function of ``(seed, epoch)``: a restarted run redraws
-exactly the same epochs, which is what makes a resumed run bitwise identical to an uninterrupted
-one. Samples go to ranks round-robin; every rank runs the same number of steps,
-``min_r ⌊n_r / batch⌋`` (drop-last): uneven batch counts deadlock DDP's all-reduce (ray#66085).
+Which crops an epoch draws is :mod:`raycp.train.sampling`; the augmentations applied on the
+device are :mod:`raycp.train.augment`.
 
 **Crop normalisation** (:func:`raycp.models.normalize.normalize`), per crop and per channel, as DeepProfiler has done
 since its 2024 TF2 crop generator (``fold_channels`` in ``plugins/crop_generators``; before that it
@@ -28,23 +23,12 @@ with mean and (population) standard deviation over the S×S pixels of channel c 
 It removes every absolute intensity difference between crops, so brightness batch effects cannot be
 learnt from the mean level; the extraction stage must apply the same function (``model.json``
 records it).
-
-**Augmentations** (paper Methods, "Data augmentation"; DeepProfiler ``imaging/augmentations.py``),
-applied to the normalised batch on the training device, in this order: with probability 0.5 a
-random square crop of side U{⌈0.8·S⌉..S} at a random position, resized back to S×S (bilinear,
-half-pixel centres, as TF's ``random_crop`` + ``resize``); a horizontal flip with p 0.5 and a
-rotation by k·90°, k ~ U{0..3}; per channel ``x + Δ`` with Δ ~ U(−0.1, 0.1), then a contrast
-factor f ~ U(0.8, 1.2) about the channel mean (TF's ``adjust_brightness``/``adjust_contrast``).
-There is no renormalisation afterwards: it would undo the brightness and contrast changes.
-Random numbers come from a CPU ``torch.Generator`` seeded by ``(seed, epoch, rank, step)``, so
-they do not depend on the device or on where a run was restarted.
 """
+
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import os
 import threading
 from collections.abc import Iterator
@@ -57,6 +41,7 @@ import pandas as pd
 from raycp.errors import InputError
 from raycp.io import urls
 from raycp.preprocess.crops import shard_urls, tensor_to_numpy
+from raycp.train.sampling import EpochPlan
 
 logger = logging.getLogger(__name__)
 
@@ -65,19 +50,6 @@ IS_CONTROL, TOUCHES_BORDER = "Metadata_IsControl", "Metadata_TouchesBorder"
 #: Parquet schema metadata keys a crop writer may use to declare its tensor layout.
 _SHAPE_KEYS = (b"raycp.crop_shape", b"crop_shape")
 _CHANNEL_KEYS = (b"raycp.channels", b"channels")
-
-
-# --------------------------------------------------------------------------------------- seeds
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across processes, platforms and Python versions)."""
-    state = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1, np.uint64)
-    return int(state[0] >> np.uint64(1))
-
-
-# Stream tags keep the random streams of different uses independent.
-STREAM_PLAN, STREAM_SPLIT, STREAM_AUGMENT, STREAM_TORCH, STREAM_VAL = 1, 2, 3, 4, 5
 
 
 # ------------------------------------------------------------------------------ crop metadata
@@ -229,289 +201,6 @@ def read_crop_metadata(url: str, *, label: str, crop_column: str | None = None,
                    channels=channels)
 
 
-# -------------------------------------------------------------------------------- classes
-
-
-def encode_labels(meta: pd.DataFrame, label: str, classes: list[str] | None) -> tuple[np.ndarray, list[str]]:
-    """Class codes per crop and the class list (sorted labels by default). Controls are classes."""
-    labels = meta[label].astype(str)
-    present = sorted(labels.unique())
-    if classes is None:
-        classes = present
-    else:
-        classes = [str(c) for c in classes]
-        unknown = sorted(set(present) - set(classes))
-        if unknown:
-            raise InputError(f"crops carry labels that are not in classes: {unknown[:5]}"
-                             f"{' ...' if len(unknown) > 5 else ''}",
-                             fix="add them to classes, or leave classes unset to use every label")
-    codes = pd.Categorical(labels, categories=classes).codes.astype(np.int32)
-    counts = np.bincount(codes, minlength=len(classes))
-    empty = [c for c, n in zip(classes, counts) if n == 0]
-    if empty:
-        raise InputError(f"class {empty[0]!r} has zero cells in the crop shards"
-                         f"{f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}",
-                         fix="remove it from classes, or crop the wells of that treatment")
-    if len(classes) < 2:
-        raise InputError(f"only {len(classes)} class in the crop shards", fix="train on at least two treatments")
-    return codes, classes
-
-
-# --------------------------------------------------------------------------------- splits
-
-
-def _wells(meta: pd.DataFrame) -> pd.Series:
-    for col in (PLATE, WELL):
-        if col not in meta.columns:
-            raise InputError(f"crop shards have no {col} column", fix="crop a screen index with plate and well metadata")
-    return meta[PLATE].astype(str) + "/" + meta[WELL].astype(str)
-
-
-def split_leave_cells_out(meta: pd.DataFrame, *, train_fraction: float, seed: int) -> np.ndarray:
-    """``is_val`` per crop: in every well a random ``1 − train_fraction`` of its cells (paper: ~40 %)."""
-    wells = _wells(meta)
-    key = np.random.default_rng(derive_seed(seed, STREAM_SPLIT)).random(len(meta))
-    order = pd.Series(key).groupby(wells.to_numpy()).rank(method="first").to_numpy() - 1
-    sizes = wells.map(wells.value_counts()).to_numpy()
-    n_train = np.maximum(1, np.rint(sizes * train_fraction)).astype(int)
-    n_train = np.where(sizes > 1, np.minimum(n_train, sizes - 1), n_train)  # ≥1 cell each side when possible
-    return order >= n_train
-
-
-def split_leave_plates_out(meta: pd.DataFrame, codes: np.ndarray, classes: list[str], *,
-                           val_plates: list[str] | None, min_val_wells: int, seed: int) -> np.ndarray:
-    """``is_val`` per crop: whole plates held out, chosen so that every class keeps at least
-    ``min_val_wells`` wells in validation and at least one well in training (paper Fig. 2A)."""
-    wells = _wells(meta)
-    plates = meta[PLATE].astype(str).to_numpy()
-    table = pd.DataFrame({"plate": plates, "well": wells.to_numpy(), "cls": codes}).drop_duplicates()
-    per_plate = {p: np.bincount(g["cls"].to_numpy(), minlength=len(classes)) for p, g in table.groupby("plate")}
-    all_plates = sorted(per_plate)
-    if len(all_plates) < 2:
-        raise InputError(f"leave-plates-out needs at least 2 plates, the crops have {len(all_plates)}",
-                         fix="use split.strategy=leave_cells_out")
-    if val_plates is not None:
-        unknown = sorted(set(val_plates) - set(all_plates))
-        if unknown:
-            raise InputError(f"split.val_plates {unknown} are not plates of the crops ({all_plates})",
-                             fix="list plates that exist")
-        chosen = list(val_plates)
-    else:
-        rng = np.random.default_rng(derive_seed(seed, STREAM_SPLIT, 1))
-        order = [all_plates[i] for i in rng.permutation(len(all_plates))]
-        chosen, have = [], np.zeros(len(classes), dtype=int)
-        while (have < min_val_wells).any() and len(chosen) < len(all_plates) - 1:
-            deficit = np.maximum(min_val_wells - have, 0)
-            gains = [(np.minimum(per_plate[p], deficit).sum(), -i, p) for i, p in enumerate(order) if p not in chosen]
-            best = max(gains)
-            if best[0] == 0:
-                break
-            chosen.append(best[2])
-            have = have + per_plate[best[2]]
-    val_wells = sum((per_plate[p] for p in chosen), np.zeros(len(classes), dtype=int))
-    train_wells = sum((per_plate[p] for p in all_plates if p not in chosen), np.zeros(len(classes), dtype=int))
-    short = [classes[i] for i in np.flatnonzero(val_wells < min_val_wells)]
-    if short:
-        raise InputError(f"leave-plates-out: {len(short)} class(es) have fewer than {min_val_wells} validation wells "
-                         f"on held-out plates {chosen} (e.g. {short[:3]})",
-                         fix="set split.min_val_wells lower, list split.val_plates, or use leave_cells_out")
-    untrained = [classes[i] for i in np.flatnonzero(train_wells == 0)]
-    if untrained:
-        raise InputError(f"leave-plates-out: class(es) {untrained[:3]} have no training wells once plates "
-                         f"{chosen} are held out", fix="list other split.val_plates, or use leave_cells_out")
-    return np.isin(plates, chosen)
-
-
-def split_from_column(meta: pd.DataFrame, column: str) -> np.ndarray:
-    if column not in meta.columns:
-        raise InputError(f"crop shards have no split column {column!r}", fix="add it, or use another split.strategy")
-    values = meta[column].astype(str).str.strip().str.lower()
-    train = values.isin(["train", "training"])
-    val = values.isin(["val", "valid", "validation"])
-    bad = ~(train | val)
-    if bad.any():
-        raise InputError(f"split column {column!r} has values other than train/val: {sorted(values[bad].unique())[:5]}",
-                         fix="write train or val in every row")
-    return val.to_numpy()
-
-
-def assign_split(meta: pd.DataFrame, codes: np.ndarray, classes: list[str], split, seed: int) -> np.ndarray:
-    """``is_val`` per crop for ``split`` (a :class:`~raycp.train.config.SplitSection`); checks that
-    every class keeps training cells."""
-    if split.strategy == "leave_cells_out":
-        is_val = split_leave_cells_out(meta, train_fraction=split.train_fraction, seed=seed)
-    elif split.strategy == "leave_plates_out":
-        is_val = split_leave_plates_out(meta, codes, classes, val_plates=split.val_plates,
-                                        min_val_wells=split.min_val_wells, seed=seed)
-    else:
-        is_val = split_from_column(meta, split.column)
-    n_train = np.bincount(codes[~is_val], minlength=len(classes))
-    empty = [c for c, n in zip(classes, n_train) if n == 0]
-    if empty:
-        raise InputError(f"class {empty[0]!r} has zero training cells after the {split.strategy} split",
-                         fix="crop more cells of that treatment or change the split")
-    return is_val
-
-
-# ------------------------------------------------------------------------- balanced epochs
-
-
-def balanced_counts(codes: np.ndarray, n_classes: int) -> tuple[np.ndarray, int]:
-    """Training cells per class and the per-class draw (the median, at least 1)."""
-    counts = np.bincount(codes, minlength=n_classes)
-    if (counts == 0).any():
-        raise InputError(f"class {int(np.flatnonzero(counts == 0)[0])} has zero training cells",
-                         fix="every class needs training cells")
-    return counts, max(1, int(np.median(counts)))
-
-
-def balanced_epoch(codes: np.ndarray, n_classes: int, *, seed: int, epoch: int) -> np.ndarray:
-    """Indices into ``codes`` for one epoch: per class the median count (without replacement for
-    classes at or above it, with replacement below), globally shuffled; a pure function of
-    ``(seed, epoch)``."""
-    counts, per_class = balanced_counts(codes, n_classes)
-    rng = np.random.default_rng(derive_seed(seed, STREAM_PLAN, epoch))
-    order = np.argsort(codes, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    parts = []
-    for c in range(n_classes):
-        members = order[starts[c]:starts[c + 1]]
-        replace = counts[c] < per_class
-        parts.append(members[rng.choice(counts[c], size=per_class, replace=replace)])
-    drawn = np.concatenate(parts)
-    return drawn[rng.permutation(len(drawn))]
-
-
-def steps_per_epoch(n_samples: int, world: int, batch: int, cap: int | None = None) -> int:
-    """Equal steps on every rank: ``min_r ⌊n_r / batch⌋`` with round-robin shares (drop-last)."""
-    steps = (n_samples // world) // batch
-    return min(steps, cap) if cap else steps
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """What one rank trains on in one epoch: ``sids`` (steps × batch, in order) and their labels."""
-
-    epoch: int
-    rank: int
-    world: int
-    steps: int
-    batch: int
-    sids: np.ndarray
-    labels: np.ndarray
-    digest: str  # sha1 of the global draw: equal on every rank and after a restart
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "rank": self.rank, "world": self.world, "steps": self.steps,
-                "batch": self.batch, "samples": int(len(self.sids)), "digest": self.digest}
-
-
-def plan_epoch(train_sids: np.ndarray, train_codes: np.ndarray, n_classes: int, *, seed: int, epoch: int,
-               rank: int, world: int, batch: int, max_steps: int | None = None) -> EpochPlan:
-    drawn = balanced_epoch(train_codes, n_classes, seed=seed, epoch=epoch)
-    steps = steps_per_epoch(len(drawn), world, batch, max_steps)
-    mine = drawn[rank::world][: steps * batch]
-    digest = hashlib.sha1(np.ascontiguousarray(train_sids[drawn]).tobytes()).hexdigest()
-    return EpochPlan(epoch=epoch, rank=rank, world=world, steps=steps, batch=batch,
-                     sids=train_sids[mine], labels=train_codes[mine], digest=digest)
-
-
-def validation_subset(val_sids: np.ndarray, *, max_cells: int | None, seed: int) -> np.ndarray:
-    """A fixed random subset of validation crops (the same every epoch), in sid order."""
-    if max_cells is None or len(val_sids) <= max_cells:
-        return np.sort(val_sids)
-    rng = np.random.default_rng(derive_seed(seed, STREAM_VAL))
-    return np.sort(rng.choice(val_sids, size=max_cells, replace=False))
-
-
-# --------------------------------------------------------------- normalisation, augmentation
-
-
-@dataclass
-class AugmentParams:
-    """Per-sample random draws of one batch (CPU tensors)."""
-
-    crop: object  # bool N
-    boxes: object  # float N×4 (x0, y0, x1, y1) in pixels
-    flip: object  # bool N
-    rot: object  # int N in 0..3
-    brightness: object  # float N×C
-    contrast: object  # float N×C
-
-
-def draw_augment(n: int, channels: int, size: int, cfg, generator) -> AugmentParams:
-    """Draw a batch's augmentation parameters from ``generator`` (always in the same order)."""
-    import torch
-
-    g = generator
-    crop = torch.rand(n, generator=g) < cfg.crop_prob
-    lo = min(size, max(1, math.ceil(cfg.crop_min * size)))
-    side = torch.randint(lo, size + 1, (n,), generator=g)
-    fx, fy = torch.rand(n, generator=g), torch.rand(n, generator=g)
-    x0 = torch.floor(fx * (size - side + 1)).clamp(max=size - side)
-    y0 = torch.floor(fy * (size - side + 1)).clamp(max=size - side)
-    boxes = torch.stack([x0, y0, x0 + side, y0 + side], dim=1).to(torch.float32)
-    flip = torch.rand(n, generator=g) < 0.5
-    rot = torch.randint(0, 4, (n,), generator=g)
-    b = cfg.brightness
-    brightness = (torch.rand(n, channels, generator=g) * 2 - 1) * b
-    c_lo, c_hi = cfg.contrast
-    contrast = c_lo + torch.rand(n, channels, generator=g) * (c_hi - c_lo)
-    if not cfg.flip:
-        flip = torch.zeros_like(flip)
-    if not cfg.rot90:
-        rot = torch.zeros_like(rot)
-    return AugmentParams(crop=crop, boxes=boxes, flip=flip, rot=rot, brightness=brightness, contrast=contrast)
-
-
-def apply_augment(x, p: AugmentParams):
-    """Apply :class:`AugmentParams` to a normalised float batch N×C×S×S (any device)."""
-    import torch
-    import torch.nn.functional as F
-
-    dev = x.device
-    n, _, h, w = x.shape
-    x = x.clone()
-    if bool(p.crop.any()):
-        idx = torch.nonzero(p.crop, as_tuple=False).flatten()
-        x[idx.to(dev)] = F.grid_sample(x[idx.to(dev)], _crop_grid(p.boxes[idx], h, w).to(dev, x.dtype),
-                                       mode="bilinear", padding_mode="border", align_corners=False)
-    if bool(p.flip.any()):
-        f = p.flip.to(dev)
-        x[f] = x[f].flip(-1)
-    for k in (1, 2, 3):
-        sel = p.rot == k
-        if bool(sel.any()):
-            s = sel.to(dev)
-            x[s] = torch.rot90(x[s], k, dims=(2, 3))
-    x = x + p.brightness.to(dev, x.dtype)[:, :, None, None]
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    return (x - mean) * p.contrast.to(dev, x.dtype)[:, :, None, None] + mean
-
-
-def _crop_grid(boxes, h: int, w: int):
-    """``grid_sample`` grid resizing each box ``(x0, y0, x1, y1)`` to ``h×w``: bilinear with
-    half-pixel centres, source coordinates clamped inside the box (= cropping the window, then
-    ``F.interpolate(..., align_corners=False)``, i.e. TF's ``random_crop`` + ``resize``)."""
-    import torch
-
-    def axis(lo, hi, n, size):
-        j = torch.arange(n, dtype=torch.float64)
-        src = lo[:, None] + (j[None] + 0.5) * ((hi - lo)[:, None] / n) - 0.5
-        src = torch.maximum(torch.minimum(src, hi[:, None] - 1), lo[:, None])
-        return (2 * src + 1) / size - 1
-
-    b = boxes.to(torch.float64)
-    gx, gy = axis(b[:, 0], b[:, 2], w, w), axis(b[:, 1], b[:, 3], h, h)
-    return torch.stack([gx[:, None, :].expand(-1, h, -1), gy[:, :, None].expand(-1, -1, w)], dim=-1).to(torch.float32)
-
-
-def augment_generator(seed: int, epoch: int, rank: int, step: int):
-    import torch
-
-    return torch.Generator().manual_seed(derive_seed(seed, STREAM_AUGMENT, epoch, rank, step))
-
-
 # ---------------------------------------------------------------------- reading crop rows
 
 
@@ -606,8 +295,9 @@ class CropSource:
 def _load_with_ray_data(items: list[dict], reader: _ReadItems, data_cpus: float) -> list[dict]:
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    from raycp import runtime
+
+    runtime.no_data_progress_bars()
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
     ds = ds.map_batches(reader, batch_size=16, batch_format="numpy", num_cpus=data_cpus)
     return list(ds.iter_batches(batch_size=None, batch_format="numpy"))

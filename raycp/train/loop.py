@@ -40,8 +40,10 @@ import torch.nn.functional as F
 from raycp.errors import ConfigError, InputError
 from raycp.models.network import create_model, load_imagenet_init
 from raycp.models.normalize import normalize
+from raycp.train import augment as A
 from raycp.train import data as D
 from raycp.train import metrics as M
+from raycp.train import sampling as S
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ class Recipe:
         return self.cfg.optim.lr * scale
 
     def model(self, imagenet: dict | str | None = None) -> torch.nn.Module:
-        torch.manual_seed(D.derive_seed(self.cfg.seed, D.STREAM_TORCH, 0xFFFF))
+        torch.manual_seed(S.derive_seed(self.cfg.seed, S.STREAM_TORCH, 0xFFFF))
         m = create_model(self.cfg.model.arch, num_classes=self.n_classes, in_chans=len(self.cfg.channels),
                          drop_rate=self.cfg.model.drop_rate)
         if imagenet is not None:
@@ -124,7 +126,7 @@ class Recipe:
         """uint8 batch -> normalised (and, with a generator, augmented) float batch."""
         x = normalize(x_u8)
         if generator is not None and self.cfg.augment.enabled:
-            x = D.apply_augment(x, D.draw_augment(x.shape[0], x.shape[1], x.shape[2], self.cfg.augment, generator))
+            x = A.apply_augment(x, A.draw_augment(x.shape[0], x.shape[1], x.shape[2], self.cfg.augment, generator))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -316,7 +318,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, history = int(state["epoch"]) + 1, list(state["history"])  # the NEXT epoch (ray#46814)
-        check = D.plan_epoch(spec.train_sids, spec.train_codes, n_classes, seed=cfg.seed, epoch=int(state["epoch"]),
+        check = S.plan_epoch(spec.train_sids, spec.train_codes, n_classes, seed=cfg.seed, epoch=int(state["epoch"]),
                              rank=rank, world=world, batch=cfg.optim.batch_size,
                              max_steps=cfg.compute.max_steps_per_epoch)
         if state["sampler"]["digest"] != check.digest:
@@ -332,15 +334,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     val_cache = None
     epochs = cfg.optim.epochs
 
-    def plan(e: int) -> D.EpochPlan:
-        return D.plan_epoch(spec.train_sids, spec.train_codes, n_classes, seed=cfg.seed, epoch=e, rank=rank,
+    def plan(e: int) -> S.EpochPlan:
+        return S.plan_epoch(spec.train_sids, spec.train_codes, n_classes, seed=cfg.seed, epoch=e, rank=rank,
                             world=world, batch=cfg.optim.batch_size, max_steps=cfg.compute.max_steps_per_epoch)
 
     try:
         current = plan(start) if start < epochs else None
         for epoch in range(start, epochs):
             nxt = plan(epoch + 1) if epoch + 1 < epochs else None
-            torch.manual_seed(D.derive_seed(cfg.seed, D.STREAM_TORCH, epoch, rank))
+            torch.manual_seed(S.derive_seed(cfg.seed, S.STREAM_TORCH, epoch, rank))
             model.train()
             train_tally = Tally(n_classes, device)
             lr = optimizer.param_groups[0]["lr"]
@@ -350,7 +352,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if step == 0:
                     _maybe_fail(spec.inject_failure, epoch, rank)
                 x, y = recipe.to_device(crops, labels)
-                gen = D.augment_generator(cfg.seed, epoch, rank, step)
+                gen = A.augment_generator(cfg.seed, epoch, rank, step)
                 loss, pred = recipe.train_step(ddp, optimizer, x, y, gen)
                 train_tally.add(y, pred, loss * y.shape[0])
             if device.type == "cuda":

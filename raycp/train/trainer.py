@@ -37,6 +37,7 @@ from raycp.layout import RunLayout
 from raycp.models.export import MODEL_FILE, MODEL_JSON
 from raycp.models.normalize import NORMALIZATION
 from raycp.train import data as D
+from raycp.train import sampling as S
 from raycp.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class Prepared:
         return np.flatnonzero(self.keep & self.is_val)
 
     def summary(self) -> dict:
-        counts, per_class = D.balanced_counts(self.codes[self.train_sids], len(self.classes))
+        counts, per_class = S.balanced_counts(self.codes[self.train_sids], len(self.classes))
         return {"crops": int(self.keep.sum()), "train": int(len(self.train_sids)), "val": int(len(self.val_sids)),
                 "classes": len(self.classes), "per_class_draw": per_class,
                 "epoch_samples": per_class * len(self.classes), "smallest_class": int(counts.min()),
@@ -110,18 +111,18 @@ def prepare(cfg: TrainConfig) -> Prepared:
     if cfg.exclude_border_cells and D.TOUCHES_BORDER in meta.columns:
         keep &= ~meta[D.TOUCHES_BORDER].fillna(False).astype(bool).to_numpy()
     used = meta.loc[keep]
-    codes_used, classes = D.encode_labels(used, cfg.label, cfg.classes)
+    codes_used, classes = S.encode_labels(used, cfg.label, cfg.classes)
     codes = np.full(len(meta), -1, dtype=np.int32)
     codes[keep] = codes_used
     is_val = np.zeros(len(meta), dtype=bool)
-    is_val[keep] = D.assign_split(used.reset_index(drop=True), codes_used, classes, cfg.split, cfg.seed)
+    is_val[keep] = S.assign_split(used.reset_index(drop=True), codes_used, classes, cfg.split, cfg.seed)
     controls = set()
     if D.IS_CONTROL in meta.columns:
         controls = set(used.loc[used[D.IS_CONTROL].fillna(False).astype(bool), cfg.label].astype(str))
     prep = Prepared(cfg, crops, classes, codes, is_val, keep, controls)
     world = cfg.compute.num_workers
     epoch = prep.summary()["epoch_samples"]
-    if D.steps_per_epoch(epoch, world, cfg.optim.batch_size) == 0:
+    if S.steps_per_epoch(epoch, world, cfg.optim.batch_size) == 0:
         raise InputError(f"a balanced epoch has {epoch} crops: fewer than batch_size × workers "
                          f"({cfg.optim.batch_size} × {world}), so not one step can run",
                          fix="lower optim.batch_size or compute.num_workers, or crop more cells")
@@ -239,8 +240,6 @@ def _unwrap(exc: BaseException) -> BaseException | None:
 
 
 def _check_resources(cfg: TrainConfig, use_gpu: bool) -> None:
-    import ray
-
     from raycp import runtime
 
     total = runtime.cluster_cpus()
@@ -251,7 +250,7 @@ def _check_resources(cfg: TrainConfig, use_gpu: bool) -> None:
                           f"{spare} CPU for Ray Data reads > the cluster's {total:g} CPUs",
                           fix="lower compute.num_workers or compute.cpus_per_worker (or compute.data_cpus)")
     if use_gpu:
-        gpus = float(ray.cluster_resources().get("GPU", 0))
+        gpus = runtime.cluster_gpus()
         if gpus < cfg.compute.num_workers:
             raise ConfigError(f"{cfg.compute.num_workers} GPU workers but the cluster has {gpus:g} GPUs",
                               fix="lower compute.num_workers or add GPU nodes")
@@ -298,7 +297,7 @@ def build_trainer(cfg: TrainConfig, run_config=None, *, prep: Prepared | None = 
     ray = runtime.connection()
     use_gpu = cfg.compute.use_gpu
     if use_gpu is None:
-        use_gpu = float(ray.cluster_resources().get("GPU", 0)) >= cfg.compute.num_workers
+        use_gpu = runtime.cluster_gpus() >= cfg.compute.num_workers
     _check_resources(cfg, use_gpu)
 
     save_resolved(cfg, out)
@@ -306,7 +305,7 @@ def build_trainer(cfg: TrainConfig, run_config=None, *, prep: Prepared | None = 
     split_table(prep).to_parquet(buf, index=False)
     urls.atomic_write_bytes(urls.join(out, "split.parquet"), buf.getvalue())
 
-    val = D.validation_subset(prep.val_sids, max_cells=cfg.split.val_max_cells, seed=cfg.seed)
+    val = S.validation_subset(prep.val_sids, max_cells=cfg.split.val_max_cells, seed=cfg.seed)
     source = D.CropSource(files=prep.crops.files, column=prep.crops.crop_column, shape=prep.crops.shape,
                           locations=prep.crops.locations(), reader=cfg.compute.reader, data_cpus=cfg.compute.data_cpus)
     spec = WorkerSpec(cfg=cfg.model_dump(mode="json"), classes=prep.classes, source=source,

@@ -13,7 +13,9 @@ from crops_helper import CLASSES, make_crop_shards
 from raycp.errors import InputError
 from raycp.models.normalize import NORM_EPS, normalize
 from raycp.preprocess.crops import tensor_to_numpy
+from raycp.train import augment as A
 from raycp.train import data as D
+from raycp.train import sampling as S
 from raycp.train.config import AugmentSection, SplitSection
 
 LABEL = "Metadata_Treatment"
@@ -26,7 +28,7 @@ def crops(crops64):
 
 @pytest.fixture(scope="module")
 def coded(crops):
-    codes, classes = D.encode_labels(crops.meta, LABEL, None)
+    codes, classes = S.encode_labels(crops.meta, LABEL, None)
     return codes, classes
 
 
@@ -77,33 +79,33 @@ def test_controls_are_classes_and_imbalanced(coded):
 
 
 def test_leave_cells_out_keeps_60_percent_of_every_well(crops):
-    is_val = D.split_leave_cells_out(crops.meta, train_fraction=0.6, seed=3)
+    is_val = S.split_leave_cells_out(crops.meta, train_fraction=0.6, seed=3)
     per_well = pd.DataFrame({"w": crops.meta["Metadata_Plate"] + crops.meta["Metadata_Well"], "val": is_val})
     frac = per_well.groupby("w")["val"].agg(["mean", "size"])
     assert ((frac["mean"] - 0.4).abs() * frac["size"] <= 0.5 + 1e-9).all()  # round(0.6 n) cells in training
-    assert np.array_equal(is_val, D.split_leave_cells_out(crops.meta, train_fraction=0.6, seed=3))
-    assert not np.array_equal(is_val, D.split_leave_cells_out(crops.meta, train_fraction=0.6, seed=4))
+    assert np.array_equal(is_val, S.split_leave_cells_out(crops.meta, train_fraction=0.6, seed=3))
+    assert not np.array_equal(is_val, S.split_leave_cells_out(crops.meta, train_fraction=0.6, seed=4))
 
 
 def test_leave_plates_out_holds_whole_plates_with_two_wells_per_class(crops, coded):
     codes, classes = coded
-    is_val = D.split_leave_plates_out(crops.meta, codes, classes, val_plates=None, min_val_wells=2, seed=0)
+    is_val = S.split_leave_plates_out(crops.meta, codes, classes, val_plates=None, min_val_wells=2, seed=0)
     plates = crops.meta["Metadata_Plate"]
     assert plates[is_val].nunique() == 1 and not set(plates[is_val]) & set(plates[~is_val])
     val_wells = crops.meta[is_val].groupby(LABEL)["Metadata_Well"].nunique()
     assert (val_wells >= 2).all() and len(val_wells) == len(classes)
     with pytest.raises(InputError, match="fewer than 3 validation wells.*min_val_wells"):
-        D.split_leave_plates_out(crops.meta, codes, classes, val_plates=None, min_val_wells=3, seed=0)
+        S.split_leave_plates_out(crops.meta, codes, classes, val_plates=None, min_val_wells=3, seed=0)
     with pytest.raises(InputError, match="no training wells"):
-        D.split_leave_plates_out(crops.meta, codes, classes, val_plates=["P1", "P2"], min_val_wells=1, seed=0)
+        S.split_leave_plates_out(crops.meta, codes, classes, val_plates=["P1", "P2"], min_val_wells=1, seed=0)
 
 
 def test_split_column(crops, coded):
     meta = crops.meta.assign(Metadata_Split=np.where(crops.meta["Metadata_CellId"] % 2, "val", "Train"))
-    is_val = D.assign_split(meta, *coded, SplitSection(strategy="column"), 0)
+    is_val = S.assign_split(meta, *coded, SplitSection(strategy="column"), 0)
     assert is_val.sum() == (crops.meta["Metadata_CellId"] % 2).sum()
     with pytest.raises(InputError, match="values other than train/val"):
-        D.split_from_column(meta.assign(Metadata_Split="holdout"), "Metadata_Split")
+        S.split_from_column(meta.assign(Metadata_Split="holdout"), "Metadata_Split")
 
 
 # ---------------------------------------------------------------------- balanced epochs
@@ -113,13 +115,13 @@ def test_balanced_sampler_on_real_class_imbalance(crops, coded):
     """Controls (192 cells) ≫ treatments (32): every epoch draws the median per class, without
     replacement from the big classes, with replacement from the small ones, and redraws each epoch."""
     codes, classes = coded
-    is_val = D.split_leave_cells_out(crops.meta, train_fraction=0.6, seed=0)
+    is_val = S.split_leave_cells_out(crops.meta, train_fraction=0.6, seed=0)
     train = np.flatnonzero(~is_val)
     tcodes = codes[train]
     counts = np.bincount(tcodes)
     assert counts.max() > 5 * counts.min()
     per_class = int(np.median(counts))
-    e0 = D.balanced_epoch(tcodes, len(classes), seed=0, epoch=0)
+    e0 = S.balanced_epoch(tcodes, len(classes), seed=0, epoch=0)
     assert len(e0) == per_class * len(classes)
     assert np.bincount(tcodes[e0]).tolist() == [per_class] * len(classes)  # balanced
     big = [c for c in range(len(classes)) if counts[c] >= per_class]
@@ -130,8 +132,8 @@ def test_balanced_sampler_on_real_class_imbalance(crops, coded):
     for c in small:  # with replacement: duplicates, and only cells of that class
         picked = e0[tcodes[e0] == c]
         assert len(np.unique(picked)) < per_class
-    assert np.array_equal(e0, D.balanced_epoch(tcodes, len(classes), seed=0, epoch=0))  # a function of (seed, epoch)
-    e1 = D.balanced_epoch(tcodes, len(classes), seed=0, epoch=1)
+    assert np.array_equal(e0, S.balanced_epoch(tcodes, len(classes), seed=0, epoch=0))  # a function of (seed, epoch)
+    e1 = S.balanced_epoch(tcodes, len(classes), seed=0, epoch=1)
     dmso = classes.index("DMSO")
     seen = set(e0[tcodes[e0] == dmso]) | set(e1[tcodes[e1] == dmso])
     assert len(seen) > per_class * 1.5  # a new draw of the control pool every epoch
@@ -142,8 +144,8 @@ def test_balanced_sampler_on_real_class_imbalance(crops, coded):
 def test_rank_shares_are_disjoint_with_equal_steps(coded):
     codes, classes = coded
     sids = np.arange(len(codes)) * 10
-    plans = [D.plan_epoch(sids, codes, len(classes), seed=1, epoch=2, rank=r, world=3, batch=7) for r in range(3)]
-    drawn = D.balanced_epoch(codes, len(classes), seed=1, epoch=2)
+    plans = [S.plan_epoch(sids, codes, len(classes), seed=1, epoch=2, rank=r, world=3, batch=7) for r in range(3)]
+    drawn = S.balanced_epoch(codes, len(classes), seed=1, epoch=2)
     assert len({p.steps for p in plans}) == 1 and plans[0].steps == (len(drawn) // 3) // 7
     assert {p.digest for p in plans} == {plans[0].digest}
     positions = np.concatenate([np.arange(r, len(drawn), 3)[: plans[0].steps * 7] for r in range(3)])
@@ -152,7 +154,7 @@ def test_rank_shares_are_disjoint_with_equal_steps(coded):
         assert len(p.sids) == p.steps * 7
         assert np.array_equal(p.sids, sids[drawn[r::3][: p.steps * 7]])
         assert np.array_equal(p.labels, codes[drawn[r::3][: p.steps * 7]])
-    capped = D.plan_epoch(sids, codes, len(classes), seed=1, epoch=2, rank=0, world=3, batch=7, max_steps=2)
+    capped = S.plan_epoch(sids, codes, len(classes), seed=1, epoch=2, rank=0, world=3, batch=7, max_steps=2)
     assert capped.steps == 2 and np.array_equal(capped.sids, plans[0].sids[:14])
 
 
@@ -160,8 +162,8 @@ def test_rank_loader_windows_give_the_same_batches(crops, coded):
     codes, classes = coded
     src = D.CropSource(crops.files, crops.crop_column, crops.shape, crops.locations(), reader="local")
     sids = np.arange(len(codes))
-    plan = D.plan_epoch(sids, codes, len(classes), seed=0, epoch=0, rank=1, world=2, batch=8)
-    nxt = D.plan_epoch(sids, codes, len(classes), seed=0, epoch=1, rank=1, world=2, batch=8)
+    plan = S.plan_epoch(sids, codes, len(classes), seed=0, epoch=0, rank=1, world=2, batch=8)
+    nxt = S.plan_epoch(sids, codes, len(classes), seed=0, epoch=1, rank=1, world=2, batch=8)
     whole, windowed = D.RankLoader(src), D.RankLoader(src, max_cached=16)
     try:
         a = list(whole.batches(plan, nxt))
@@ -189,7 +191,7 @@ def test_rank_loader_reads_each_crop_once_while_it_fits(crops, coded):
 
     src = Counting(crops.files, crops.crop_column, crops.shape, crops.locations(), reader="local")
     sids = np.arange(len(codes))
-    plans = [D.plan_epoch(sids, codes, len(classes), seed=0, epoch=e, rank=0, world=1, batch=8) for e in range(3)]
+    plans = [S.plan_epoch(sids, codes, len(classes), seed=0, epoch=e, rank=0, world=1, batch=8) for e in range(3)]
     loader = D.RankLoader(src, max_cached=10_000)
     try:
         got = [list(loader.batches(p)) for p in plans]
@@ -227,41 +229,41 @@ def _off(**kw):
 
 def test_augmentations_follow_the_paper():
     x = normalize(torch.from_numpy(np.random.default_rng(1).integers(0, 256, (16, 5, 32, 32), dtype=np.uint8)))
-    p = D.draw_augment(16, 5, 32, AugmentSection(), torch.Generator().manual_seed(0))
-    q = D.draw_augment(16, 5, 32, AugmentSection(), torch.Generator().manual_seed(0))
+    p = A.draw_augment(16, 5, 32, AugmentSection(), torch.Generator().manual_seed(0))
+    q = A.draw_augment(16, 5, 32, AugmentSection(), torch.Generator().manual_seed(0))
     assert all(torch.equal(getattr(p, f), getattr(q, f)) for f in ("crop", "boxes", "flip", "rot", "brightness"))
     side = p.boxes[:, 2] - p.boxes[:, 0]
     assert torch.equal(side, p.boxes[:, 3] - p.boxes[:, 1]) and side.min() >= 26 and side.max() <= 32  # 80–100 %
     assert (p.boxes[:, :2] >= 0).all() and (p.boxes[:, 2:] <= 32).all()
     assert p.brightness.abs().max() <= 0.1 and p.contrast.min() >= 0.8 and p.contrast.max() <= 1.2
-    big = D.draw_augment(4000, 5, 32, AugmentSection(), torch.Generator().manual_seed(1))
+    big = A.draw_augment(4000, 5, 32, AugmentSection(), torch.Generator().manual_seed(1))
     assert 0.45 < big.crop.float().mean() < 0.55 and 0.45 < big.flip.float().mean() < 0.55
     assert set(big.rot.tolist()) == {0, 1, 2, 3}
     # all off: identity
-    ident = D.draw_augment(16, 5, 32, _off(), torch.Generator().manual_seed(0))
-    torch.testing.assert_close(D.apply_augment(x, ident), x)
+    ident = A.draw_augment(16, 5, 32, _off(), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(A.apply_augment(x, ident), x)
     # flips and rotations are exact dihedral transforms
-    fr = D.draw_augment(16, 5, 32, _off(flip=True, rot90=True), torch.Generator().manual_seed(2))
-    y = D.apply_augment(x, fr)
+    fr = A.draw_augment(16, 5, 32, _off(flip=True, rot90=True), torch.Generator().manual_seed(2))
+    y = A.apply_augment(x, fr)
     for i in range(16):
         want = x[i].flip(-1) if fr.flip[i] else x[i]
         torch.testing.assert_close(y[i], torch.rot90(want, int(fr.rot[i]), dims=(1, 2)))
     # a full-size crop box resizes to itself; a smaller one is a zoom of its window
-    cp = D.draw_augment(16, 5, 32, _off(crop_prob=1.0, crop_min=1.0), torch.Generator().manual_seed(3))
-    torch.testing.assert_close(D.apply_augment(x, cp), x)
+    cp = A.draw_augment(16, 5, 32, _off(crop_prob=1.0, crop_min=1.0), torch.Generator().manual_seed(3))
+    torch.testing.assert_close(A.apply_augment(x, cp), x)
     # brightness moves each channel's mean by Δ, contrast scales about the mean
-    bc = D.draw_augment(16, 5, 32, _off(brightness=0.1, contrast=(0.8, 1.2)), torch.Generator().manual_seed(4))
-    z = D.apply_augment(x, bc)
+    bc = A.draw_augment(16, 5, 32, _off(brightness=0.1, contrast=(0.8, 1.2)), torch.Generator().manual_seed(4))
+    z = A.apply_augment(x, bc)
     torch.testing.assert_close(z.mean(dim=(2, 3)), x.mean(dim=(2, 3)) + bc.brightness, atol=1e-5, rtol=0)
     torch.testing.assert_close(z.std(dim=(2, 3)), x.std(dim=(2, 3)) * bc.contrast, atol=1e-4, rtol=1e-4)
 
 
 def test_random_crop_is_a_resized_window():
     x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
-    p = D.AugmentParams(crop=torch.tensor([True, False]), boxes=torch.tensor([[2.0, 2.0, 6.0, 6.0], [0, 0, 8, 8]]),
+    p = A.AugmentParams(crop=torch.tensor([True, False]), boxes=torch.tensor([[2.0, 2.0, 6.0, 6.0], [0, 0, 8, 8]]),
                         flip=torch.tensor([False, False]), rot=torch.tensor([0, 0]),
                         brightness=torch.zeros(2, 1), contrast=torch.ones(2, 1))
-    y = D.apply_augment(x, p)
+    y = A.apply_augment(x, p)
     want = torch.nn.functional.interpolate(x[:1, :, 2:6, 2:6], size=(8, 8), mode="bilinear", align_corners=False)
     torch.testing.assert_close(y[:1], want)  # bilinear, half-pixel centres
     assert torch.equal(y[1], x[1])
@@ -293,13 +295,13 @@ def test_crops_without_label_values_are_a_clear_error(site_5ch, tmp_path):
 
 def test_class_with_zero_cells_is_a_clear_error(crops):
     with pytest.raises(InputError, match="class 'T9' has zero cells.*fix"):
-        D.encode_labels(crops.meta, LABEL, list(CLASSES) + ["T9"])
+        S.encode_labels(crops.meta, LABEL, list(CLASSES) + ["T9"])
     with pytest.raises(InputError, match="not in classes"):
-        D.encode_labels(crops.meta, LABEL, ["DMSO", "EMPTY"])
-    codes, classes = D.encode_labels(crops.meta, LABEL, None)
+        S.encode_labels(crops.meta, LABEL, ["DMSO", "EMPTY"])
+    codes, classes = S.encode_labels(crops.meta, LABEL, None)
     meta = crops.meta.assign(Metadata_Split=np.where(crops.meta[LABEL] == "T1", "val", "train"))
     with pytest.raises(InputError, match="class 'T1' has zero training cells after the column split"):
-        D.assign_split(meta, codes, classes, SplitSection(strategy="column"), 0)
+        S.assign_split(meta, codes, classes, SplitSection(strategy="column"), 0)
 
 
 def test_empty_folder_is_a_clear_error(tmp_path):

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from raycp.errors import InputError
+from raycp.train import augment as A
 from raycp.train import data as D
+from raycp.train import sampling as S
 from raycp.train.config import TrainConfig
 from raycp.train.loop import STATE_FILE, Recipe, load_state, lr_factor, param_groups
 
@@ -47,17 +49,17 @@ def test_one_step_at_paper_size(crops128):
     """128×128 crops from the shards through normalisation, augmentation and one SGD step of B0."""
     cs = D.read_crop_metadata(str(crops128), label="Metadata_Treatment")
     assert cs.shape == (5, 128, 128)
-    codes, classes = D.encode_labels(cs.meta, "Metadata_Treatment", None)
+    codes, classes = S.encode_labels(cs.meta, "Metadata_Treatment", None)
     cfg = TrainConfig(crops=str(crops128), output="o")
     recipe = Recipe(cfg, len(classes))
     assert not recipe.amp and not recipe.channels_last  # bf16 / channels_last only on GPU
     model = recipe.model()
     opt = recipe.optimizer(model)
-    plan = D.plan_epoch(np.arange(len(codes)), codes, len(classes), seed=0, epoch=0, rank=0, world=1, batch=2)
+    plan = S.plan_epoch(np.arange(len(codes)), codes, len(classes), seed=0, epoch=0, rank=0, world=1, batch=2)
     uniq, crops = D.CropSource(cs.files, cs.crop_column, cs.shape, cs.locations(), reader="local").load(plan.sids[:2])
     x, y = recipe.to_device(crops[np.searchsorted(uniq, plan.sids[:2])], plan.labels[:2].astype(np.int64))
     before = model.classifier.weight.detach().clone()
-    loss, pred = recipe.train_step(model, opt, x, y, D.augment_generator(0, 0, 0, 0))
+    loss, pred = recipe.train_step(model, opt, x, y, A.augment_generator(0, 0, 0, 0))
     assert torch.isfinite(loss) and pred.shape == (2,)
     assert not torch.equal(before, model.classifier.weight)
     model.eval()
