@@ -14,7 +14,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "raycp"
 
 FOUNDATION = {"raycp", "raycp.errors", "raycp.config", "raycp.console", "raycp.runtime", "raycp.ledger", "raycp.layout"}
-ADAPTERS = {"raycp.sites", "raycp.inspect", "raycp.preprocess.pipeline", "raycp.preprocess.tasks", "raycp.extract.pipeline",
+ADAPTERS = {"raycp.sites", "raycp.inspect", "raycp.preprocess.pipeline", "raycp.preprocess.tasks", "raycp.extract.pipeline", "raycp.extract.tasks",
             "raycp.extract.sources", "raycp.train.trainer", "raycp.train.data", "raycp.train.loop",
             "raycp.screens.build"}
 
