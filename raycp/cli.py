@@ -151,15 +151,13 @@ def index_summarize(
     """Read every site on the Ray cluster and print per-channel shape, dtype and intensity
     percentiles (0.05 and 99.95 are the paper's stretch limits)."""
     from raycp import inspect
+    from raycp.config import with_options
     from raycp.io import urls
     from raycp.io.index import read_index
     from raycp.preprocess.config import load_config
 
-    overrides = list(set_ or [])
-    if index_url:
-        overrides.append(f"data.index={index_url}")
-    if output or config is None:
-        overrides.append(f"data.output={output or 'runs/inspect'}")
+    overrides = with_options(set_, {"data.index": index_url,
+                                    "data.output": output or ("runs/inspect" if config is None else None)})
     run = load_config(config, overrides)
     chosen = config is not None or any(o.startswith("data.channels=") for o in overrides)
     index = read_index(run.data.index, channels=run.data.channels if chosen else None)

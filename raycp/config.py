@@ -75,6 +75,12 @@ def parse_overrides(overrides: list[str] | tuple[str, ...] | None) -> dict:
     return tree
 
 
+def with_options(overrides: list[str] | None, options: Mapping[str, Any]) -> list[str]:
+    """``--set`` overrides followed by a command's shortcut options as overrides (``{"data.index":
+    "--index value"}``); an option left unset (None or empty text) adds nothing. Shortcuts win."""
+    return [*(overrides or ()), *(f"{key}={value}" for key, value in options.items() if value not in (None, ""))]
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():

@@ -94,18 +94,10 @@ class RunLayout:
     def receipt(self, stage: str, plate: str, well: str, site: int) -> str:
         return urls.join(self.receipts(stage), plate, f"{well}_{site}.json")
 
-    @property
-    def config(self) -> str:
-        return urls.join(self.output, "config.yaml")
-
     # -- image stages
     @property
     def index_snapshot(self) -> str:
         return urls.join(self.folder("index"), "screen.parquet")
-
-    @property
-    def illum(self) -> str:
-        return self.folder("illum")
 
     def png(self, plate: str, well: str, site: int, channel: str) -> str:
         return urls.join(self.folder("compress"), plate, well, str(site), f"{channel}.png")
@@ -126,18 +118,14 @@ class RunLayout:
         return urls.join(self.folder("crops"), "deepprofiler")
 
     # -- training
-    @property
-    def train(self) -> str:
-        return self.folder("train")
-
     def train_run(self, name: str) -> str:
         """The Ray Train run folder ``<run>/train/<name>`` (its ``epoch_*`` checkpoint folders)."""
-        return urls.join(self.train, name)
+        return urls.join(self.folder("train"), name)
 
     @property
     def model(self) -> str:
         """The exported CNN: ``<run>/train/model`` (``model.safetensors`` + ``model.json``)."""
-        return urls.join(self.train, "model")
+        return urls.join(self.folder("train"), "model")
 
     # -- features, profiles, evaluation, effect, report
     def features(self, feature_set: str, npz_layout: str = "well/site") -> FeatureSetLayout:

@@ -78,3 +78,16 @@ def short_reason(exc: BaseException) -> str:
     if isinstance(exc, RaycpError):
         return exc.one_line()
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+
+
+@dataclass(kw_only=True)
+class StageOutcome:
+    """What a stage did: its ledger and its figures (printed by the CLIs, kept in ``status.json``)."""
+
+    ledger: Ledger
+    figures: dict = field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict:
+        """The accounting (``total`` = ``processed`` + ``quarantined``, ``reasons``) and the figures."""
+        return {**self.ledger.summary(), **self.figures}

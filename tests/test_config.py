@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -81,3 +83,19 @@ def test_apply_overrides_gives_a_validated_copy(tmp_path):
         apply_overrides(base, {"profiles.sphere_lamda": 1.0})
     with pytest.raises(ConfigError, match="profiles.sphere_lambda"):
         apply_overrides(base, {"profiles.sphere_lambda": 0})
+
+
+def test_the_test_configs_are_valid_examples():
+    """tests/conf/*.yaml are runnable examples (each says how to run it): each one resolves to its
+    config class, so a renamed or removed key fails here, not in a user's hands."""
+    from raycp.run import load
+    from raycp.screens.config import load_screen_config
+
+    conf = Path(__file__).resolve().parent / "conf"
+    found = sorted(p.name for p in conf.glob("*.yaml"))
+    assert found == ["tiny_run.yaml", "tiny_screen.yaml"], found
+    screen = load_screen_config("mini", str(conf / "tiny_screen.yaml"))
+    assert (screen.layout.plates, screen.treatments.n, screen.image.size) == (2, 6, 160)
+    run = load(str(conf / "tiny_run.yaml"), ["data.index=s3://b/index/sites.parquet", "data.output=s3://b/run"])
+    assert run.crops.size == 32 and [f.kind for f in run.features] == ["trained", "random", "cellprofiler"]
+    assert run.train.optim.epochs == 1 and run.profiles.lambdas == [1.0, 0.01]

@@ -29,17 +29,14 @@ def extract(
     """Profile every cell: index → crops (from <run>/crops or the images) → model actor pool →
     <run>/features/<model>/cells/<plate>/<well>_<site>.parquet + site medians (sites.parquet),
     optional DeepProfiler npz. Re-running skips finished sites."""
+    from raycp import runtime
+    from raycp.config import with_options
     from raycp.console import console as _console
     from raycp.console import print_ledger, track
     from raycp.extract.config import load_extract_config
     from raycp.extract.pipeline import run_extract
 
-    sets = list(set_ or [])
-    if model:
-        sets.append(f"model.kind={model}")
-    if weights:
-        sets.append(f"model.path={weights}")
-    from raycp import runtime
+    sets = with_options(set_, {"model.kind": model, "model.path": weights})
 
     cfg = load_extract_config(config, sets, index=index, output=output)
     runtime.use(cfg.compute)

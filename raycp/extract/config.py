@@ -156,11 +156,6 @@ class ExtractConfig(_Strict):
 def load_extract_config(path: str | None = None, overrides: list[str] | None = None, *,
                         index: str | None = None, output: str | None = None) -> ExtractConfig:
     """YAML file < ``--set`` overrides < explicit ``index`` / ``output``."""
-    from raycp.config import build_config
+    from raycp.config import build_config, with_options
 
-    sets = list(overrides or [])
-    if index:
-        sets.append(f"data.index={index}")
-    if output:
-        sets.append(f"data.output={output}")
-    return build_config(ExtractConfig, path, sets)
+    return build_config(ExtractConfig, path, with_options(overrides, {"data.index": index, "data.output": output}))

@@ -29,7 +29,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
@@ -48,25 +48,20 @@ from raycp.extract.tasks import (
 from raycp.io import urls
 from raycp.io.index import KEYS, PLATE, SITE, WELL, ScreenIndex
 from raycp.layout import FeatureSetLayout, RunLayout
-from raycp.ledger import PROCESSED, Ledger
+from raycp.ledger import PROCESSED, Ledger, StageOutcome
 
 Progress = Callable[..., Iterable]
 
 
 # -- driver ---------------------------------------------------------------------------------------
 
-@dataclass
-class ExtractResult:
-    """What the stage did: its ledger, the model's identity, and run figures (printed by the CLI)."""
+@dataclass(kw_only=True)
+class ExtractResult(StageOutcome):
+    """What the stage did: its ledger and run figures (:class:`StageOutcome`), where the features
+    went and the model's identity."""
 
-    ledger: Ledger
     folder: str
     model: dict
-    figures: dict = field(default_factory=dict)
-
-    @property
-    def summary(self) -> dict:
-        return {**self.ledger.summary(), **self.figures}
 
 
 @dataclass

@@ -189,7 +189,7 @@ def decide_correct(cfg, run: str, compressed: bool, input_: str) -> bool:
     if input_ != "images" or compressed or not cfg.illumination.enabled:
         return False
     if not urls.exists(RunLayout(run).success("illum")):
-        raise InputError(f"{RunLayout(run).illum}: no illumination functions (illum/_SUCCESS missing)",
+        raise InputError(f"{RunLayout(run).folder('illum')}: no illumination functions (illum/_SUCCESS missing)",
                          fix="run `raycp preprocess illum` first, or set illumination.enabled=false")
     return True
 

@@ -23,14 +23,10 @@ OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="run fo
 
 def load_run(config: str | None, overrides: list[str] | None, index: str | None, output: str | None):
     from raycp import config as cfg
+    from raycp import runtime
     from raycp.preprocess.config import RunConfig
 
-    sets = list(overrides or [])
-    if index:
-        sets.append(f"data.index={index}")
-    if output:
-        sets.append(f"data.output={output}")
-    from raycp import runtime
+    sets = cfg.with_options(overrides, {"data.index": index, "data.output": output})
 
     run = cfg.build_config(RunConfig, config, sets, skip_other_sections=True)
     runtime.use(run.compute)  # the stages connect when they have work

@@ -24,7 +24,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -44,7 +44,7 @@ from raycp.io.index import (
     url_col,
 )
 from raycp.layout import RunLayout, list_site_files
-from raycp.ledger import PROCESSED, QUARANTINED, Ledger, short_reason
+from raycp.ledger import PROCESSED, QUARANTINED, Ledger, StageOutcome, short_reason
 from raycp.preprocess import compress as compress_core
 from raycp.preprocess import illumination as illum_core
 from raycp.preprocess import locations as loc_core
@@ -129,17 +129,11 @@ def _read_receipts(layout: RunLayout, stage: str, keys: list[dict], *, chunk: in
             yield from pool.map(one, keys[start:start + chunk])
 
 
-@dataclass
-class StageResult:
-    """What a stage did: its ledger and stage-specific figures (printed by the CLI)."""
+@dataclass(kw_only=True)
+class StageResult(StageOutcome):
+    """What an image stage did: its ledger and figures (:class:`StageOutcome`)."""
 
     stage: str
-    ledger: Ledger
-    figures: dict = field(default_factory=dict)
-
-    @property
-    def summary(self) -> dict:
-        return {**self.ledger.summary(), **self.figures}
 
 
 def _ledger_row(stage: str, row: dict) -> dict:
@@ -188,7 +182,7 @@ def _finish(stage: str, run, layout: RunLayout, ledger: Ledger, figures: dict) -
     if ledger.rows:
         ledger.write(folder)
     cfg.save_resolved(run, folder)
-    result = StageResult(stage, ledger, figures)
+    result = StageResult(stage=stage, ledger=ledger, figures=figures)
     urls.atomic_write_text(layout.success(stage), json.dumps(result.summary, indent=2, sort_keys=True))
     return result
 

@@ -59,7 +59,7 @@ class SiteReader:
         self.run = run
         self.layout = RunLayout(run)
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads))
-        self._illum = illum_core.PlateFunctions(self.layout.illum if correct else None)
+        self._illum = illum_core.PlateFunctions(self.layout.folder("illum") if correct else None)
         self.buffers: dict[str, np.ndarray] = {}
 
     def close(self) -> None:

@@ -30,14 +30,11 @@ def run(
     from rich.table import Table
 
     from raycp import run as api
+    from raycp.config import with_options
     from raycp.console import console as _console
     from raycp.console import track
 
-    sets = list(set_ or [])
-    if index:
-        sets.append(f"data.index={index}")
-    if output:
-        sets.append(f"data.output={output}")
+    sets = with_options(set_, {"data.index": index, "data.output": output})
     if config is None and not sets:
         raise typer.BadParameter("give a run config file (see configs/demo.yaml)")
     from raycp.run.runner import select_stages

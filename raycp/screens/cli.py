@@ -29,12 +29,11 @@ def build(
 ) -> None:
     """Compose a multi-plate screen of 16-bit TIFF sites from real cells: images, a raycp index,
     ground truth (treatment → MoA, strength, responding fraction; true nucleus centres) and a manifest."""
+    from raycp.config import with_options
     from raycp.screens.build import build_screen, plan_screen
     from raycp.screens.config import dump, load_screen_config
 
-    overrides = list(set_ or [])
-    if seed is not None:
-        overrides.append(f"seed={seed}")
+    overrides = with_options(set_, {"seed": seed})
     cfg = load_screen_config(preset, config, overrides)
     source = config or f"preset {preset}"
     out = output or f"runs/screen-{preset}"

@@ -34,14 +34,11 @@ def train(
 ) -> None:
     """Train (or resume) EfficientNet-B0 to classify each cell's treatment; writes checkpoints,
     metrics, learning curves and the exported model under <output>/train/."""
+    from raycp.config import with_options
     from raycp.console import console as _console
     from raycp.train import trainer
 
-    sets = list(set_ or [])
-    if crops:
-        sets.append(f"crops={crops}")
-    if output:
-        sets.append(f"output={output}")
+    sets = with_options(set_, {"crops": crops, "output": output})
     if config is None and not sets:
         raise typer.BadParameter("give a train config file (or --crops and --output)")
     cfg = load_train_config(config, sets)

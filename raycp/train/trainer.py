@@ -90,7 +90,7 @@ class TrainResult:
 
 def train_dir(cfg: TrainConfig) -> str:
     """``<output>/train`` (:class:`raycp.layout.RunLayout`)."""
-    return RunLayout(cfg.output).train
+    return RunLayout(cfg.output).folder("train")
 
 
 def prepare(cfg: TrainConfig) -> Prepared:

@@ -15,6 +15,6 @@ def tiny_screen(shared_data, ray_cluster, tmp_path_factory) -> Path:
     from raycp.screens.config import load_screen_config
 
     out = tmp_path_factory.mktemp("run-screen") / "screen"
-    cfg = load_screen_config("mini", overrides=[f"source.folders=['{shared_data / PEDIATRIC}']", *TINY_SCREEN])
+    cfg = load_screen_config("mini", TINY_SCREEN, overrides=[f"source.folders=['{shared_data / PEDIATRIC}']"])
     build_screen(cfg, str(out))
     return out

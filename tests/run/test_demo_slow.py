@@ -18,7 +18,7 @@ import pytest
 from raycp.layout import stage_folder
 from raycp.run import load, run
 from raycp.stages import STAGES
-from tests.run.run_helper import run_overrides
+from tests.run.run_helper import TINY_RUN, run_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -80,7 +80,7 @@ def _features_written(out: Path) -> int:
 def test_killed_during_extraction_resumes_without_redoing_earlier_stages(tiny_screen, tmp_path):
     out = tmp_path / "run"
     sets = run_overrides(tiny_screen, out, **{"inference.batch_size": "8"})
-    cmd = [sys.executable, "-m", "raycp.cli", "run", *[f"--set={s}" for s in sets]]
+    cmd = [sys.executable, "-m", "raycp.cli", "run", TINY_RUN, *[f"--set={s}" for s in sets]]
     ray_tmp = tempfile.mkdtemp(prefix="rk-", dir="/tmp")  # Ray's socket paths must stay short
     env = {**os.environ, "RAYCP_RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
@@ -94,7 +94,7 @@ def test_killed_during_extraction_resumes_without_redoing_earlier_stages(tiny_sc
     before = {s: json.loads((out / stage_folder(s) / "status.json").read_text()) for s in STAGES[:STAGES.index("extract")]}
     assert all(st["state"] == "complete" for st in before.values())
     assert json.loads((out / "features" / "status.json").read_text())["state"] == "running"
-    again = run(load(None, sets), echo=print)
+    again = run(load(TINY_RUN, sets), echo=print)
     states = {r.stage: r.state for r in again.records}
     assert all(states[s] == "skipped" for s in before) and states["extract"] == "complete", states
     after = {s: json.loads((out / stage_folder(s) / "status.json").read_text()) for s in before}

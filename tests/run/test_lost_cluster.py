@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.run.run_helper import run_overrides
+from tests.run.run_helper import TINY_RUN, run_overrides
 
 
 def _raycp() -> str:
@@ -56,7 +56,7 @@ def test_a_killed_raylet_is_one_line_exit_4_and_the_run_resumes(tiny_screen, tmp
     ray_tmp = Path(tempfile.mkdtemp(prefix="rcp-", dir="/tmp"))  # Ray's socket paths must stay < 108 bytes
     env = {**os.environ, "RAYCP_RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    argv = [_raycp(), "run", *sum((["--set", s] for s in run_overrides(tiny_screen, out)), [])]
+    argv = [_raycp(), "run", TINY_RUN, *sum((["--set", s] for s in run_overrides(tiny_screen, out)), [])]
 
     proc, _, err = _start(argv, env, tmp_path, "killed")
     cells = out / "features" / "cnn" / "cells"

@@ -15,7 +15,7 @@ from raycp.errors import ConfigError
 from raycp.layout import stage_folder
 from raycp.run import load, run
 from raycp.stages import STAGES
-from tests.run.run_helper import run_overrides
+from tests.run.run_helper import TINY_RUN, run_overrides
 
 
 def _status(out: Path, stage: str) -> dict:
@@ -26,7 +26,7 @@ def _status(out: Path, stage: str) -> dict:
 def tiny_run(tiny_screen, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-run") / "run"
     sets = run_overrides(tiny_screen, out)
-    result = run(load(None, sets), echo=lambda line: None)
+    result = run(load(TINY_RUN, sets), echo=lambda line: None)
     return out, result, sets
 
 
@@ -81,7 +81,7 @@ def test_rerun_skips_finished_stages_and_keeps_bytes(tiny_run):
     cells = sorted((out / "features" / "cnn" / "cells").rglob("*.parquet"))
     before = {p: p.read_bytes() for p in cells}
     finished = {s: _status(out, s)["finished"] for s in STAGES}
-    again = run(load(None, sets), echo=lambda line: None)
+    again = run(load(TINY_RUN, sets), echo=lambda line: None)
     assert [r.state for r in again.records] == ["skipped"] * (len(STAGES) - 1) + ["complete"]
     assert {p: p.read_bytes() for p in cells} == before
     assert all(_status(out, s)["finished"] == finished[s] for s in STAGES if s != "report")
@@ -89,7 +89,7 @@ def test_rerun_skips_finished_stages_and_keeps_bytes(tiny_run):
 
 def test_changed_profiles_config_reruns_only_the_cheap_stages(tiny_run):
     out, _, sets = tiny_run
-    again = run(load(None, [*sets, "profiles.sphere_lambda=0.1"]), start=None, stop="evaluate", echo=lambda line: None)
+    again = run(load(TINY_RUN, [*sets, "profiles.sphere_lambda=0.1"]), start=None, stop="evaluate", echo=lambda line: None)
     states = {r.stage: r.state for r in again.records}
     assert states["extract"] == "skipped" and states["profiles"] == "skipped" and states["evaluate"] == "complete"
     table = pd.read_parquet(out / "evaluate" / "comparison.parquet")
@@ -100,7 +100,7 @@ def test_changed_science_of_a_finished_stage_is_refused_before_work(tiny_run):
     out, _, sets = tiny_run
     stamp = (out / "crops" / "status.json").read_bytes()
     with pytest.raises(ConfigError, match="stage 'crops'.*another config"):
-        run(load(None, [*sets, "crops.size=48"]), echo=lambda line: None)
+        run(load(TINY_RUN, [*sets, "crops.size=48"]), echo=lambda line: None)
     assert (out / "crops" / "status.json").read_bytes() == stamp
 
 
@@ -118,7 +118,7 @@ def test_bad_config_is_one_line_before_any_work(tiny_screen, tmp_path, capsys, a
     out = tmp_path / "run"
     sets = [a.replace("{tmp}", str(tmp_path)) for a in args]
     base = [f"--set={o}" for o in run_overrides(tiny_screen, out)]
-    got = main(["run", *base, *sets])
+    got = main(["run", TINY_RUN, *base, *sets])
     err = capsys.readouterr().err.strip()
     assert got == code and message in err and len(err.splitlines()) == 1, err
     assert not (out / "index").exists()  # no stage started
