@@ -25,13 +25,16 @@ def load(config: str | None = None, overrides: list[str] | None = None):
 
 
 def run(config=None, overrides: list[str] | None = None, *, start: str | None = None, stop: str | None = None,
-        progress=None, echo=print):
+        progress=None, echo=print, registry=None):
     """Run (or resume) the pipeline; returns a :class:`~raycp.run.runner.RunResult`."""
     from raycp.run.config import PipelineConfig
     from raycp.run.runner import run_pipeline
 
     cfg = config if isinstance(config, PipelineConfig) else load(config, overrides)
-    return run_pipeline(cfg, start=start, stop=stop, progress=progress, echo=echo)
+    from raycp.stages import REGISTRY
+
+    return run_pipeline(cfg, start=start, stop=stop, progress=progress, echo=echo,
+                        registry=REGISTRY if registry is None else registry)
 
 
 __all__ = ["load", "run"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -23,15 +23,17 @@ from raycp.errors import ConfigError, InputError
 from raycp.io import urls
 from raycp.layout import RunLayout
 from raycp.run.config import PipelineConfig
-from raycp.stages import REGISTRY, STAGES, Context, read_status, write_status
+from raycp.stages import REGISTRY, Context, Stage, read_status, write_status
+
+Registry = Mapping[str, Stage]
 
 
-def fingerprints(cfg: PipelineConfig) -> dict[str, str]:
+def fingerprints(cfg: PipelineConfig, registry: Registry = REGISTRY) -> dict[str, str]:
     """Per stage: sha256 of its own science (:attr:`Stage.science`: the config its outputs depend
     on, compute knobs excluded) and the fingerprint of the stage before it."""
     out, previous = {}, ""
-    for stage in STAGES:
-        science = REGISTRY[stage].science(cfg)
+    for stage, spec in registry.items():
+        science = spec.science(cfg)
         blob = json.dumps({"stage": stage, "science": science, "previous": previous}, sort_keys=True)
         previous = out[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return out
@@ -56,18 +58,21 @@ class RunResult:
         return sum(r.seconds for r in self.records if r.state == "complete")
 
 
-def select_stages(start: str | None, stop: str | None) -> list[str]:
+def select_stages(start: str | None, stop: str | None, registry: Registry = REGISTRY) -> list[str]:
+    """The stage names from ``start`` to ``stop`` (``--from``/``--to``), in the registry's order."""
+    stages = list(registry)
     for name, value in (("--from", start), ("--to", stop)):
-        if value is not None and value not in STAGES:
-            raise ConfigError(f"{name} {value!r} is not a stage", fix=f"use one of: {', '.join(STAGES)}")
-    i = STAGES.index(start) if start else 0
-    j = STAGES.index(stop) if stop else len(STAGES) - 1
+        if value is not None and value not in stages:
+            raise ConfigError(f"{name} {value!r} is not a stage", fix=f"use one of: {', '.join(stages)}")
+    i = stages.index(start) if start else 0
+    j = stages.index(stop) if stop else len(stages) - 1
     if i > j:
-        raise ConfigError(f"--from {start} comes after --to {stop}", fix=f"stages run in order: {' → '.join(STAGES)}")
-    return list(STAGES[i:j + 1])
+        raise ConfigError(f"--from {start} comes after --to {stop}", fix=f"stages run in order: {' → '.join(stages)}")
+    return list(stages[i:j + 1])
 
 
-def preflight(cfg: PipelineConfig, chosen: list[str], force: set[str]) -> dict[str, str]:
+def preflight(cfg: PipelineConfig, chosen: list[str], force: set[str], registry: Registry = REGISTRY
+              ) -> dict[str, str]:
     """Everything that can be checked before work: stage configs, the index, the output, the
     weights files, and that no finished expensive stage ran with another config."""
     try:
@@ -86,10 +91,10 @@ def preflight(cfg: PipelineConfig, chosen: list[str], force: set[str]) -> dict[s
         if not urls.exists(path):
             raise InputError(f"{path}: ImageNet weights file not found",
                              fix="pass a local .safetensors/.pth file (raycp never downloads weights)")
-    prints = fingerprints(cfg)
+    prints = fingerprints(cfg, registry)
     for stage in chosen:
         st = read_status(cfg, stage)
-        if (REGISTRY[stage].expensive and stage not in force and st and st.get("state") == "complete"
+        if (registry[stage].expensive and stage not in force and st and st.get("state") == "complete"
                 and st.get("fingerprint") != prints[stage]):
             folder = RunLayout(cfg.data.output).folder(stage)
             raise ConfigError(f"stage {stage!r} in {cfg.data.output} was finished with another config",
@@ -102,22 +107,24 @@ def _now() -> str:
 
 
 def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, stop: str | None = None,
-                 progress: Callable | None = None, echo: Callable[[str], None] = print) -> RunResult:
-    """Run (or resume) the stages from ``start`` to ``stop``; see the module docstring."""
+                 progress: Callable | None = None, echo: Callable[[str], None] = print,
+                 registry: Registry = REGISTRY) -> RunResult:
+    """Run (or resume) the stages from ``start`` to ``stop``; see the module docstring.
+    ``registry``: the stages to walk (:data:`raycp.stages.REGISTRY`; a job or a test may extend it)."""
     from raycp import runtime
 
     runtime.use(cfg.compute)  # connected by the first stage that needs Ray; a finished run starts none
-    chosen = select_stages(start, stop)
+    chosen = select_stages(start, stop, registry)
     force = set(chosen) if start else set()  # --from: the chosen stages run again (they still resume per site)
-    prints = preflight(cfg, chosen, force)
-    ctx = Context(cfg=cfg, progress=progress, echo=echo, stages=tuple(REGISTRY.values()))
+    prints = preflight(cfg, chosen, force, registry)
+    ctx = Context(cfg=cfg, progress=progress, echo=echo, stages=tuple(registry.values()))
     layout = RunLayout(cfg.data.output)
     records = []
     ran_before = False  # once a stage has (re-)run, the stages after it read new inputs: they run too
     for n, stage in enumerate(chosen, 1):
         st = read_status(cfg, stage)
         done = st is not None and st.get("state") == "complete" and st.get("fingerprint") == prints[stage]
-        if done and stage not in force and stage != "report" and not ran_before:
+        if done and stage not in force and not registry[stage].always_runs and not ran_before:
             ctx.summaries[stage] = st.get("summary", {})
             records.append(StageRecord(stage, "skipped", float(st.get("seconds", 0.0)), st.get("summary", {})))
             echo(f"[{n}/{len(chosen)}] {stage}: finished earlier ({st.get('seconds', 0):.1f} s), skipped")
@@ -127,7 +134,7 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, stop: str | N
         started = _now()
         write_status(cfg, stage, state="running", fingerprint=prints[stage], started=started)
         t0 = time.perf_counter()
-        summary = REGISTRY[stage].run(ctx)
+        summary = registry[stage].run(ctx)
         seconds = time.perf_counter() - t0
         save_resolved(cfg, folder)
         write_status(cfg, stage, state="complete", fingerprint=prints[stage], started=started, finished=_now(),

@@ -60,6 +60,7 @@ class Stage:
     science: Callable[[object], dict]
     expensive: bool = False
     section: str | None = None  # the config section the stage reads (``raycp config show`` and docs)
+    always_runs: bool = False  # built from the other stages' outputs (the report): never skipped
 
     @property
     def folder(self) -> str:

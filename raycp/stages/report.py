@@ -231,4 +231,4 @@ def build_report(ctx: Context) -> dict:
             "report": url, "figures": figures, "bytes": len(page)}
 
 
-STAGE = Stage("report", "report", build_report, lambda cfg: {}, section=None)
+STAGE = Stage("report", "report", build_report, lambda cfg: {}, always_runs=True)

@@ -122,3 +122,33 @@ def test_bad_config_is_one_line_before_any_work(tiny_screen, tmp_path, capsys, a
     err = capsys.readouterr().err.strip()
     assert got == code and message in err and len(err.splitlines()) == 1, err
     assert not (out / "index").exists()  # no stage started
+
+
+def test_a_new_stage_is_one_module_and_one_registration(tiny_run):
+    """A stage is a :class:`Stage` and a place in the registry: resume, status, fingerprints and the
+    report's accounting follow (here a stage after effect that counts the well profiles)."""
+    from raycp.io.outputs import write_json
+    from raycp.stages import REGISTRY, Stage
+    from raycp.stages.profiles import read_wells
+
+    out, _, sets = tiny_run
+
+    def count_wells(ctx) -> dict:
+        n = len(read_wells(ctx, "cellprofiler"))
+        write_json(f"{ctx.folder('well_count')}/count.json", {"wells": n})
+        return {"total": n, "processed": n, "quarantined": 0, "reasons": {}, "wells": n}
+
+    stage = Stage("well_count", "well profiles counted", count_wells, lambda cfg: {"set": "cellprofiler"})
+    *before, report = REGISTRY
+    registry = {name: REGISTRY[name] for name in before} | {"well_count": stage, "report": REGISTRY[report]}
+    result = run(load(TINY_RUN, sets), echo=lambda line: None, registry=registry)
+    states = {r.stage: r.state for r in result.records}
+    finished = before[:before.index("profiles") + 1]  # (an earlier test re-ran evaluate with another λ)
+    assert [states[name] for name in finished] == ["skipped"] * len(finished)  # not run again
+    assert states["well_count"] == "complete" and states["report"] == "complete"
+    wells = _status(out, "profiles")["summary"]["feature_sets"]["cellprofiler"]["wells"]
+    assert json.loads((out / "well_count" / "count.json").read_text()) == {"wells": wells}
+    assert _status(out, "well_count")["summary"]["processed"] == wells
+    assert "well profiles counted" in (out / "report.html").read_text()
+    again = run(load(TINY_RUN, sets), echo=lambda line: None, registry=registry)
+    assert {r.stage: r.state for r in again.records}["well_count"] == "skipped"
