@@ -52,7 +52,6 @@ from raycp.preprocess.config import PreprocessConfig
 from raycp.preprocess.site import no_nuclei, site_key
 from raycp.preprocess.tasks import StageSpec, illumination_batch, site_batch, write_nuclei
 
-STAGES = ("illum", "compress", "nuclei", "crops")
 #: Extra per-site ledger columns of each stage (0 for quarantined sites).
 LEDGER_EXTRAS = {
     "illum": (),
