@@ -23,8 +23,12 @@ ADAPTERS = {"raycp.sites", "raycp.inspect", "raycp.preprocess.pipeline", "raycp.
 KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
+#: Python APIs that are entry points (they choose the cluster, as the CLI does).
+ENTRY_POINTS = {"raycp.extract"}
+
+
 def layer(module: str) -> int:
-    if module == "raycp.cli" or module.endswith(".cli") or module in ("raycp.run", "raycp.stages") or module.startswith(("raycp.run.", "raycp.stages.")):
+    if module in ENTRY_POINTS or module == "raycp.cli" or module.endswith(".cli") or module in ("raycp.run", "raycp.stages") or module.startswith(("raycp.run.", "raycp.stages.")):
         return 3
     if module in FOUNDATION or module == "raycp.io" or module.startswith("raycp.io."):
         return 0

@@ -22,11 +22,17 @@ from __future__ import annotations
 
 
 def extract(config=None, overrides: list[str] | None = None, *, progress=None):
-    """Run the extraction stage from a YAML path (+ ``--set``-style overrides) or an ``ExtractConfig``."""
+    """Run the extraction stage from a YAML path (+ ``--set``-style overrides) or an ``ExtractConfig``.
+
+    An entry point (like ``raycp extract``): the cluster is the one this process is connected to,
+    else the config's ``compute`` (``ray_address`` > ``RAY_ADDRESS`` > a local cluster), connected
+    on first need (:func:`raycp.runtime.use`)."""
+    from raycp import runtime
     from raycp.extract.config import ExtractConfig, load_extract_config
     from raycp.extract.pipeline import run_extract
 
     cfg = config if isinstance(config, ExtractConfig) else load_extract_config(config, overrides)
+    runtime.use(cfg.compute)
     return run_extract(cfg, progress=progress)
 
 
