@@ -387,7 +387,7 @@ def train_storage(url: str):
 
     if urls.protocol_of(url) == "file":
         path = url.split("://", 1)[1] if url.startswith("file://") else url
-        return str(Path(path).absolute()), None
+        return str(Path(path).expanduser().absolute()), None  # as raycp's own writes resolve it
     import pyarrow.fs as pafs
 
     fs, path = urls.filesystem(url)

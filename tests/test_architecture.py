@@ -1,4 +1,4 @@
-"""The package's shape (ARCHITECTURE.md): layers import downward only, and no module imports
+"""The package's shape (README, "Layout"): layers import downward only, and no module imports
 itself back through others. Every import counts, the ones inside functions too: a lazy import
 hides a cycle from Python, not from a reader.
 
@@ -18,8 +18,8 @@ ADAPTERS = {"raycp.sites", "raycp.inspect", "raycp.preprocess.pipeline", "raycp.
             "raycp.extract.sources", "raycp.train.trainer", "raycp.train.data", "raycp.train.loop",
             "raycp.screens.build"}
 
-# Upward imports that exist today, to be removed by the orchestration issue (#13). A new one fails
-# this test, and so does a listed one that is gone (remove it from the list).
+# Upward imports allowed for now, each with its reason (none since #13). A new one fails this test,
+# and so does a listed one that is gone (remove it from the list).
 KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 

@@ -5,7 +5,7 @@ the output of EfficientNet's ``block6a_activation`` (timm ``blocks.5.0.bn2``, 67
 averaged over space — the forward is truncated there, the head never runs. Three specs:
 
 - ``trained``: the checkpoint exported by ``raycp train`` (``raycp.models.export.load_model``),
-  crops normalised as in training (``raycp.train.data.normalize``: per crop and channel z-score);
+  crops normalised as in training (:func:`raycp.models.normalize.normalize`: per crop and channel z-score);
 - ``imagenet``: the paper's ImageNet baseline, :class:`raycp.extract.imagenet.ImageNetBaseline`
   (each channel alone, [−1, 1], ×3, 224 px; 5 × 672 = 3,360 features);
 - ``random``: the same architecture randomly initialised with a seed, normalised like ``trained``:

@@ -49,6 +49,7 @@ from raycp.io import urls
 from raycp.io.index import KEYS, PLATE, SITE, WELL, ScreenIndex
 from raycp.layout import FeatureSetLayout, RunLayout
 from raycp.ledger import PROCESSED, Ledger, StageOutcome
+from raycp.preprocess.site import nuclei_source
 
 Progress = Callable[..., Iterable]
 
@@ -135,7 +136,7 @@ def plan(cfg) -> Plan:
     input_ = src.decide_input(cfg, run)
     kind = cfg.model.kind
     channels = list(cfg.data.channels)
-    locate = src.decide_locate(cfg, run) if input_ == "images" else "detect"
+    locate = nuclei_source(cfg, run) if input_ == "images" else "detect"
     correct = src.decide_correct(cfg, run, compressed, input_)
     crop_size = cfg.crops.size
     if input_ == "crops":

@@ -29,7 +29,16 @@ from raycp.preprocess import crops as crops_core
 from raycp.preprocess import illumination as illum_core
 from raycp.preprocess import locations as loc_core
 from raycp.preprocess import nuclei as nuclei_core
-from raycp.preprocess.site import SiteReader, cell_metadata, detect, site_crops, site_key, site_nuclei, where
+from raycp.preprocess.site import (
+    SiteReader,
+    cell_metadata,
+    corrects_illumination,
+    detect,
+    site_crops,
+    site_key,
+    site_nuclei,
+    where,
+)
 from raycp.sites import JsonSpec
 
 
@@ -172,26 +181,10 @@ def decide_input(cfg, run: str) -> str:
     return "crops" if urls.exists(RunLayout(run).success("crops")) else "images"
 
 
-def decide_locate(cfg, run: str, *, need_labels: bool = False) -> str:
-    """How nuclei are found in the images path: the nuclei stage's files, a per-site template, or detection."""
-    if urls.exists(RunLayout(run).success("nuclei")):
-        return "file"
-    source = cfg.nuclei.locations
-    if source and not loc_core.is_template(source):
-        raise InputError(f"nuclei.locations {source} is a whole-screen table",
-                         fix="run `raycp preprocess nuclei` first: it splits the table per site")
-    return "template" if source else "detect"
-
-
 def decide_correct(cfg, run: str, compressed: bool, input_: str) -> bool:
-    """Whether the images path divides by the plate's illumination functions (never for crops or a
-    compressed index); as in the crops stage, correction on but no functions is an error."""
-    if input_ != "images" or compressed or not cfg.illumination.enabled:
-        return False
-    if not urls.exists(RunLayout(run).success("illum")):
-        raise InputError(f"{RunLayout(run).folder('illum')}: no illumination functions (illum/_SUCCESS missing)",
-                         fix="run `raycp preprocess illum` first, or set illumination.enabled=false")
-    return True
+    """Whether the images path divides by the plate's illumination functions: as the crops stage
+    decides (:func:`raycp.preprocess.site.corrects_illumination`); never when reading crops."""
+    return input_ == "images" and corrects_illumination(cfg, run, compressed=compressed)
 
 
 def metadata_columns(index_table: pd.DataFrame) -> list[str]:

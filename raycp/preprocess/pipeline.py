@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from raycp.errors import ConfigError, InputError
+from raycp.errors import ConfigError
 from raycp.io import urls
 from raycp.io.index import (
     IS_CONTROL,
@@ -49,7 +49,7 @@ from raycp.preprocess import compress as compress_core
 from raycp.preprocess import illumination as illum_core
 from raycp.preprocess import locations as loc_core
 from raycp.preprocess.config import PreprocessConfig
-from raycp.preprocess.site import no_nuclei, site_key
+from raycp.preprocess.site import corrects_illumination, no_nuclei, nuclei_source, site_key
 from raycp.preprocess.tasks import StageSpec, illumination_batch, site_batch, write_nuclei
 
 #: Extra per-site ledger columns of each stage (0 for quarantined sites).
@@ -89,7 +89,7 @@ def _stream(ray, table: pd.DataFrame, fn: Callable, spec: StageSpec, *, min_per_
     gets a whole block of at least ``min_per_block`` sites (up to :data:`SITES_PER_TASK`).
 
     Tasks, not actors: the per-site work is stateless but for small caches that live in the
-    worker process (:func:`_context`), so no actor pool has to start per stage and every CPU
+    worker process (:func:`raycp.preprocess.tasks.site_batch`), so no actor pool has to start per stage and every CPU
     works on a small machine. The source is the in-memory index, so there are no read tasks
     to starve.
     """
@@ -184,17 +184,6 @@ def _finish(stage: str, run, layout: RunLayout, ledger: Ledger, figures: dict) -
     result = StageResult(stage=stage, ledger=ledger, figures=figures)
     urls.atomic_write_text(layout.success(stage), json.dumps(result.summary, indent=2, sort_keys=True))
     return result
-
-
-def _require_illumination(run, layout: RunLayout, compressed_input: bool = False) -> bool:
-    """Whether to correct; an error when correction is on but the illum stage has not finished."""
-    pre = PreprocessConfig.of(run)
-    if compressed_input or not pre.illumination.enabled:
-        return False
-    if not urls.exists(layout.success("illum")):
-        raise InputError(f"{layout.folder('illum')}: no illumination functions (illum/_SUCCESS missing)",
-                         fix="run `raycp preprocess illum` first, or set illumination.enabled=false")
-    return True
 
 
 def stage_spec(stage: str, run, index: ScreenIndex, **kw) -> StageSpec:
@@ -309,7 +298,7 @@ def _read_plate_json(folder: str, plate: str) -> dict | None:
 def run_compression(run, index: ScreenIndex, *, progress: Progress | None = None) -> StageResult:
     """Stage 2: PNGs + a new index pointing at them; compression ratio and control histograms."""
     layout = RunLayout(run.data.output)
-    spec = stage_spec("compress", run, index, correct=_require_illumination(run, layout))
+    spec = stage_spec("compress", run, index, correct=corrects_illumination(run, run.data.output, compressed=False))
     channels = list(index.channels)
     hist = {"controls": np.zeros((len(channels), 256), dtype=np.int64),
             "all": np.zeros((len(channels), 256), dtype=np.int64)}
@@ -382,7 +371,7 @@ def run_nuclei(run, index: ScreenIndex, *, progress: Progress | None = None,
     locate = "template" if source else "detect"
     if locate == "detect":
         _check_channel(index, pre.nuclei.channel, "nuclei.channel")
-    correct = locate == "detect" and _require_illumination(run, layout, compressed_input)
+    correct = locate == "detect" and corrects_illumination(pre, run.data.output, compressed=compressed_input)
     spec = stage_spec("nuclei", run, index, correct=correct, locate=locate, compressed_input=compressed_input)
     ledger = _run_site_stage("nuclei", index, spec, compute=run.compute, progress=progress)
     return _finish("nuclei", run, layout, ledger, {"source": source or "detect"})
@@ -432,20 +421,14 @@ def run_crops(run, index: ScreenIndex, *, progress: Progress | None = None,
     layout = RunLayout(run.data.output)
     if pre.crops.mask:
         _check_channel(index, pre.crops.mask_channel, "crops.mask_channel")
-    if urls.exists(layout.success("nuclei")):
-        locate = "file"
-    elif pre.nuclei.locations and not loc_core.is_template(pre.nuclei.locations):
-        raise InputError(f"nuclei.locations {pre.nuclei.locations} is a whole-screen table",
-                         fix="run `raycp preprocess nuclei` first: it splits the table per site")
-    else:
-        locate = "template" if pre.nuclei.locations else "detect"
+    locate = nuclei_source(pre, run.data.output)
     if locate == "detect":
         _check_channel(index, pre.nuclei.channel, "nuclei.channel")
         if pre.nuclei.channel == pre.crops.mask_channel and pre.crops.mask:
             raise ConfigError("nuclei.channel cannot be the mask channel", fix="set nuclei.channel=DNA")
     labels = treatment_labels(index)
     extra = [c for c in index.table.columns if c.startswith("Metadata_")]
-    spec = stage_spec("crops", run, index, correct=_require_illumination(run, layout, compressed_input),
+    spec = stage_spec("crops", run, index, correct=corrects_illumination(pre, run.data.output, compressed=compressed_input),
                  compressed_input=compressed_input, locate=locate, labels=labels, metadata_columns=extra)
     ledger = _run_site_stage("crops", index, spec, compute=run.compute, progress=progress)
     folder = layout.folder("crops")

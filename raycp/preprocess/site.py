@@ -79,6 +79,33 @@ class SiteReader:
         return self._illum.get(plate, channels)
 
 
+def nuclei_source(cfg, run: str) -> str:
+    """How a site's nuclei are found (the crops stage and extraction's images path decide alike):
+    ``file`` when the nuclei stage finished in this run, ``template`` for per-site
+    ``nuclei.locations`` files, else ``detect``. Raises :class:`InputError` for a whole-screen
+    locations table (the nuclei stage splits it per site first)."""
+    if urls.exists(RunLayout(run).success("nuclei")):
+        return "file"
+    source = cfg.nuclei.locations
+    if source and not loc_core.is_template(source):
+        raise InputError(f"nuclei.locations {source} is a whole-screen table",
+                         fix="run `raycp preprocess nuclei` first: it splits the table per site")
+    return "template" if source else "detect"
+
+
+def corrects_illumination(cfg, run: str, *, compressed: bool) -> bool:
+    """Whether sites are divided by their plate's illumination functions: never for a compressed
+    index (its PNGs are corrected already) or with ``illumination.enabled`` off. Raises
+    :class:`InputError` when correction is on but the illum stage has not finished."""
+    if compressed or not cfg.illumination.enabled:
+        return False
+    layout = RunLayout(run)
+    if not urls.exists(layout.success("illum")):
+        raise InputError(f"{layout.folder('illum')}: no illumination functions (illum/_SUCCESS missing)",
+                         fix="run `raycp preprocess illum` first, or set illumination.enabled=false")
+    return True
+
+
 def detect(nuclei_cfg, plane: np.ndarray, *, return_labels: bool = False):
     """:func:`raycp.preprocess.nuclei.detect_nuclei` with the config's ``nuclei`` section."""
     n = nuclei_cfg

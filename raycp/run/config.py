@@ -2,7 +2,7 @@
 
 :class:`PipelineConfig` extends the image stages' :class:`raycp.preprocess.config.RunConfig` with training,
 the feature sets to extract and compare, and the profiling/evaluation constants. Each stage's own
-config (``TrainConfig``, ``ExtractConfig``) is derived from it by :func:`stage_configs`, so a
+config (``TrainConfig``, ``ExtractConfig``) is derived from it (:meth:`PipelineConfig.train_config`, :meth:`PipelineConfig.extract_config`), so a
 typo or an impossible value anywhere fails before any work starts. Imports only pydantic.
 """
 

@@ -4,8 +4,9 @@ folder, config, status and accounting.
 A stage's ``status.json`` records ``state`` (``running`` → ``complete``), its wall time, its
 summary and a fingerprint of the config it ran with (chained through the stages before it). On a
 re-run a complete stage with the same fingerprint is skipped, so a killed run resumes at the first
-unfinished stage (and that stage resumes per site). A complete image, training or extraction stage
-whose config changed is an error before any work (its per-site outputs would mix two configs);
+unfinished stage (and that stage resumes per site). An expensive stage (index, image stages,
+training, extraction: :attr:`Stage.expensive`) that finished or started with another config is an
+error before any work, with or without ``--from`` (its per-site outputs would mix two configs);
 the cheap stages after extraction simply run again.
 """
 
@@ -71,8 +72,7 @@ def select_stages(start: str | None, stop: str | None, registry: Registry = REGI
     return list(stages[i:j + 1])
 
 
-def preflight(cfg: PipelineConfig, chosen: list[str], force: set[str], registry: Registry = REGISTRY
-              ) -> dict[str, str]:
+def preflight(cfg: PipelineConfig, chosen: list[str], registry: Registry = REGISTRY) -> dict[str, str]:
     """Everything that can be checked before work: stage configs, the index, the output, the
     weights files, and that no finished expensive stage ran with another config."""
     try:
@@ -93,11 +93,13 @@ def preflight(cfg: PipelineConfig, chosen: list[str], force: set[str], registry:
                              fix="pass a local .safetensors/.pth file (raycp never downloads weights)")
     prints = fingerprints(cfg, registry)
     for stage in chosen:
-        st = read_status(cfg, stage)
-        if (registry[stage].expensive and stage not in force and st and st.get("state") == "complete"
-                and st.get("fingerprint") != prints[stage]):
+        st = read_status(cfg, stage) or {}
+        # per-site or per-epoch outputs of another config must not be resumed into, whether the
+        # stage finished or was killed, and also under --from (it would keep the old sites)
+        if registry[stage].expensive and st.get("fingerprint") not in (None, prints[stage]):
             folder = RunLayout(cfg.data.output).folder(stage)
-            raise ConfigError(f"stage {stage!r} in {cfg.data.output} was finished with another config",
+            how = "finished" if st.get("state") == "complete" else "started"
+            raise ConfigError(f"stage {stage!r} in {cfg.data.output} was {how} with another config",
                               fix=f"use a new data.output, or delete {folder} and the stages after it")
     return prints
 
@@ -116,7 +118,7 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, stop: str | N
     runtime.use(cfg.compute)  # connected by the first stage that needs Ray; a finished run starts none
     chosen = select_stages(start, stop, registry)
     force = set(chosen) if start else set()  # --from: the chosen stages run again (they still resume per site)
-    prints = preflight(cfg, chosen, force, registry)
+    prints = preflight(cfg, chosen, registry)
     ctx = Context(cfg=cfg, progress=progress, echo=echo, stages=tuple(registry.values()))
     layout = RunLayout(cfg.data.output)
     records = []

@@ -6,7 +6,8 @@ under the run comes from :func:`raycp.layout.stage_folder`. ``raycp run`` (resum
 ``--to``), the report (accounting and wall time per stage) and the CLI's help read this registry.
 
 Adding a stage: write ``raycp/stages/<name>.py`` with ``STAGE = Stage(...)`` and put it in
-:data:`REGISTRY` below, after the stages whose outputs it reads.
+:data:`REGISTRY` below, after the stages whose outputs it reads (see the README's "Layout"). A
+job or a test may walk another registry (:func:`make_registry`; ``raycp.run.run(registry=...)``).
 
 Importing this package imports neither ray nor torch (stages import them when they run).
 """
@@ -14,21 +15,16 @@ Importing this package imports neither ray nor torch (stages import them when th
 from __future__ import annotations
 
 from raycp.stages import effect, evaluate, extract, images, index, profiles, report, train
-from raycp.stages.base import Context, Stage, read_status, write_status
+from raycp.stages.base import Context, Stage, make_registry, read_status, write_status
 
-REGISTRY: dict[str, Stage] = {s.name: s for s in (
+REGISTRY: dict[str, Stage] = make_registry(
     index.STAGE, *images.STAGES, train.STAGE, extract.STAGE, profiles.STAGE, evaluate.STAGE, effect.STAGE,
     report.STAGE,
-)}
+)
 """Stage name → :class:`Stage`, in run order."""
 
 STAGES: tuple[str, ...] = tuple(REGISTRY)
 """The stage names in order; ``--from``/``--to`` take these."""
 
 
-def get(name: str) -> Stage:
-    """The registered stage ``name``; raises ``KeyError`` for an unknown name."""
-    return REGISTRY[name]
-
-
-__all__ = ["REGISTRY", "STAGES", "Context", "Stage", "get", "read_status", "write_status"]
+__all__ = ["REGISTRY", "STAGES", "Context", "Stage", "make_registry", "read_status", "write_status"]

@@ -39,10 +39,6 @@ class Context:
     stages: tuple = ()  # the registry's stages, in order (the report reads every one's status)
 
     @property
-    def out(self) -> str:
-        return self.cfg.data.output
-
-    @property
     def layout(self) -> RunLayout:
         return RunLayout(self.cfg.data.output)
 
@@ -59,12 +55,26 @@ class Stage:
     run: Callable[[Context], dict]
     science: Callable[[object], dict]
     expensive: bool = False
-    section: str | None = None  # the config section the stage reads (``raycp config show`` and docs)
+    section: str | None = None  # the config section the stage reads (for readers of the registry)
     always_runs: bool = False  # built from the other stages' outputs (the report): never skipped
 
     @property
     def folder(self) -> str:
         return stage_folder(self.name)
+
+
+def make_registry(*stages: Stage) -> dict[str, Stage]:
+    """Stage name → :class:`Stage`, in the order given (the order they run). Raises ``ValueError``
+    when two stages share a name or a folder (they would share a ``status.json``)."""
+    registry: dict[str, Stage] = {}
+    folders: dict[str, str] = {}
+    for s in stages:
+        if s.name in registry or s.folder in folders:
+            other = s.name if s.name in registry else folders[s.folder]
+            raise ValueError(f"stage {s.name!r} clashes with stage {other!r} (same name or folder {s.folder!r})")
+        registry[s.name] = s
+        folders[s.folder] = s.name
+    return registry
 
 
 def status_url(cfg, stage: str) -> str:

@@ -80,7 +80,9 @@ def sphere_scope(cfg) -> str | None:
 
 
 def _science(cfg) -> dict:
-    return {"standardize": list(cfg.profiles.standardize)}
+    p = cfg.profiles
+    # the standardisation is fitted on the control wells: their query is part of the science
+    return {"standardize": list(p.standardize)} | ({"control_query": p.control_query} if p.standardize else {})
 
 
 STAGE = Stage("profiles", "well profiles (wells × sets)", run_profiles, _science, section="profiles")

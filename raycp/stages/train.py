@@ -23,7 +23,7 @@ def run_train(ctx: Context) -> dict:
     ctx.echo(f"  {s['crops']} crops ({s['train']} train / {s['val']} val, {cfg.split.strategy}) · {s['classes']} "
              f"classes · balanced epoch {s['epoch_samples']} · {cfg.optim.epochs} epochs")
     with _EpochWatcher(cfg, ctx.echo):
-        result = trainer.fit(cfg)
+        result = trainer.finish(cfg, prep, trainer.run_trainer(trainer.build_trainer(cfg, prep=prep)))
     last = result.last
     val = last.get("val") or {}
     return jsonable({"total": s["crops"], "processed": s["crops"], "quarantined": 0, "reasons": {},

@@ -29,7 +29,6 @@ records it).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -220,18 +219,6 @@ def row_group_items(sids: np.ndarray, locations: dict[str, np.ndarray]) -> list[
     return items
 
 
-def read_row_group_rows(url: str, rg: int, rows: np.ndarray, *, column: str,
-                        shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """The crops at ``rows`` of row group ``rg`` of one shard (uint8 k×C×S×S)."""
-    _register_tensor_types()
-    pf = _open_parquet(url)
-    col = pf.read_row_group(rg, columns=[column]).column(column)
-    import pyarrow as pa
-
-    taken = col.take(pa.array(rows, type=pa.int32()))
-    return tensor_to_numpy(taken, shape)
-
-
 class _ReadItems:
     """Ray Data ``map_batches`` callable: read items -> ``{"sid": k, "crop": k×C×S×S}``."""
 
@@ -377,7 +364,3 @@ class RankLoader:
             fut.cancel()
         self._pending.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def default_threads() -> int:
-    return max(1, min(8, (os.cpu_count() or 2)))

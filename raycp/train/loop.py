@@ -6,7 +6,7 @@ adapter (:func:`train_loop_per_worker`) adds what distribution needs:
 
 - DDP via ``ray.train.torch.prepare_model`` (gloo on CPU, NCCL on GPU); bf16 autocast and
   channels_last on GPU only;
-- this rank's share of each balanced epoch (:func:`raycp.train.data.plan_epoch`), read by Ray
+- this rank's share of each balanced epoch (:func:`raycp.train.sampling.plan_epoch`), read by Ray
   Data (:class:`raycp.train.data.RankLoader`), the same number of steps on every rank;
 - per-epoch metrics summed over ranks with one all-reduce (:mod:`raycp.train.metrics`);
 - a checkpoint after every epoch through ``ray.train.report``: ``state.pt`` from rank 0 (model,

@@ -276,7 +276,10 @@ def build_trainer(cfg: TrainConfig, run_config=None, *, prep: Prepared | None = 
     """A ``ray.train.torch.TorchTrainer`` of the paper's recipe for ``cfg``, not started.
 
     ``run_config``: where checkpoints go, the run's name and callbacks — :func:`default_run_config`
-    when None; a Tune trial or a job passes its own. Checks every input first (crops, classes,
+    when None; a Tune trial or a job passes its own. The run's own files (``config.yaml``,
+    ``split.parquet``, and after :func:`finish` the model and reports) and the resume checks use
+    ``<cfg.output>/train``: give each trial its own ``output`` (``apply_overrides(cfg, {"output":
+    trial_dir})``), whatever its ``run_config``. Checks every input first (crops, classes,
     split, the latest checkpoint and ``resume_from``, the ImageNet file, the cluster's CPUs and
     GPUs: :class:`InputError` / :class:`ConfigError`), then writes ``<output>/train/config.yaml``
     and ``split.parquet``. Needs a Ray connection (:func:`raycp.runtime.connection`).

@@ -99,8 +99,18 @@ def test_changed_profiles_config_reruns_only_the_cheap_stages(tiny_run):
 def test_changed_science_of_a_finished_stage_is_refused_before_work(tiny_run):
     out, _, sets = tiny_run
     stamp = (out / "crops" / "status.json").read_bytes()
-    with pytest.raises(ConfigError, match="stage 'crops'.*another config"):
+    with pytest.raises(ConfigError, match="stage 'crops'.*finished with another config"):
         run(load(TINY_RUN, [*sets, "crops.size=48"]), echo=lambda line: None)
+    with pytest.raises(ConfigError, match="stage 'crops'.*finished with another config"):  # --from too
+        run(load(TINY_RUN, [*sets, "crops.size=48"]), start="crops", echo=lambda line: None)
+    # killed mid-stage: its finished sites are of the old config, so resuming under a new one is refused
+    status = json.loads(stamp)
+    (out / "crops" / "status.json").write_text(json.dumps({**status, "state": "running"}))
+    try:
+        with pytest.raises(ConfigError, match="stage 'crops'.*started with another config"):
+            run(load(TINY_RUN, [*sets, "crops.size=48"]), echo=lambda line: None)
+    finally:
+        (out / "crops" / "status.json").write_bytes(stamp)
     assert (out / "crops" / "status.json").read_bytes() == stamp
 
 
@@ -128,7 +138,7 @@ def test_a_new_stage_is_one_module_and_one_registration(tiny_run):
     """A stage is a :class:`Stage` and a place in the registry: resume, status, fingerprints and the
     report's accounting follow (here a stage after effect that counts the well profiles)."""
     from raycp.io.outputs import write_json
-    from raycp.stages import REGISTRY, Stage
+    from raycp.stages import REGISTRY, Stage, make_registry
     from raycp.stages.profiles import read_wells
 
     out, _, sets = tiny_run
@@ -140,7 +150,9 @@ def test_a_new_stage_is_one_module_and_one_registration(tiny_run):
 
     stage = Stage("well_count", "well profiles counted", count_wells, lambda cfg: {"set": "cellprofiler"})
     *before, report = REGISTRY
-    registry = {name: REGISTRY[name] for name in before} | {"well_count": stage, "report": REGISTRY[report]}
+    registry = make_registry(*(REGISTRY[name] for name in before), stage, REGISTRY[report])
+    with pytest.raises(ValueError, match="same name or folder"):
+        make_registry(*registry.values(), Stage("features", "clash", count_wells, lambda cfg: {}))
     result = run(load(TINY_RUN, sets), echo=lambda line: None, registry=registry)
     states = {r.stage: r.state for r in result.records}
     finished = before[:before.index("profiles") + 1]  # (an earlier test re-ran evaluate with another λ)
