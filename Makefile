@@ -27,7 +27,7 @@ demo: setup
 
 ## ruff over the package, the tests and the benchmarks (CI runs it before the tests).
 lint: setup
-	$(BIN)/ruff check raycp tests benchmarks
+	$(BIN)/ruff check raycp tests benchmarks jobs
 
 ## The default test tier (CI): < ~20 min on 2 cores.
 test: setup

@@ -392,3 +392,28 @@ def train_storage(url: str):
 
     fs, path = urls.filesystem(url)
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def detach_from_working_dir() -> str | None:
+    """For a Ray job's driver (``jobs/*.py``): work from a private copy of the job's uploaded
+    ``working_dir`` instead of Ray's own, and return the copy's path (None outside a job).
+
+    Ray 2.60 re-extracts a ``working_dir`` on a node whenever another runtime env with the same
+    package starts there (``download_and_unpack_package(..., overwrite=True)``: ``rmtree`` then
+    unzip), e.g. Ray Train's controller; the driver's current directory is deleted under it and
+    any later ``os.getcwd()`` (torch calls one on import) raises ``FileNotFoundError``. The copy
+    keeps relative paths (a config under the working_dir) valid for the whole job."""
+    import atexit
+    import shutil
+
+    try:
+        here = os.getcwd()
+    except FileNotFoundError:
+        return None
+    if f"{os.sep}runtime_resources{os.sep}working_dir_files{os.sep}" not in here + os.sep:
+        return None
+    copy = tempfile.mkdtemp(prefix="raycp-job-")
+    shutil.copytree(here, copy, dirs_exist_ok=True, symlinks=True)
+    os.chdir(copy)
+    atexit.register(shutil.rmtree, copy, ignore_errors=True)
+    return copy

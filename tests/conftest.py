@@ -114,3 +114,17 @@ def ray_cluster(s3_server):
     ray = runtime.init(ComputeConfig(num_cpus=2, num_gpus=0, object_store_memory_gb=0.5))
     yield ray
     runtime.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_screen(shared_data, ray_cluster, tmp_path_factory) -> Path:
+    """The tiny labelled screen of real cells (``tests/conf/tiny_screen.yaml``) that the ``raycp
+    run`` and job tests run the paper on."""
+    from raycp.screens.build import build_screen
+    from raycp.screens.config import load_screen_config
+    from tests.run.run_helper import PEDIATRIC, TINY_SCREEN
+
+    out = tmp_path_factory.mktemp("run-screen") / "screen"
+    cfg = load_screen_config("mini", TINY_SCREEN, overrides=[f"source.folders=['{shared_data / PEDIATRIC}']"])
+    build_screen(cfg, str(out))
+    return out
