@@ -377,20 +377,18 @@ def actor_pool_size(*, cpus_per_actor: float = 1.0, max_size: int | None = None)
 def train_storage(url: str):
     """``(storage_path, storage_filesystem)`` for a Ray Train or Tune ``RunConfig`` at ``url``.
 
-    A local path is given as an absolute path (no filesystem object); any other URL goes through
-    raycp's own fsspec filesystem (:func:`raycp.io.urls.filesystem`: the same S3 endpoint,
-    credentials and anonymity as every other read and write — one S3 configuration), wrapped for
-    pyarrow as Ray's docs describe (``pyarrow.fs.PyFileSystem(FSSpecHandler(fs))``)."""
-    from pathlib import Path
+    The URL is resolved by raycp's own fsspec filesystem (:func:`raycp.io.urls.filesystem`), as
+    every other read and write is: a local path comes back absolute (``~`` expanded) with no
+    filesystem object; any other URL keeps the same S3 endpoint, credentials and anonymity (one
+    S3 configuration), wrapped for pyarrow as Ray's docs describe
+    (``pyarrow.fs.PyFileSystem(FSSpecHandler(fs))``)."""
+    import pyarrow.fs as pafs
 
     from raycp.io import urls
 
-    if urls.protocol_of(url) == "file":
-        path = url.split("://", 1)[1] if url.startswith("file://") else url
-        return str(Path(path).expanduser().absolute()), None  # as raycp's own writes resolve it
-    import pyarrow.fs as pafs
-
     fs, path = urls.filesystem(url)
+    if urls.protocol_of(url) == "file":
+        return path, None
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 

@@ -49,7 +49,7 @@ from raycp.io import urls
 from raycp.io.index import KEYS, PLATE, SITE, WELL, ScreenIndex
 from raycp.layout import FeatureSetLayout, RunLayout
 from raycp.ledger import PROCESSED, Ledger, StageOutcome
-from raycp.preprocess.site import nuclei_source
+from raycp.preprocess.site import metadata_columns, nuclei_source
 
 Progress = Callable[..., Iterable]
 
@@ -176,7 +176,7 @@ def plan(cfg) -> Plan:
     _check_model_json(layout, model_json)
     source = src.SourceSpec(run=run, input=input_, channels=list(model_channels),
                             config=cfg.model_dump(mode="json"), correct=correct, compressed=compressed,
-                            locate=locate, metadata_columns=src.metadata_columns(index.table))
+                            locate=locate, metadata_columns=metadata_columns(index.table))
     inf = cfg.inference
     spec = ExtractSpec(source=asdict(source), model=cfg.model.model_dump(mode="json"), model_name=cfg.model.folder_name,
                        feature_names=names, features_folder=layout.folder, npz=cfg.outputs.npz,

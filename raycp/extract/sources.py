@@ -23,7 +23,7 @@ import pandas as pd
 from raycp.errors import InputError
 from raycp.io import urls
 from raycp.io.images import ImageReadError
-from raycp.io.index import KEYS, PLATE, SITE, WELL, url_col
+from raycp.io.index import PLATE, SITE, WELL, url_col
 from raycp.layout import RunLayout
 from raycp.preprocess import crops as crops_core
 from raycp.preprocess import illumination as illum_core
@@ -186,6 +186,3 @@ def decide_correct(cfg, run: str, compressed: bool, input_: str) -> bool:
     decides (:func:`raycp.preprocess.site.corrects_illumination`); never when reading crops."""
     return input_ == "images" and corrects_illumination(cfg, run, compressed=compressed)
 
-
-def metadata_columns(index_table: pd.DataFrame) -> list[str]:
-    return [c for c in index_table.columns if c.startswith("Metadata_") and c not in KEYS]

@@ -49,7 +49,7 @@ from raycp.preprocess import compress as compress_core
 from raycp.preprocess import illumination as illum_core
 from raycp.preprocess import locations as loc_core
 from raycp.preprocess.config import PreprocessConfig
-from raycp.preprocess.site import corrects_illumination, no_nuclei, nuclei_source, site_key
+from raycp.preprocess.site import corrects_illumination, metadata_columns, no_nuclei, nuclei_source, site_key
 from raycp.preprocess.tasks import StageSpec, illumination_batch, site_batch, write_nuclei
 
 #: Extra per-site ledger columns of each stage (0 for quarantined sites).
@@ -427,9 +427,9 @@ def run_crops(run, index: ScreenIndex, *, progress: Progress | None = None,
         if pre.nuclei.channel == pre.crops.mask_channel and pre.crops.mask:
             raise ConfigError("nuclei.channel cannot be the mask channel", fix="set nuclei.channel=DNA")
     labels = treatment_labels(index)
-    extra = [c for c in index.table.columns if c.startswith("Metadata_")]
     spec = stage_spec("crops", run, index, correct=corrects_illumination(pre, run.data.output, compressed=compressed_input),
-                 compressed_input=compressed_input, locate=locate, labels=labels, metadata_columns=extra)
+                      compressed_input=compressed_input, locate=locate, labels=labels,
+                      metadata_columns=metadata_columns(index.table))
     ledger = _run_site_stage("crops", index, spec, compute=run.compute, progress=progress)
     folder = layout.folder("crops")
     done = [r for r in _sorted_sites(ledger.rows) if r["status"] == PROCESSED]

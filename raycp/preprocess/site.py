@@ -24,7 +24,7 @@ import pandas as pd
 from raycp.errors import InputError
 from raycp.io import urls
 from raycp.io.images import ImageReadError, check_site_planes, read_plane
-from raycp.io.index import IS_CONTROL, PLATE, SITE, TREATMENT, WELL, plane_refs, url_col
+from raycp.io.index import IS_CONTROL, KEYS, PLATE, SITE, TREATMENT, WELL, plane_refs, url_col
 from raycp.layout import RunLayout
 from raycp.preprocess import compress as compress_core
 from raycp.preprocess import crops as crops_core
@@ -172,6 +172,11 @@ def cell_metadata(row: dict, key: dict, table: pd.DataFrame, border: np.ndarray,
         if col not in meta.columns:
             meta[col] = pd.Series([nan_to(row.get(col))] * n, dtype=object)
     return meta
+
+
+def metadata_columns(index_table: pd.DataFrame) -> list[str]:
+    """The index's ``Metadata_*`` columns a site's cells carry besides their keys."""
+    return [c for c in index_table.columns if c.startswith("Metadata_") and c not in KEYS]
 
 
 @dataclass
