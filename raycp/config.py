@@ -26,6 +26,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def check_ray_resources(value: dict[str, float]) -> dict[str, float]:
+    """Validator of the ``resources`` settings (other Ray resources a task, actor or Train worker asks
+    for): positive amounts of custom resources; CPUs, GPUs and memory have settings of their own."""
+    own = {"CPU", "GPU", "memory", "object_store_memory"}
+    for name, amount in value.items():
+        if name in own or not name.strip():
+            raise ValueError(f"resources: {name!r} has its own setting (cpus/gpus/memory); list custom resources only")
+        if not amount > 0:
+            raise ValueError(f"resources: {name!r} must be a positive amount, got {amount}")
+    return value
+
+
 class ComputeConfig(_Strict):
     """Where and how fast: never changes the science."""
 

@@ -357,6 +357,39 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
+def max_cluster_resources() -> dict[str, float]:
+    """The most of each resource the connected cluster can have: what it has now, or more where its
+    autoscaler reports its node types' bounds to the GCS (Ray's private
+    ``ray._private.state.state.get_max_resources_from_cluster_config``, the same call Ray Train and
+    Ray Data make; pinned to the locked Ray by ``tests/test_runtime.py``)."""
+    import ray
+
+    now = {k: float(v) for k, v in ray.cluster_resources().items()}
+    try:
+        from ray._private.state import state
+
+        reported = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 - an older or newer Ray without the call: what is there now
+        reported = {}
+    for key, value in reported.items():
+        now[key] = max(now.get(key, 0.0), float(value))
+    return now
+
+
+def notice(message: str) -> None:
+    """One ``raycp: <message>`` line on stderr: something the user should know that is not an error."""
+    import sys
+
+    print(f"raycp: {message}", file=sys.stderr, flush=True)
+
+
+def gpus_may_come() -> bool:
+    """Whether resources asked for explicitly (GPUs, CPUs for Train workers) may still arrive: on a
+    cluster raycp joined, its autoscaler adds nodes on demand (e.g. a GPU node type with
+    ``min_workers: 0``); a local cluster raycp started never grows."""
+    return not started_here()
+
+
 def no_data_progress_bars() -> None:
     """Ray Data's own progress bars off in this process (raycp draws its own); for the driver
     and for Ray Train workers that read with Ray Data."""

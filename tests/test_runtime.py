@@ -38,3 +38,33 @@ def test_train_storage_is_where_raycp_itself_reads_and_writes(s3_server, monkeyp
     with fs.open_output_stream(f"{path}/probe.txt") as out:  # written by pyarrow, read by raycp
         out.write(b"checkpoint")
     assert urls.read_bytes(f"{url}/probe.txt") == b"checkpoint"
+
+
+def test_a_local_cluster_never_grows_and_its_bounds_are_what_it_has(ray_cluster):
+    """On the local cluster raycp started, asking for GPUs it lacks stays an error (no autoscaler
+    will add them) and the most it can have is what it has; the bounds an autoscaler reports come
+    through Ray's private ``get_max_resources_from_cluster_config`` (what Ray Train and Ray Data
+    ask), pinned here to the locked Ray."""
+    import ray
+    from ray._private.state import state
+
+    assert ray.__version__ == "2.60.0", "private Ray API: re-check max_cluster_resources for the new Ray"
+    assert callable(state.get_max_resources_from_cluster_config)
+    assert runtime.started_here() and not runtime.gpus_may_come()
+    most = runtime.max_cluster_resources()
+    assert most["CPU"] == ray.cluster_resources()["CPU"] and most.get("GPU", 0.0) == runtime.cluster_gpus()
+
+
+def test_custom_resources_are_validated():
+    import pytest
+    from pydantic import ValidationError
+
+    from raycp.extract.config import InferenceConfig
+    from raycp.train.config import TrainCompute
+
+    assert InferenceConfig(resources={"accelerator_type:L4": 0.001}).resources == {"accelerator_type:L4": 0.001}
+    assert TrainCompute(resources={"gpu_node": 1}).resources == {"gpu_node": 1.0}
+    for bad, why in (({"GPU": 1}, "its own setting"), ({"node_a": 0}, "positive")):
+        for model in (InferenceConfig, TrainCompute):
+            with pytest.raises(ValidationError, match=why):
+                model(resources=bad)

@@ -15,7 +15,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from raycp.config import ComputeConfig, DataConfig
+from raycp.config import ComputeConfig, DataConfig, check_ray_resources
 from raycp.preprocess.config import CompressionConfig, CropsConfig, IlluminationConfig, NucleiConfig
 
 MODEL_KINDS = ("trained", "imagenet", "random", "cellprofiler")
@@ -82,7 +82,9 @@ class OutputsConfig(_Strict):
 class InferenceConfig(_Strict):
     """Speed knobs of the model actors (none of them changes a feature value on CPU)."""
 
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the cluster has GPUs")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
+        "auto: cuda when the cluster has GPUs now; on an autoscaling cluster whose GPU nodes start from 0, "
+        "cuda (the actors wait for the autoscaler to add a GPU node)"))
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="auto: bfloat16 autocast on GPU, float32 on CPU")
     batch_size: int = Field(256, ge=1, le=65536, description="crops per forward pass")
@@ -94,6 +96,9 @@ class InferenceConfig(_Strict):
     gpus_per_actor: float = Field(1.0, gt=0, le=8)
     torch_threads: Optional[int] = Field(None, ge=1, description="intra-op threads of an actor "
                                          "(default: its CPUs)")
+    resources: dict[str, float] = Field(default_factory=dict, description=(
+        "other Ray resources each model actor asks for, e.g. {'accelerator_type:L4': 0.001} to run on L4 "
+        "nodes only, or a node type's custom resource; an autoscaler adds a node that has them"))
     decode_cpus: float = Field(1.0, gt=0, description="CPUs of a decode (read/crop) task")
     decode_memory_mb: int = Field(512, ge=1, description="memory a decode task reserves (a site's planes "
                                   "and crops); also keeps decoding a separate operator from the actors")
@@ -104,6 +109,12 @@ class InferenceConfig(_Strict):
                                         "every pass has one shape (default: on GPU)")
     max_tasks_in_flight_per_actor: int = Field(2, ge=1, description="sites queued per actor (prefetch)")
     deterministic: bool = Field(True, description="cuDNN deterministic algorithms (re-runs byte-identical on GPU)")
+
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, value: dict[str, float]) -> dict[str, float]:
+        return check_ray_resources(value)
 
 
 class CellProfilerConfig(_Strict):

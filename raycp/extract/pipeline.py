@@ -116,8 +116,11 @@ def _choose_device(p: Plan) -> None:
         return
     gpus = runtime.cluster_gpus()
     if p.cfg.inference.device == "cuda" and gpus <= 0:
-        raise InputError("inference.device=cuda but the Ray cluster has no GPU",
-                         fix="start Ray with GPUs (compute.num_gpus) or set inference.device=cpu")
+        if not runtime.gpus_may_come():
+            raise InputError("inference.device=cuda but the Ray cluster has no GPU",
+                             fix="start Ray with GPUs (compute.num_gpus) or set inference.device=cpu")
+        runtime.notice("inference.device=cuda and the cluster has no GPU node yet: the model actors wait "
+                       "for its autoscaler to add one")
     inf = p.cfg.inference
     p.spec.device = resolve_device(inf, gpus)
     gpu = p.spec.device == "cuda"
@@ -226,7 +229,7 @@ def _pool_sizes(cfg, device: str) -> tuple[int, int]:
     inf = cfg.inference
     if device == "cuda":
 
-        gpus = runtime.cluster_gpus()
+        gpus = runtime.max_cluster_resources().get("GPU", 0.0)   # an autoscaler's GPU bound, when it reports one
         hi = inf.actors or max(1, int(gpus // inf.gpus_per_actor))
     else:
         hi = runtime.actor_pool_size(cpus_per_actor=inf.cpus_per_actor, max_size=inf.actors)[1]
@@ -261,6 +264,8 @@ def stream(ray, plan_: Plan) -> Iterator[dict]:
                             compute=ray.data.TaskPoolStrategy(size=min(decoders, len(todo))), num_cpus=inf.decode_cpus,
                             memory=inf.decode_memory_mb * 1024 * 1024)
         remote = {"num_gpus": inf.gpus_per_actor} if spec.device == "cuda" else {}
+        if inf.resources:
+            remote["resources"] = dict(inf.resources)
         remote.update(runtime.actor_restart_args())
         with warnings.catch_warnings():
             # Ray 2.60 names no map_batches parameter for max_restarts; its own docs pass it as a

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from raycp.config import check_ray_resources
 from raycp.io.index import DEFAULT_CHANNELS
 
 
@@ -80,7 +81,12 @@ class SplitSection(_Strict):
 
 class TrainCompute(_Strict):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU)")
-    use_gpu: bool | None = Field(None, description="default: use GPUs when the cluster has them")
+    use_gpu: bool | None = Field(None, description=(
+        "default: use GPUs when the cluster has them now; on an autoscaling cluster whose GPU nodes start "
+        "from 0, true (the workers wait for the autoscaler to add GPU nodes)"))
+    resources: dict[str, float] = Field(default_factory=dict, description=(
+        "other Ray resources each worker asks for, e.g. {'accelerator_type:A100': 0.001} or a node type's "
+        "custom resource"))
     cpus_per_worker: float = Field(1.0, gt=0)
     data_cpus: float = Field(0.5, gt=0, description="CPUs of each Ray Data read task that feeds the workers")
     reader: Literal["ray_data", "local"] = Field("ray_data", description=(
@@ -93,6 +99,11 @@ class TrainCompute(_Strict):
     bf16: bool = Field(True, description="bf16 autocast on GPU (never on CPU)")
     channels_last: bool = Field(True, description="channels_last memory format on GPU")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (tests, benchmarks)")
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, value: dict[str, float]) -> dict[str, float]:
+        return check_ray_resources(value)
 
 
 class TrainConfig(_Strict):

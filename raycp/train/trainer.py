@@ -242,18 +242,24 @@ def _unwrap(exc: BaseException) -> BaseException | None:
 def _check_resources(cfg: TrainConfig, use_gpu: bool) -> None:
     from raycp import runtime
 
-    total = runtime.cluster_cpus()
+    total = runtime.max_cluster_resources().get("CPU", 0.0)
     need = cfg.compute.num_workers * cfg.compute.cpus_per_worker
     spare = cfg.compute.data_cpus if cfg.compute.reader == "ray_data" else 0.0
-    if need + spare > total + 1e-9:
+    if need + spare > total + 1e-9 and runtime.gpus_may_come():
+        runtime.notice(f"{cfg.compute.num_workers} workers × {cfg.compute.cpus_per_worker} CPU + {spare} CPU for "
+                       f"reads and the cluster has {total:g} CPUs now: training waits for its autoscaler to add nodes")
+    elif need + spare > total + 1e-9:
         raise ConfigError(f"{cfg.compute.num_workers} workers × {cfg.compute.cpus_per_worker} CPU + "
                           f"{spare} CPU for Ray Data reads > the cluster's {total:g} CPUs",
                           fix="lower compute.num_workers or compute.cpus_per_worker (or compute.data_cpus)")
     if use_gpu:
-        gpus = runtime.cluster_gpus()
+        gpus = runtime.max_cluster_resources().get("GPU", 0.0)
         if gpus < cfg.compute.num_workers:
-            raise ConfigError(f"{cfg.compute.num_workers} GPU workers but the cluster has {gpus:g} GPUs",
-                              fix="lower compute.num_workers or add GPU nodes")
+            if not runtime.gpus_may_come():
+                raise ConfigError(f"{cfg.compute.num_workers} GPU workers but the cluster has {gpus:g} GPUs",
+                                  fix="lower compute.num_workers or add GPU nodes")
+            runtime.notice(f"{cfg.compute.num_workers} GPU workers and the cluster has {gpus:g} GPUs now: training "
+                           "waits for its autoscaler to add GPU nodes")
 
 
 def default_run_config(cfg: TrainConfig):
@@ -315,7 +321,7 @@ def build_trainer(cfg: TrainConfig, run_config=None, *, prep: Prepared | None = 
                       train_sids=prep.train_sids, train_codes=prep.codes[prep.train_sids],
                       val_sids=val, val_codes=prep.codes[val], fingerprint=fingerprint(cfg.science()),
                       imagenet=imagenet, resume_state=resume_state, inject_failure=inject_failure)
-    resources = {"CPU": cfg.compute.cpus_per_worker}
+    resources = {"CPU": cfg.compute.cpus_per_worker, **cfg.compute.resources}
     if use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(

@@ -124,3 +124,15 @@ def test_bad_sites_are_quarantined_and_the_good_one_profiled_on_s3(site_5ch, che
     sites = pd.read_parquet(io.BytesIO(fs.cat_file(f"{folder}/sites.parquet")))
     assert sites["Metadata_Well"].tolist() == ["C03"]
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{folder}/cells")) == ["C03_3.parquet"]
+
+
+def test_cuda_on_a_local_cluster_without_gpus_is_one_line(finished, checkpoint, ray_cluster):
+    """A local cluster raycp started never grows: asking for CUDA there is an error before any work
+    (on a cluster raycp joined, the actors wait for its autoscaler to add a GPU node instead)."""
+    from raycp.extract.pipeline import run_extract
+
+    index_url, run = finished
+    with pytest.raises(InputError, match="inference.device=cuda but the Ray cluster has no GPU"):
+        run_extract(_cfg(index_url, run, "model.kind=trained", f"model.path={checkpoint}", "inference.device=cuda"))
+    sites = sorted((run / "features" / "cnn" / "sites").rglob("*.parquet"))
+    assert [p.read_bytes() for p in sites] == [b"earlier results"]      # no site profiled, none lost

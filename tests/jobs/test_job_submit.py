@@ -1,6 +1,6 @@
 """raycp on a multi-node Ray cluster through ``ray job submit`` (issue 14), offline on one machine:
-a head that runs no work (``CPU: 0``, as the cloud configs have it) and two worker nodes, each a
-``ray start --address`` with its own resources; the demo's tiny screen goes through the whole
+a head that runs no work (``CPU: 0``, as the cloud configs have it) and two worker nodes
+(``local_cluster`` in ``conftest.py``); the demo's tiny screen goes through the whole
 paper as a job (``jobs/run.py`` with ``jobs/runtime_env.yaml``), and its tasks run on both nodes.
 The test stops only the Ray processes it started (by PID), never a machine-wide ``ray stop``."""
 
@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -24,83 +20,15 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ports() -> list[str]:
-    """The per-node ports Ray would otherwise take from fixed defaults (two nodes on one host)."""
-    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-            f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}"]
-
-
-def _ours(ray_tmp: str) -> set[int]:
-    """PIDs of every process of the cluster this test started: their command lines name its temp dir."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if ray_tmp in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    found.add(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def _stop(pids: set[int]) -> None:
-    """SIGTERM, then SIGKILL after 15 s, to these processes only."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 15
-        while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
-            time.sleep(0.2)
-
-
-@pytest.fixture
-def multinode(tmp_path):
-    """``(dashboard URL, env)`` of a 3-node local cluster: head (0 CPU) + 2 workers (2 CPUs each)."""
-    ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay < 108 bytes
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    port, dash = _free_port(), _free_port()
-    ray = str(BIN / "ray")
-    started: set[int] = set()
-    try:
-        subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                        f"--temp-dir={ray_tmp}", "--num-cpus=0", "--num-gpus=0", "--include-dashboard=true",
-                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--object-store-memory=300000000",
-                        f"--ray-client-server-port={_free_port()}", *_ports()],
-                       env=env, check=True, capture_output=True, timeout=180)
-        for i in range(2):
-            subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-                            "--num-cpus=2", "--num-gpus=0", "--object-store-memory=300000000",
-                            f"--resources={json.dumps({f'node{i}': 1})}", *_ports()],
-                           env=env, check=True, capture_output=True, timeout=180)
-        started = _ours(ray_tmp)
-        yield f"http://127.0.0.1:{dash}", env
-    finally:
-        _stop(started | _ours(ray_tmp))
-
-
 @pytest.mark.timeout(900)
-def test_ray_job_submit_runs_the_paper_across_nodes(tiny_screen, multinode, tmp_path):
+def test_ray_job_submit_runs_the_paper_across_nodes(tiny_screen, local_cluster, tmp_path):
     """The demo's path as a platform engineer runs it: ``ray job submit -- python jobs/run.py``
     on a cluster whose head runs no work: the job SUCCEEDS, every stage accounts for every input,
     the report is written, and the work ran on both worker nodes."""
     from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_tasks
 
-    address, env = multinode
+    address, env = local_cluster.address, local_cluster.env
     out = tmp_path / "run"
     sets = sum((["--set", s] for s in run_overrides(tiny_screen, out)), [])
     sub_id = f"raycp-test-{os.getpid()}"

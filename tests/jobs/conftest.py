@@ -1,0 +1,168 @@
+"""A real multi-node Ray cluster on one machine for the job tests (issue 14): a head that runs no work
+(``CPU: 0``, as the cloud configs have it) and worker nodes, each a ``ray start --address`` with its
+own resources and ports, all under the test's own temp dir and HOME (auth off). Nodes can be added
+(as an autoscaler or a replacement would) and killed (``kill -9`` of a node's raylet, as a lost spot
+instance). Teardown stops only the processes of this cluster, found by its temp dir in their command
+lines, never with a machine-wide ``ray stop``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_ports() -> list[str]:
+    """The per-node ports Ray would otherwise take from fixed defaults (several nodes on one host)."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
+
+
+def processes_under(ray_tmp: str) -> dict[int, str]:
+    """PID → command line of every process whose command line names ``ray_tmp``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if ray_tmp in cmd:
+                found[int(entry.name)] = cmd
+    return found
+
+
+def stop(pids: set[int]) -> None:
+    """SIGTERM, then SIGKILL after 15 s, to these processes only."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 15
+        while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+            time.sleep(0.2)
+
+
+@dataclass
+class LocalCluster:
+    """A head (0 CPU, dashboard and job server on 127.0.0.1) and named worker nodes."""
+
+    ray_tmp: str
+    env: dict
+    gcs: str
+    address: str                                   # the dashboard / job server URL
+    nodes: dict[str, set[int]] = field(default_factory=dict)   # node name → the PIDs `ray start` left
+
+    def add_worker(self, name: str, cpus: int = 2) -> None:
+        """``ray start --address`` a worker node with ``cpus`` CPUs and the custom resource ``name``,
+        and its own temp dir under the cluster's: like a real node's disk, its own runtime_resources,
+        where Ray unpacks a job's working_dir (nodes sharing that folder would delete and unpack it
+        again under each other's running workers)."""
+        before = set(processes_under(self.ray_tmp))
+        subprocess.run([str(BIN / "ray"), "start", f"--address={self.gcs}", "--node-ip-address=127.0.0.1",
+                        f"--temp-dir={self.ray_tmp}/{name}",
+                        f"--num-cpus={cpus}", "--num-gpus=0", "--object-store-memory=300000000",
+                        f"--resources={json.dumps({name: 1})}", *node_ports()],
+                       env=self.env, check=True, capture_output=True, timeout=180)
+        self.nodes[name] = set(processes_under(self.ray_tmp)) - before
+
+    def raylet(self, name: str) -> int:
+        cmds = processes_under(self.ray_tmp)
+        (pid,) = [p for p in self.nodes[name] if "raylet/raylet" in cmds.get(p, "")]
+        return pid
+
+    def kill(self, name: str) -> None:
+        """``kill -9`` the node's raylet (its workers and agents die with it) and wait until Ray
+        has marked the node dead."""
+        from ray.util.state import list_nodes
+
+        os.kill(self.raylet(name), signal.SIGKILL)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            alive = [n for n in list_nodes(address=self.address, limit=100, raise_on_missing_output=False)
+                     if n.state == "ALIVE" and name in (n.resources_total or {})]
+            if not alive:
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"Ray still lists node {name} as alive 120 s after its raylet was killed")
+
+    def node_name(self, node_id: str) -> str:
+        """The worker name (custom resource) of a Ray node id."""
+        from ray.util.state import get_node
+
+        node = get_node(node_id, address=self.address)
+        names = [k for k in (node.resources_total or {}) if k in self.nodes]
+        assert len(names) == 1, (node_id, node.resources_total)
+        return names[0]
+
+    def submit(self, *argv: str, submission_id: str, cwd: Path = ROOT,
+               runtime_env: str = "jobs/runtime_env.yaml") -> subprocess.CompletedProcess:
+        """``ray job submit --no-wait --runtime-env <runtime_env> -- <argv>`` from ``cwd``."""
+        cmd = [str(BIN / "ray"), "job", "submit", "--no-wait", f"--address={self.address}",
+               f"--submission-id={submission_id}", f"--runtime-env={runtime_env}", "--", *argv]
+        return subprocess.run(cmd, cwd=cwd, env=self.env, capture_output=True, text=True, timeout=300, check=True)
+
+    def wait(self, submission_id: str, timeout: float = 900, until=None):
+        """Poll the job until it ends (or ``until()`` is true while it runs); its final status."""
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(self.address)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = client.get_job_status(submission_id)
+            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                return status
+            if until is not None and until():
+                return status
+            time.sleep(0.2)
+        raise AssertionError(f"job {submission_id} still running after {timeout} s")
+
+    def logs(self, submission_id: str) -> str:
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.address).get_job_logs(submission_id)[-4000:]
+
+
+@pytest.fixture
+def local_cluster(tmp_path):
+    """A :class:`LocalCluster` with a head (0 CPU) and two 2-CPU workers, ``node0`` and ``node1``."""
+    ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay < 108 bytes
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    port, dash = free_port(), free_port()
+    cluster = LocalCluster(ray_tmp, env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}")
+    try:
+        subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                        f"--temp-dir={ray_tmp}", "--num-cpus=0", "--num-gpus=0", "--include-dashboard=true",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--object-store-memory=300000000",
+                        f"--ray-client-server-port={free_port()}", *node_ports()],
+                       env=env, check=True, capture_output=True, timeout=180)
+        for name in ("node0", "node1"):
+            cluster.add_worker(name)
+        yield cluster
+    finally:
+        stop(set(processes_under(ray_tmp)))
