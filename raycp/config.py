@@ -42,8 +42,12 @@ class ComputeConfig(_Strict):
     """Where and how fast: never changes the science."""
 
     ray_address: str | None = Field(None, description="Ray cluster to join; default: RAY_ADDRESS or a local cluster")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (default: all)")
-    num_gpus: int | None = Field(None, ge=0, description="GPUs of a local cluster (default: detected)")
+    num_cpus: int | None = Field(None, ge=1, description=(
+        "CPUs of a local cluster (default: all); on a joined autoscaling cluster, the CPUs it can grow to "
+        "(raycp sizes its pools for them; default: the CPUs it has when a stage starts)"))
+    num_gpus: int | None = Field(None, ge=0, description=(
+        "GPUs of a local cluster (default: detected); on a joined autoscaling cluster, the GPUs it can grow "
+        "to (CUDA is chosen and GPUs asked for before the autoscaler adds them)"))
     object_store_memory_gb: float = Field(1.0, gt=0, description="object store cap of a local cluster")
     include_dashboard: bool = False
     read_concurrency: int | None = Field(None, ge=1, description="parallel site readers (default: CPUs)")

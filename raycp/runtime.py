@@ -344,36 +344,44 @@ def abandon() -> None:
 
 
 def cluster_cpus() -> float:
-    """CPUs of the connected cluster (1 when it reports none)."""
-    import ray
-
-    return float(ray.cluster_resources().get("CPU", 1.0))
+    """CPUs raycp sizes its pools for: the connected cluster's (1 when it reports none), or on a
+    joined cluster the size its autoscaler can reach when larger (:func:`max_cluster_resources`)."""
+    return max_cluster_resources().get("CPU", 1.0)
 
 
 def cluster_gpus() -> float:
-    """GPUs of the connected cluster (0 when it has none)."""
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0.0))
+    """GPUs raycp plans for (0 when there are none): as :func:`cluster_cpus`."""
+    return max_cluster_resources().get("GPU", 0.0)
 
 
 def max_cluster_resources() -> dict[str, float]:
-    """The most of each resource the connected cluster can have: what it has now, or more where its
-    autoscaler reports its node types' bounds to the GCS (Ray's private
-    ``ray._private.state.state.get_max_resources_from_cluster_config``, the same call Ray Train and
-    Ray Data make; pinned to the locked Ray by ``tests/test_runtime.py``)."""
+    """The most of each resource the connected cluster can have: what it has now, or more
+
+    - on a cluster raycp joined, the ``compute.num_cpus`` / ``compute.num_gpus`` its entry point
+      was given (:func:`use`): the size an autoscaling cluster reaches (its node types' bounds),
+      so raycp sizes its task and actor pools, chooses CUDA and asks for GPUs before the
+      autoscaler has added the nodes;
+    - where the autoscaler reports its node types' bounds to the GCS (Ray's private
+      ``ray._private.state.state.get_max_resources_from_cluster_config``, the call Ray Train and
+      Ray Data make; pinned to the locked Ray by ``tests/test_runtime.py``).
+    On a local cluster raycp started, ``num_cpus`` / ``num_gpus`` already sized it."""
     import ray
 
-    now = {k: float(v) for k, v in ray.cluster_resources().items()}
+    most = {k: float(v) for k, v in ray.cluster_resources().items()}
     try:
         from ray._private.state import state
 
-        reported = state.get_max_resources_from_cluster_config() or {}
+        reported = dict(state.get_max_resources_from_cluster_config() or {})
     except Exception:  # noqa: BLE001 - an older or newer Ray without the call: what is there now
         reported = {}
+    compute = _CHOSEN["compute"]
+    if compute is not None and not started_here():
+        for key, value in (("CPU", compute.num_cpus), ("GPU", compute.num_gpus)):
+            if value:
+                reported[key] = max(float(value), float(reported.get(key, 0.0)))
     for key, value in reported.items():
-        now[key] = max(now.get(key, 0.0), float(value))
-    return now
+        most[key] = max(most.get(key, 0.0), float(value))
+    return most
 
 
 def notice(message: str) -> None:

@@ -68,3 +68,18 @@ def test_custom_resources_are_validated():
         for model in (InferenceConfig, TrainCompute):
             with pytest.raises(ValidationError, match=why):
                 model(resources=bad)
+
+
+def test_on_a_joined_cluster_the_declared_size_is_what_raycp_plans_for(ray_cluster, monkeypatch):
+    """An autoscaling cluster starts small: ``compute.num_cpus`` / ``num_gpus`` given to the entry
+    point of a job that joined it are the size raycp sizes pools, picks CUDA and checks Train for."""
+    import ray
+
+    from raycp.config import ComputeConfig
+
+    have = ray.cluster_resources()["CPU"]
+    monkeypatch.setitem(runtime._CHOSEN, "compute", ComputeConfig(num_cpus=64, num_gpus=8))
+    monkeypatch.setattr(runtime, "started_here", lambda: False)
+    assert runtime.cluster_cpus() == 64 and runtime.cluster_gpus() == 8 and runtime.gpus_may_come()
+    monkeypatch.setitem(runtime._CHOSEN, "compute", ComputeConfig(num_cpus=1))
+    assert runtime.cluster_cpus() == have and runtime.cluster_gpus() == 0   # never less than it has

@@ -229,7 +229,7 @@ def _pool_sizes(cfg, device: str) -> tuple[int, int]:
     inf = cfg.inference
     if device == "cuda":
 
-        gpus = runtime.max_cluster_resources().get("GPU", 0.0)   # an autoscaler's GPU bound, when it reports one
+        gpus = runtime.cluster_gpus()   # on an autoscaling cluster, what it can grow to (compute.num_gpus)
         hi = inf.actors or max(1, int(gpus // inf.gpus_per_actor))
     else:
         hi = runtime.actor_pool_size(cpus_per_actor=inf.cpus_per_actor, max_size=inf.actors)[1]

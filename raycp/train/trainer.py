@@ -242,7 +242,7 @@ def _unwrap(exc: BaseException) -> BaseException | None:
 def _check_resources(cfg: TrainConfig, use_gpu: bool) -> None:
     from raycp import runtime
 
-    total = runtime.max_cluster_resources().get("CPU", 0.0)
+    total = runtime.cluster_cpus()
     need = cfg.compute.num_workers * cfg.compute.cpus_per_worker
     spare = cfg.compute.data_cpus if cfg.compute.reader == "ray_data" else 0.0
     if need + spare > total + 1e-9 and runtime.gpus_may_come():
@@ -253,7 +253,7 @@ def _check_resources(cfg: TrainConfig, use_gpu: bool) -> None:
                           f"{spare} CPU for Ray Data reads > the cluster's {total:g} CPUs",
                           fix="lower compute.num_workers or compute.cpus_per_worker (or compute.data_cpus)")
     if use_gpu:
-        gpus = runtime.max_cluster_resources().get("GPU", 0.0)
+        gpus = runtime.cluster_gpus()
         if gpus < cfg.compute.num_workers:
             if not runtime.gpus_may_come():
                 raise ConfigError(f"{cfg.compute.num_workers} GPU workers but the cluster has {gpus:g} GPUs",
