@@ -391,7 +391,7 @@ def notice(message: str) -> None:
     print(f"raycp: {message}", file=sys.stderr, flush=True)
 
 
-def gpus_may_come() -> bool:
+def cluster_may_grow() -> bool:
     """Whether resources asked for explicitly (GPUs, CPUs for Train workers) may still arrive: on a
     cluster raycp joined, its autoscaler adds nodes on demand (e.g. a GPU node type with
     ``min_workers: 0``); a local cluster raycp started never grows."""

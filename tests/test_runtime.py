@@ -50,7 +50,7 @@ def test_a_local_cluster_never_grows_and_its_bounds_are_what_it_has(ray_cluster)
 
     assert ray.__version__ == "2.60.0", "private Ray API: re-check max_cluster_resources for the new Ray"
     assert callable(state.get_max_resources_from_cluster_config)
-    assert runtime.started_here() and not runtime.gpus_may_come()
+    assert runtime.started_here() and not runtime.cluster_may_grow()
     most = runtime.max_cluster_resources()
     assert most["CPU"] == ray.cluster_resources()["CPU"] and most.get("GPU", 0.0) == runtime.cluster_gpus()
 
@@ -80,6 +80,6 @@ def test_on_a_joined_cluster_the_declared_size_is_what_raycp_plans_for(ray_clust
     have = ray.cluster_resources()["CPU"]
     monkeypatch.setitem(runtime._CHOSEN, "compute", ComputeConfig(num_cpus=64, num_gpus=8))
     monkeypatch.setattr(runtime, "started_here", lambda: False)
-    assert runtime.cluster_cpus() == 64 and runtime.cluster_gpus() == 8 and runtime.gpus_may_come()
+    assert runtime.cluster_cpus() == 64 and runtime.cluster_gpus() == 8 and runtime.cluster_may_grow()
     monkeypatch.setitem(runtime._CHOSEN, "compute", ComputeConfig(num_cpus=1))
     assert runtime.cluster_cpus() == have and runtime.cluster_gpus() == 0   # never less than it has

@@ -116,11 +116,12 @@ def _choose_device(p: Plan) -> None:
         return
     gpus = runtime.cluster_gpus()
     if p.cfg.inference.device == "cuda" and gpus <= 0:
-        if not runtime.gpus_may_come():
+        if not runtime.cluster_may_grow():
             raise InputError("inference.device=cuda but the Ray cluster has no GPU",
                              fix="start Ray with GPUs (compute.num_gpus) or set inference.device=cpu")
         runtime.notice("inference.device=cuda and the cluster has no GPU node yet: the model actors wait "
-                       "for its autoscaler to add one")
+                       "for its autoscaler to add one (a cluster without one never will: stop the job and set "
+                       "inference.device=cpu)")
     inf = p.cfg.inference
     p.spec.device = resolve_device(inf, gpus)
     gpu = p.spec.device == "cuda"

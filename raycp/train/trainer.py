@@ -245,21 +245,23 @@ def _check_resources(cfg: TrainConfig, use_gpu: bool) -> None:
     total = runtime.cluster_cpus()
     need = cfg.compute.num_workers * cfg.compute.cpus_per_worker
     spare = cfg.compute.data_cpus if cfg.compute.reader == "ray_data" else 0.0
-    if need + spare > total + 1e-9 and runtime.gpus_may_come():
+    if need + spare > total + 1e-9:
+        if not runtime.cluster_may_grow():
+            raise ConfigError(f"{cfg.compute.num_workers} workers × {cfg.compute.cpus_per_worker} CPU + "
+                              f"{spare} CPU for Ray Data reads > the cluster's {total:g} CPUs",
+                              fix="lower compute.num_workers or compute.cpus_per_worker (or compute.data_cpus)")
         runtime.notice(f"{cfg.compute.num_workers} workers × {cfg.compute.cpus_per_worker} CPU + {spare} CPU for "
-                       f"reads and the cluster has {total:g} CPUs now: training waits for its autoscaler to add nodes")
-    elif need + spare > total + 1e-9:
-        raise ConfigError(f"{cfg.compute.num_workers} workers × {cfg.compute.cpus_per_worker} CPU + "
-                          f"{spare} CPU for Ray Data reads > the cluster's {total:g} CPUs",
-                          fix="lower compute.num_workers or compute.cpus_per_worker (or compute.data_cpus)")
+                       f"reads and the cluster has {total:g} CPUs now: training waits for its autoscaler to add nodes "
+                       "(a cluster without one never will: stop the job and lower compute.num_workers)")
     if use_gpu:
         gpus = runtime.cluster_gpus()
         if gpus < cfg.compute.num_workers:
-            if not runtime.gpus_may_come():
+            if not runtime.cluster_may_grow():
                 raise ConfigError(f"{cfg.compute.num_workers} GPU workers but the cluster has {gpus:g} GPUs",
                                   fix="lower compute.num_workers or add GPU nodes")
             runtime.notice(f"{cfg.compute.num_workers} GPU workers and the cluster has {gpus:g} GPUs now: training "
-                           "waits for its autoscaler to add GPU nodes")
+                           "waits for its autoscaler to add GPU nodes (a cluster without one never will: stop the job and "
+                           "lower compute.num_workers)")
 
 
 def default_run_config(cfg: TrainConfig):

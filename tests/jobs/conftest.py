@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,18 +38,32 @@ def node_ports() -> list[str]:
             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
 
 
-def processes_under(ray_tmp: str) -> dict[int, str]:
-    """PID → command line of every process whose command line names ``ray_tmp``."""
+def _processes() -> dict[int, tuple[int, str]]:
+    """PID → (parent PID, command line) of every process of the machine."""
     found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
                 continue
-            if ray_tmp in cmd:
-                found[int(entry.name)] = cmd
+            found[int(entry.name)] = (ppid, cmd)
     return found
+
+
+def processes_under(ray_tmp: str, gcs_port: int | None = None) -> dict[int, str]:
+    """PID → command line of every process of one cluster: those whose command line names its temp
+    dir ``ray_tmp``, the head's Ray Client server (it names only the GCS address), and their
+    descendants (the agents and workers rename themselves ``ray::...``)."""
+    procs = _processes()
+    client = re.compile(rf"ray\.util\.client\.server --address=\S+:{gcs_port}\b") if gcs_port else None
+    ours = {pid for pid, (_, cmd) in procs.items() if ray_tmp in cmd or (client and client.search(cmd))}
+    while True:
+        more = {pid for pid, (ppid, _) in procs.items() if ppid in ours} - ours
+        if not more:
+            return {pid: procs[pid][1] for pid in ours}
+        ours |= more
 
 
 def stop(pids: set[int]) -> None:
@@ -165,4 +180,4 @@ def local_cluster(tmp_path):
             cluster.add_worker(name)
         yield cluster
     finally:
-        stop(set(processes_under(ray_tmp)))
+        stop(set(processes_under(ray_tmp, port)))

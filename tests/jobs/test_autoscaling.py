@@ -77,7 +77,7 @@ def autoscaling_cluster(tmp_path):
                        env=head_env, check=True, capture_output=True, timeout=180)
         yield LocalCluster(ray_tmp, env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}")
     finally:
-        stop(set(processes_under(ray_tmp)))
+        stop(set(processes_under(ray_tmp, port)))
 
 
 def _workers(cluster) -> list[dict]:
