@@ -21,6 +21,7 @@ from raycp.preprocess import cli as preprocess_cli
 from raycp.profiles import cli as profiles_cli
 from raycp.run import cli as run_cli
 from raycp.screens import cli as screens_cli
+from raycp.sweep import cli as sweep_cli
 from raycp.train import cli as train_cli
 
 app = typer.Typer(
@@ -41,6 +42,7 @@ app.add_typer(preprocess_cli.app, name="preprocess")
 app.add_typer(train_cli.app, name="train")
 app.add_typer(extract_cli.app, name="extract")
 app.add_typer(profiles_cli.app, name="profile")
+app.add_typer(sweep_cli.app, name="sweep")
 app.command("run")(run_cli.run)
 
 EXIT_QUARANTINED = 3
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 #: Commands that may start or join a Ray cluster: the console script runs them supervised.
-RAY_COMMANDS = ("run", "preprocess", "train", "extract", "screen", "index")
+RAY_COMMANDS = ("run", "preprocess", "train", "extract", "screen", "index", "sweep")
 
 
 def entry() -> int:

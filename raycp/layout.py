@@ -15,6 +15,7 @@ A run on disk (``<run>`` = ``data.output``)::
     <run>/profiles/<set>/wells.parquet              well profiles
     <run>/evaluate/<set>/, comparison.parquet       evaluation of each feature set
     <run>/effect/effect.parquet, subsets/           treatment effect and its subsets
+    <run>/sweeps/<name>/                            sweeps (raycp sweep ... --run): Tune trials, curves
     <run>/report.html, report/contents.json         the run report
     <run>/<stage>/status.json, config.yaml, ledger.parquet, ledger.json, _SUCCESS, _sites/
 """
@@ -150,6 +151,10 @@ class RunLayout:
 
     def effect_subset(self, name: str) -> str:
         return urls.join(self.folder("effect"), "subsets", f"{name}.parquet")
+
+    def sweep(self, name: str) -> str:
+        """A sweep's folder (``raycp sweep <name> --run``): ``<run>/sweeps/<name>``."""
+        return urls.join(self.output, "sweeps", name)
 
     @property
     def report(self) -> str:

@@ -190,6 +190,7 @@ def evaluate(
     sep: str = DEFAULT_SEP,
     sphere_lambda: float | None = None,
     sphere_scope_col: str | None = None,
+    sphere_eigen: dict | None = None,
     harmony_batch_col: str | None = None,
     harmony_clusters: int | None = None,
     features: Sequence[str] | None = None,
@@ -204,6 +205,9 @@ def evaluate(
     (``sphere_lambda``; per ``sphere_scope_col`` group if given, else the whole screen) and are
     not in the library. ``harmony_batch_col``: run Harmony with that column as batches (after
     sphering if both are asked). Then treated wells → treatment means → metrics.
+
+    ``sphere_eigen``: a dict caching the controls' eigendecomposition per sphering scope
+    (:func:`raycp.profiles.sphere.sphere`); a λ sweep shares one between its λs (same result).
 
     NaN, per feature then per well: features NaN in more than ``na_cutoff`` of the wells are
     dropped first (listed in ``accounting['features_dropped_na']``), then wells holding a NaN
@@ -228,7 +232,7 @@ def evaluate(
                 raise InputError(f"{source}: sphering needs control wells, none selected", fix="pass --control-query")
             groups = None if sphere_scope_col is None else wells[sphere_scope_col].to_numpy()[ok]
             Xs = X.copy()
-            Xs[ok] = sphere(X[ok], ctrl[ok], sphere_lambda, groups)
+            Xs[ok] = sphere(X[ok], ctrl[ok], sphere_lambda, groups, eigen=sphere_eigen)
             X = Xs
         if harmony_batch_col is not None:
             from raycp.profiles.io import require_columns

@@ -43,3 +43,14 @@ def write_parquet(frame: pd.DataFrame, url: str) -> None:
 
 def read_parquet(url: str) -> pd.DataFrame:
     return pd.read_parquet(io.BytesIO(urls.read_bytes(str(url))))
+
+
+def save_png(draw, url: str) -> None:
+    """Run a plotting function ``draw(local_path) -> path`` that writes a PNG and store its bytes
+    at ``url`` (any URL), atomically."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="raycp-plot-") as tmp:
+        path = draw(Path(tmp) / "plot.png")
+        urls.atomic_write_bytes(url, Path(path).read_bytes())

@@ -58,10 +58,31 @@ class Spherer:
         return (self.eigenvectors * shrink) @ self.eigenvectors.T
 
 
-def fit_sphere(controls: np.ndarray, lam: float) -> Spherer:
-    """Fit the sphering transform on control profiles (n × d), in float64.
+@dataclass(frozen=True)
+class ControlEigen:
+    """The control wells' covariance eigendecomposition, the part of a sphering fit that does not
+    depend on λ: a λ sweep computes it once and rescales its eigenvalues per λ."""
 
-    ``lam`` is the paper's regularisation λ (> 0; the paper found 1e-3 to 1e-2 good)."""
+    mean: np.ndarray  # (d,) float64
+    eigenvalues: np.ndarray  # (d,) float64, Δ ascending, clipped at 0
+    eigenvectors: np.ndarray  # (d, d) float64, U
+    n_controls: int
+
+    def spherer(self, lam: float) -> Spherer:
+        """The sphering transform for ``lam`` (≥ 0): Q = U (Δ + λ)^(−1/2) Uᵀ."""
+        if not (lam >= 0 and np.isfinite(lam)):
+            raise InputError(f"sphering λ must be a finite number ≥ 0, not {lam}", fix="pass e.g. --sphere-lambda 0.01")
+        with np.errstate(divide="ignore"):
+            scale = 1.0 / np.sqrt(self.eigenvalues + lam)
+        Q = (self.eigenvectors * scale) @ self.eigenvectors.T
+        return Spherer(mean=self.mean, transform=Q, eigenvalues=self.eigenvalues, eigenvectors=self.eigenvectors,
+                       lam=float(lam), n_controls=self.n_controls)
+
+
+def control_eigen(controls: np.ndarray) -> ControlEigen:
+    """Mean and eigendecomposition of the control profiles' covariance (n × d → d, d × d), float64.
+
+    Raises :class:`InputError` for no controls or non-finite values."""
     C = np.asarray(controls)
     if C.ndim != 2:
         raise ValueError("controls must be a 2-D array")
@@ -70,8 +91,6 @@ def fit_sphere(controls: np.ndarray, lam: float) -> Spherer:
         raise InputError("sphering needs control profiles, but none were given", fix="check the control query / control wells")
     if not np.isfinite(C).all():
         raise InputError("control profiles contain NaN or inf", fix="drop or fix those wells before sphering")
-    if not (lam >= 0 and np.isfinite(lam)):
-        raise InputError(f"sphering λ must be a finite number ≥ 0, not {lam}", fix="pass e.g. --sphere-lambda 0.01")
     C64 = C.astype(np.float64, copy=False)  # controls only: small
     mu = C64.mean(axis=0)
     Xc = C64 - mu
@@ -79,11 +98,16 @@ def fit_sphere(controls: np.ndarray, lam: float) -> Spherer:
     s, U = np.linalg.eigh(cov)  # numpy's LAPACK: one BLAS thread pool with the GEMMs
     # Σ is positive semi-definite; round-off leaves its null directions at ≈ −1e-16·max(s), which
     # exceeds λ when features have large scales (CellProfiler areas ~1e4): clip them to 0.
-    s = np.clip(s, 0.0, None)
-    with np.errstate(divide="ignore"):
-        scale = 1.0 / np.sqrt(s + lam)
-    Q = (U * scale) @ U.T
-    return Spherer(mean=mu, transform=Q, eigenvalues=s, eigenvectors=U, lam=float(lam), n_controls=n)
+    return ControlEigen(mean=mu, eigenvalues=np.clip(s, 0.0, None), eigenvectors=U, n_controls=n)
+
+
+def fit_sphere(controls: np.ndarray, lam: float) -> Spherer:
+    """Fit the sphering transform on control profiles (n × d), in float64.
+
+    ``lam`` is the paper's regularisation λ (> 0; the paper found 1e-3 to 1e-2 good)."""
+    if not (lam >= 0 and np.isfinite(lam)):
+        raise InputError(f"sphering λ must be a finite number ≥ 0, not {lam}", fix="pass e.g. --sphere-lambda 0.01")
+    return control_eigen(controls).spherer(lam)
 
 
 def sphere(
@@ -91,12 +115,22 @@ def sphere(
     control_mask: np.ndarray,
     lam: float,
     groups: Sequence | np.ndarray | None = None,
+    eigen: dict | None = None,
 ) -> np.ndarray:
     """Sphere profiles ``X`` with a transform fitted on the rows where ``control_mask`` is true.
 
     Scope: the whole screen when ``groups`` is None (the paper), else one transform per group
     (plate or batch label per row), each fitted on that group's controls. A group without control
-    rows is an error naming it."""
+    rows is an error naming it. ``eigen``: a dict that caches each scope's :class:`ControlEigen`
+    (key None for the screen, else the group label), filled on first use: a λ sweep passes the
+    same dict to every λ and decomposes the controls once (the result is identical)."""
+    eigen = {} if eigen is None else eigen
+
+    def fit(key, controls: np.ndarray) -> Spherer:
+        if key not in eigen:
+            eigen[key] = control_eigen(controls)
+        return eigen[key].spherer(lam)
+
     X = np.asarray(X)
     mask = np.asarray(control_mask, dtype=bool)
     if mask.shape != (X.shape[0],):
@@ -104,7 +138,7 @@ def sphere(
     if not mask.any():
         raise InputError("sphering: no control rows (the control query matched nothing)", fix="check --control-query")
     if groups is None:
-        return fit_sphere(X[mask], lam).apply(X)
+        return fit(None, X[mask]).apply(X)
     labels = np.asarray(groups)
     if labels.shape != (X.shape[0],):
         raise ValueError("groups must have one label per row of X")
@@ -117,7 +151,7 @@ def sphere(
                 fix="fit one sphering on the whole screen (leave out --sphere-scope-col; in a run config "
                     "profiles.sphere_scope=screen) or add control wells to that plate",
             )
-        out[rows] = fit_sphere(X[rows & mask], lam).apply(X[rows])
+        out[rows] = fit(g, X[rows & mask]).apply(X[rows])
     return out
 
 

@@ -17,10 +17,8 @@ written, so a killed run never leaves a half-written stage marked finished.
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from raycp.io import urls
 from raycp.io.outputs import write_json
@@ -116,8 +114,3 @@ def sum_summaries(parts: dict[str, dict]) -> dict:
     return total
 
 
-def save_png(draw: Callable[[Path], Path], url: str) -> None:
-    """Run a plotting function that writes a local PNG and store the bytes at ``url``."""
-    with tempfile.TemporaryDirectory(prefix="raycp-plot-") as tmp:
-        path = draw(Path(tmp) / "plot.png")
-        urls.atomic_write_bytes(url, Path(path).read_bytes())

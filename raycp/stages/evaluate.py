@@ -8,8 +8,8 @@ from __future__ import annotations
 import pandas as pd
 
 from raycp.io import urls
-from raycp.io.outputs import jsonable, write_json, write_parquet
-from raycp.stages.base import Context, Stage, save_png
+from raycp.io.outputs import jsonable, save_png, write_json, write_parquet
+from raycp.stages.base import Context, Stage
 from raycp.stages.profiles import read_wells, sphere_scope
 
 

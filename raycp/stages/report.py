@@ -91,6 +91,30 @@ def lambda_section(ctx: Context) -> Section:
     return sec
 
 
+def sweep_sections(ctx: Context) -> list[Section]:
+    """One section per sweep run on this run (``raycp sweep lambda --run``), when there is one."""
+    folder = ctx.layout.sweep("lambda")
+    curve_url = urls.join(folder, "lambda_curve.parquet")
+    if not urls.exists(curve_url):
+        return []
+    import json
+
+    selection = json.loads(urls.read_bytes(urls.join(folder, "lambda_selection.json")))
+    rows = [{"feature_set": name, "best λ": s["best_lambda"], "best map_paper": s["best"],
+             "no correction": s["none"], f"saturated λ (within {s['tolerance']:g})": s["saturated_lambda"],
+             "JUMP rule λ": s["jump_lambda"]} for name, s in selection.items()]
+    sec = Section("λ sweep (raycp sweep lambda, Ray Tune)",
+                  "One Tune trial per feature set and λ. Paper rule: the best λ, or where the curve saturates the "
+                  "largest λ within the tolerance of the best; the JUMP recipe's rule needs copairs' "
+                  "negative-control and non-replicate mAPs.",
+                  tables=[("selected λ", pd.DataFrame(rows))])
+    for name in selection:
+        png = _png(urls.join(folder, f"lambda_curve_{name}.png"))
+        if png is not None:
+            sec.figures.append((f"{name}: map_paper against λ", png))
+    return [sec]
+
+
 def umap_section(ctx: Context) -> Section:
     sec = Section("Well profiles before and after sphering (paper Fig. 6A/C)",
                   "UMAP (cosine) of well profiles coloured by plate and by control/treated. Before sphering, plates "
@@ -219,8 +243,8 @@ def build_report(ctx: Context) -> dict:
     index = ctx.summaries.get("index") or {}
     subtitle = (f"{cfg.data.output} · {index.get('plates', '?')} plates, {index.get('wells', '?')} wells, "
                 f"{index.get('sites', '?')} sites · raycp {__version__} · Moshkov et al. 2024")
-    sections = [comparison_section(ctx), lambda_section(ctx), umap_section(ctx), training_section(ctx),
-                effect_section(ctx), accounting_section(ctx, statuses), timing_section(statuses)]
+    sections = [comparison_section(ctx), lambda_section(ctx), *sweep_sections(ctx), umap_section(ctx),
+                training_section(ctx), effect_section(ctx), accounting_section(ctx, statuses), timing_section(statuses)]
     page = render_report("raycp run report", subtitle, sections)
     url = ctx.layout.report
     urls.atomic_write_text(url, page)

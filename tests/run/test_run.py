@@ -164,3 +164,19 @@ def test_a_new_stage_is_one_module_and_one_registration(tiny_run):
     assert "well profiles counted" in (out / "report.html").read_text()
     again = run(load(TINY_RUN, sets), echo=lambda line: None, registry=registry)
     assert {r.stage: r.state for r in again.records}["well_count"] == "skipped"
+
+
+def test_a_lambda_sweep_of_the_run_equals_its_curve_and_joins_the_report(tiny_run):
+    """``raycp sweep lambda --run RUN``: every feature set of the run, its profiles settings; the Tune
+    trials give the evaluate stage's own λ curve, and the rebuilt report shows the sweep."""
+    out, _, sets = tiny_run
+    assert main(["sweep", "lambda", "--run", str(out), "--lambdas", "1,0.01"]) == 0
+    sweep = pd.read_parquet(out / "sweeps" / "lambda" / "lambda_curve.parquet")
+    assert sorted(sweep["feature_set"].unique()) == ["cellprofiler", "cnn", "random"]
+    for name, rows in sweep.groupby("feature_set"):
+        own = pd.read_parquet(out / "evaluate" / name / "lambda_curve.parquet")
+        cols = ["sphere_lambda", "map_paper", "map", "folds_of_enrichment"]
+        pd.testing.assert_frame_equal(rows[cols].reset_index(drop=True), own[cols].reset_index(drop=True))
+    run(load(TINY_RUN, sets), start="report", echo=lambda line: None)
+    contents = json.loads((out / "report" / "contents.json").read_text())
+    assert "λ sweep (raycp sweep lambda, Ray Tune)" in contents["sections"]
