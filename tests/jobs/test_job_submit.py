@@ -58,7 +58,7 @@ def test_jobs_are_thin_shims():
     import yaml
 
     jobs = sorted((ROOT / "jobs").glob("*.py"))
-    assert {p.stem for p in jobs} >= {"run", "preprocess", "train", "extract", "profiles", "screen"}
+    assert {p.stem for p in jobs} >= {"run", "preprocess", "train", "extract", "profiles", "screen", "sweep"}
     for p in jobs:
         text = p.read_text()
         assert len(text.splitlines()) <= 50 and "from raycp.cli import main" in text, p.name
