@@ -23,6 +23,7 @@ from raycp.run import cli as run_cli
 from raycp.screens import cli as screens_cli
 from raycp.sweep import cli as sweep_cli
 from raycp.train import cli as train_cli
+from raycp.trainset import cli as trainset_cli
 
 app = typer.Typer(
     name="raycp",
@@ -43,6 +44,7 @@ app.add_typer(train_cli.app, name="train")
 app.add_typer(extract_cli.app, name="extract")
 app.add_typer(profiles_cli.app, name="profile")
 app.add_typer(sweep_cli.app, name="sweep")
+app.add_typer(trainset_cli.app, name="trainset")
 app.command("run")(run_cli.run)
 
 EXIT_QUARANTINED = 3

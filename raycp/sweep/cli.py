@@ -19,7 +19,8 @@ def _wells_args(items: list[str]) -> dict[str, str]:
     """``[NAME=]PATH`` → {name: url}; the name defaults to the file's folder (``profiles/<set>/wells.parquet``)."""
     out: dict[str, str] = {}
     for item in items:
-        name, _, url = item.rpartition("=") if "=" in item and "://" not in item.split("=", 1)[0] else ("", "", item)
+        named = "=" in item and "/" not in item.split("=", 1)[0]
+        name, _, url = item.partition("=") if named else ("", "", item)
         name = name or url.rstrip("/").rsplit("/", 2)[-2 if url.endswith(".parquet") else -1]
         if name in out:
             raise InputError(f"two well tables are named {name!r}", fix="name them: NAME=PATH")

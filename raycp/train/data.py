@@ -160,18 +160,61 @@ def _schema_channels(schema) -> list[str] | None:
     return None
 
 
+def _training_index(url: str) -> pd.DataFrame | None:
+    """A combined training index (``raycp trainset combine``: a Parquet file with ``crops_file``),
+    or None when ``url`` is crop shards."""
+    import pyarrow.parquet as pq
+
+    from raycp.trainset.combine import CROPS_FILE
+
+    fs, path = urls.filesystem(url)
+    if not (path.endswith(".parquet") and fs.isfile(path)):
+        return None
+    with fs.open(path, "rb") as fh:
+        if CROPS_FILE not in pq.read_schema(fh).names:
+            return None
+        return pq.read_table(fh).to_pandas()
+
+
+def _select_indexed(meta: pd.DataFrame, files: list[str], index: pd.DataFrame, label: str, url: str) -> pd.DataFrame:
+    """The shards' rows that the training index lists, with its source and label; plates are
+    named ``<source>:<plate>`` so that two sources' plates of the same name stay apart. A cell
+    listed twice (two sources over the same shards) is a sample once per listing."""
+    from raycp.trainset.combine import CROPS_FILE, KEYS, SOURCE
+
+    where = {f: i for i, f in enumerate(files)}
+    idx = index.assign(_file=index[CROPS_FILE].map(where).astype(np.int64))
+    meta = meta.drop(columns=[label], errors="ignore").astype({"_file": np.int64})
+    picked = meta.merge(idx[["_file", *KEYS, SOURCE, label]], on=["_file", *KEYS], how="inner", validate="one_to_many")
+    if len(picked) != len(index):
+        raise InputError(f"{url}: {len(index) - len(picked)} of {len(index)} listed cells are not in their crop shards",
+                         fix="rebuild the training set (raycp trainset combine) from the current crops")
+    picked["Metadata_Plate"] = picked[SOURCE].astype(str) + ":" + picked["Metadata_Plate"].astype(str)
+    picked["_file"] = picked["_file"].astype(np.int32)
+    return picked.sort_values(["_file", "_rg", "_row"]).reset_index(drop=True)
+
+
 def read_crop_metadata(url: str, *, label: str, crop_column: str | None = None,
                        extra: tuple[str, ...] = ()) -> CropSet:
-    """Metadata columns and row-group layout of every crop shard (no pixels are read but one crop)."""
+    """Metadata columns and row-group layout of every crop shard (no pixels are read but one crop).
+
+    ``url`` is a folder (or file) of crop shards, or a combined training index (``raycp trainset
+    combine``): then the shards it lists, only its cells, with its labels and sources."""
     _register_tensor_types()
-    files = list_crop_files(url)
+    index = _training_index(url)
+    if index is not None:
+        from raycp.trainset.combine import CROPS_FILE
+
+        files = sorted(index[CROPS_FILE].unique())
+    else:
+        files = list_crop_files(url)
     frames, column, shape, channels = [], None, None, None
     for i, f in enumerate(files):
         pf = _open_parquet(f)
         schema = pf.schema_arrow
         col = _detect_crop_column(schema, f, crop_column or column)
         column = column or col
-        if label not in schema.names:
+        if label not in schema.names and index is None:
             raise InputError(f"{f}: crop shard has no label column {label!r}",
                              fix=f"crop a screen index with {label} (raycp screen build / index build --platemap) "
                                  "or set label to the column holding the treatments")
@@ -188,6 +231,8 @@ def read_crop_metadata(url: str, *, label: str, crop_column: str | None = None,
             channels = _schema_channels(schema)
         frames.append(frame)
     meta = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if index is not None and not meta.empty:
+        meta = _select_indexed(meta, files, index, label, url)
     if meta.empty:
         raise InputError(f"{url}: the crop shards hold no crops", fix="check the preprocess stage's ledger")
     missing = meta[label].isna() | (meta[label].astype(str).str.strip() == "")

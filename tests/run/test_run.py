@@ -180,3 +180,29 @@ def test_a_lambda_sweep_of_the_run_equals_its_curve_and_joins_the_report(tiny_ru
     run(load(TINY_RUN, sets), start="report", echo=lambda line: None)
     contents = json.loads((out / "report" / "contents.json").read_text())
     assert "λ sweep (raycp sweep lambda, Ray Tune)" in contents["sections"]
+
+
+def test_a_combined_training_set_of_two_runs_is_what_raycp_train_reads(tiny_run, tmp_path, capsys):
+    """``raycp trainset combine`` over two sources (the tiny run under two names: every treatment
+    is shared, so every one is kept in both) → ``raycp train`` reads exactly the listed cells, with
+    each source's plates kept apart."""
+    from raycp.train.data import read_crop_metadata
+
+    out, _, _ = tiny_run
+    ts = tmp_path / "trainset"
+    assert main(["trainset", "combine", "--source", f"a={out}", "--source", f"b={out}", "-o", str(ts),
+                 "--min-cells", "1", "--controls-per-plate", "2"]) == 0
+    index = pd.read_parquet(ts / "trainset.parquet")
+    meta = json.loads((ts / "trainset.json").read_text())["accounting"]
+    effect = pd.read_parquet(out / "effect" / "effect.parquet")
+    assert len(meta["shared_treatments"]) == len(effect)
+    treated = index[~index.Metadata_IsControl].groupby("Metadata_Source").size()
+    assert treated["a"] == treated["b"] > 0            # the same treatments' cells in both sources
+    assert (index[index.Metadata_IsControl].groupby(["Metadata_Source", "Metadata_Plate"])["Metadata_Well"]
+            .nunique() == 2).all()
+    crops = read_crop_metadata(str(ts / "trainset.parquet"), label="Metadata_Treatment")
+    assert len(crops.meta) == len(index)
+    assert {p.split(":")[0] for p in crops.meta["Metadata_Plate"]} == {"a", "b"}
+    capsys.readouterr()
+    assert main(["train", "--crops", str(ts / "trainset.parquet"), "-o", str(tmp_path / "train"), "--dry-run"]) == 0
+    assert f"crops {len(index)} " in capsys.readouterr().out
