@@ -45,6 +45,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+LINCS = "profiles/lincs_A549_SQ00015054_normalized_feature_select.csv.gz"
+
+
+@pytest.fixture(scope="session")
+def lincs_path(shared_data) -> Path:
+    """The real LINCS A549 plate SQ00015054 (well profiles; skipped without the shared data)."""
+    path = shared_data / LINCS
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    return path
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 API: ``moto_server`` on 127.0.0.1 (random free port), stopped by its PID.

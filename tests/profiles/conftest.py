@@ -9,18 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-LINCS = "profiles/lincs_A549_SQ00015054_normalized_feature_select.csv.gz"
 FIBROSIS = "profiles/fibrosis_singlecell_4plates"
 LINCS_TREATMENT = ["Metadata_broad_sample", "Metadata_mmoles_per_liter"]
 LINCS_CONTROLS = "Metadata_pert_type == 'control'"
-
-
-@pytest.fixture(scope="session")
-def lincs_path(shared_data) -> Path:
-    path = shared_data / LINCS
-    if not path.exists():
-        pytest.skip(f"{path} not found")
-    return path
 
 
 @pytest.fixture(scope="session")

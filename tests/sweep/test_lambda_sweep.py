@@ -22,19 +22,11 @@ import pytest
 
 from raycp.evaluate import evaluate
 from raycp.sweep.lambdas import JUMP_LAMBDAS, PAPER_LAMBDAS, EvaluationSpec, lambda_grid, select_lambda
-from tests.profiles.conftest import LINCS, LINCS_CONTROLS, LINCS_TREATMENT
+from tests.profiles.conftest import LINCS_CONTROLS, LINCS_TREATMENT
 
 SPEC = EvaluationSpec(treatment_cols=tuple(LINCS_TREATMENT), annotation_col="Metadata_moa", control_query=LINCS_CONTROLS)
 ARGS = ["--treatment-cols", ",".join(LINCS_TREATMENT), "--annotation-col", "Metadata_moa",
         "--control-query", LINCS_CONTROLS]
-
-
-@pytest.fixture(scope="module")
-def lincs_file(shared_data) -> Path:
-    path = shared_data / LINCS
-    if not path.exists():
-        pytest.skip(f"{path} not found")
-    return path
 
 
 def test_grids_are_the_papers_and_the_jump_recipes():
@@ -51,10 +43,10 @@ def test_grids_are_the_papers_and_the_jump_recipes():
         lambda_grid(preset="cellpainting")
 
 
-def test_every_trial_equals_a_direct_evaluation_on_lincs(lincs_file, ray_cluster, tmp_path):
+def test_every_trial_equals_a_direct_evaluation_on_lincs(lincs_path, ray_cluster, tmp_path):
     from raycp.sweep.writers import read_sets, write_lambda_sweep
 
-    frames = read_sets({"lincs": str(lincs_file)})
+    frames = read_sets({"lincs": str(lincs_path)})
     lams = [1.0, 0.01, 1e-4]
     result = write_lambda_sweep(frames, SPEC, lams, str(tmp_path / "sweep"), echo=lambda *_: None)
     curve = result["curve"]
@@ -106,12 +98,12 @@ def _kill_tree(ray_tmp: str) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_an_interrupted_sweep_resumes_only_its_missing_trials(lincs_file, tmp_path):
+def test_an_interrupted_sweep_resumes_only_its_missing_trials(lincs_path, tmp_path):
     out = tmp_path / "sweep"
     ray_tmp = tempfile.mkdtemp(prefix="rsw", dir="/tmp")
     env = {**os.environ, "RAYCP_RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    argv = ["sweep", "lambda", f"lincs={lincs_file}", *ARGS, "--preset", "jump", "-o", str(out), "--num-cpus", "2"]
+    argv = ["sweep", "lambda", f"lincs={lincs_path}", *ARGS, "--preset", "jump", "-o", str(out), "--num-cpus", "2"]
     proc = _raycp(*argv, env=env, start_new_session=True)
     deadline = time.time() + 300
     done: list[Path] = []
@@ -142,15 +134,15 @@ def test_an_interrupted_sweep_resumes_only_its_missing_trials(lincs_file, tmp_pa
     assert curve.loc[curve["sphere_lambda"].isna(), "map_paper"].iloc[0] == pytest.approx(0.26266549643224735, abs=1e-9)
 
 
-def test_mistakes_are_one_line(lincs_file, tmp_path):
+def test_mistakes_are_one_line(lincs_path, tmp_path):
     from raycp.cli import main
 
     out = str(tmp_path / "none")
-    assert main(["sweep", "lambda", f"lincs={lincs_file}", *ARGS, "-o", out, "--resume"]) == 2
-    assert main(["sweep", "lambda", f"lincs={lincs_file}", *ARGS, "--preset", "cellpainting", "-o", out]) == 2
-    assert main(["sweep", "lambda", f"lincs={lincs_file}", "-o", out]) == 2                    # no evaluation keys
+    assert main(["sweep", "lambda", f"lincs={lincs_path}", *ARGS, "-o", out, "--resume"]) == 2
+    assert main(["sweep", "lambda", f"lincs={lincs_path}", *ARGS, "--preset", "cellpainting", "-o", out]) == 2
+    assert main(["sweep", "lambda", f"lincs={lincs_path}", "-o", out]) == 2                    # no evaluation keys
     assert main(["sweep", "lambda", *ARGS, "-o", out]) == 2                                     # nothing to sweep
-    assert main(["sweep", "lambda", f"lincs={lincs_file}", *ARGS, "--lambdas", "0.1,x", "-o", out]) == 2
+    assert main(["sweep", "lambda", f"lincs={lincs_path}", *ARGS, "--lambdas", "0.1,x", "-o", out]) == 2
 
 
 def test_tune_is_imported_only_by_the_sweep_package():
