@@ -23,18 +23,28 @@ def _plt():
     return plt
 
 
-def plot_map_vs_lambda(sweep: pd.DataFrame, path: str | os.PathLike, metric: str = "map_paper") -> Path:
-    """mAP against λ: no correction leftmost, then λ in decreasing order (increasing sphering)."""
+def plot_map_vs_lambda(sweep: pd.DataFrame, path: str | os.PathLike, metric: str = "map_paper",
+                       title: str | None = None, selected: float | None = None) -> Path:
+    """mAP against λ: no correction leftmost, then λ in decreasing order (increasing sphering);
+    ``selected`` is marked. Labels keep 2 significant digits, every other one on long grids."""
     plt = _plt()
     none = sweep[sweep["sphere_lambda"].isna()]
     lam = sweep[sweep["sphere_lambda"].notna()].sort_values("sphere_lambda", ascending=False)
-    labels = (["none"] if len(none) else []) + [f"{v:g}" for v in lam["sphere_lambda"]]
+    labels = (["none"] if len(none) else []) + [f"{v:.2g}" for v in lam["sphere_lambda"]]
     values = list(none[metric]) + list(lam[metric])
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    step = 2 if len(labels) > 14 else 1
+    fig, ax = plt.subplots(figsize=(6.5 if step == 1 else 8, 3.6))
     ax.plot(range(len(values)), values, marker="o")
-    ax.set_xticks(range(len(values)), labels, rotation=45)
+    ax.set_xticks(range(0, len(values), step), labels[::step], rotation=45, ha="right")
+    if selected is not None:
+        at = len(none) + list(lam["sphere_lambda"]).index(selected)
+        ax.plot([at], [values[at]], marker="o", markersize=11, markerfacecolor="none", color="C3",
+                label=f"selected λ = {selected:.3g}")
+        ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
     ax.set_xlabel("sphering λ (leftmost: no correction)")
-    ax.set_ylabel("mAP" if metric.startswith("map") else metric)
+    ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)

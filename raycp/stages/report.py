@@ -102,7 +102,8 @@ def sweep_sections(ctx: Context) -> list[Section]:
     selection = json.loads(urls.read_bytes(urls.join(folder, "lambda_selection.json")))
     rows = [{"feature_set": name, "best λ": s["best_lambda"], "best map_paper": s["best"],
              "no correction": s["none"], f"saturated λ (within {s['tolerance']:g})": s["saturated_lambda"],
-             "JUMP rule λ": s["jump_lambda"]} for name, s in selection.items()]
+             "JUMP rule λ": "n/a (needs copairs metrics)" if s["jump_lambda"] is None else s["jump_lambda"]}
+            for name, s in selection.items()]
     sec = Section("λ sweep (raycp sweep lambda, Ray Tune)",
                   "One Tune trial per feature set and λ. Paper rule: the best λ, or where the curve saturates the "
                   "largest λ within the tolerance of the best; the JUMP recipe's rule needs copairs' "

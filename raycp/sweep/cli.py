@@ -5,6 +5,7 @@ profiles, one Tune trial per (feature set, λ), and the λ each selection rule p
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Optional
 
 import typer
@@ -21,7 +22,10 @@ def _wells_args(items: list[str]) -> dict[str, str]:
     for item in items:
         named = "=" in item and "/" not in item.split("=", 1)[0]
         name, _, url = item.partition("=") if named else ("", "", item)
-        name = name or url.rstrip("/").rsplit("/", 2)[-2 if url.endswith(".parquet") else -1]
+        if not name:
+            parts = url.rstrip("/").rsplit("/", 2)
+            name = parts[-2] if parts[-1] == "wells.parquet" and len(parts) > 1 else parts[-1]
+            name = re.sub(r"(\.csv|\.tsv|\.parquet)?(\.gz|\.bz2|\.zip|\.xz)?$", "", name) or name
         if name in out:
             raise InputError(f"two well tables are named {name!r}", fix="name them: NAME=PATH")
         out[name] = url
@@ -34,15 +38,15 @@ def lambda_cmd(
     run: Annotated[Optional[str], typer.Option("--run", help="a raycp run: every feature set's profiles/<set>/wells.parquet "
                                                 "and its profiles settings as defaults")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="sweep folder (default <run>/sweeps/lambda)")] = None,
-    treatment_cols: Annotated[Optional[str], typer.Option("--treatment-cols")] = None,
-    annotation_col: Annotated[Optional[str], typer.Option("--annotation-col")] = None,
-    annotation_sep: Annotated[Optional[str], typer.Option("--annotation-sep")] = None,
-    control_query: Annotated[Optional[str], typer.Option("--control-query")] = None,
-    sphere_scope_col: Annotated[Optional[str], typer.Option("--sphere-scope-col")] = None,
-    na_cutoff: Annotated[Optional[float], typer.Option("--na-cutoff")] = None,
-    lambdas: Annotated[Optional[str], typer.Option("--lambdas", help="λs, comma-separated (default: 1, 0.1 … 1e-8)")] = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", help="paper (1 … 1e-8) or jump (25 log-uniform in 1e-5…1e3)")] = None,
-    tolerance: Annotated[float, typer.Option("--tolerance", help="saturation: the largest λ within this of the best map_paper")] = 0.01,
+    treatment_cols: Annotated[Optional[str], typer.Option("--treatment-cols", help="columns whose tuple keys a treatment, comma-separated")] = None,
+    annotation_col: Annotated[Optional[str], typer.Option("--annotation-col", help="MoA/pathway column: a match shares ≥ 1 annotation")] = None,
+    annotation_sep: Annotated[Optional[str], typer.Option("--annotation-sep", help="separator of several annotations (default |)")] = None,
+    control_query: Annotated[Optional[str], typer.Option("--control-query", help="pandas query selecting the control wells (they fit the sphering)")] = None,
+    sphere_scope_col: Annotated[Optional[str], typer.Option("--sphere-scope-col", help="one sphering per value of this column (default: the whole screen)")] = None,
+    na_cutoff: Annotated[Optional[float], typer.Option("--na-cutoff", help="drop a feature NaN in more than this fraction of wells (default 0.05)")] = None,
+    lambdas: Annotated[Optional[str], typer.Option("--lambdas", help="λs, comma-separated: the grid (default: 1, 0.1 … 1e-8), or added to --preset's")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="paper (1 … 1e-8, the default grid) or jump (25 log-uniform in 1e-5…1e3)")] = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="saturation: the largest λ (weakest sphering) whose map_paper is within this (absolute) of the best")] = 0.01,
     resume: Annotated[bool, typer.Option("--resume", help="finish an interrupted sweep (only its missing trials)")] = False,
     num_cpus: Annotated[Optional[int], typer.Option("--num-cpus", help="CPUs of a local Ray cluster (default: all)")] = None,
 ) -> None:

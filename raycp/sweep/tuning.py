@@ -77,7 +77,8 @@ def run_lambda_sweep(sets: dict[str, pd.DataFrame], spec: EvaluationSpec, lambda
     exists = tune.Tuner.can_restore(path, storage_filesystem=fs)
     if exists and not resume:
         raise ConfigError(f"{experiment} already holds a λ sweep",
-                          fix="add --resume to finish it, or give another --output")
+                          fix="add --resume to finish it (a finished one restores at once), or give another --output "
+                              "(or delete that folder) for a new sweep")
     if resume and not exists:
         raise ConfigError(f"{experiment} holds no λ sweep to resume", fix="run it without --resume first")
     before = _finished(experiment) if resume else set()

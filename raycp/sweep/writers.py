@@ -51,7 +51,9 @@ def write_lambda_sweep(frames: dict[str, pd.DataFrame], spec: EvaluationSpec, la
     selection = {}
     for name, rows in curve.groupby("feature_set", sort=True):
         selection[name] = select_lambda(rows, tolerance)
-        save_png(lambda path, r=rows: plot_map_vs_lambda(r, path), urls.join(output, f"lambda_curve_{name}.png"))
+        save_png(lambda path, r=rows, n=name, sel=selection[name]["best_lambda"]:
+                 plot_map_vs_lambda(r, path, title=f"{n}: map_paper against sphering λ", selected=sel),
+                 urls.join(output, f"lambda_curve_{name}.png"))
     write_json(urls.join(output, "lambda_selection.json"), selection)
     accounting = {"total": result.total, "processed": len(curve), "failed": len(result.failed),
                   "restored": result.restored, "failures": result.failed}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Optional
 
 import typer
@@ -21,13 +20,13 @@ def combine_cmd(
                                                help="keep treatments of ≥ 2 sources wherever they are")] = True,
     controls_per_plate: Annotated[Optional[int], typer.Option("--controls-per-plate",
                                                               help="control wells per plate and type (0: all)")] = 3,
-    min_cells: Annotated[int, typer.Option("--min-cells", help="drop classes with fewer cells (paper: 100)")] = 100,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    min_cells: Annotated[int, typer.Option("--min-cells", help="drop classes with fewer cells, summed over sources (paper: 100)")] = 100,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the control-well draws")] = 0,
     label: Annotated[str, typer.Option("--label", help="the class column")] = "Metadata_Treatment",
 ) -> None:
     """One training index across sources: each source's strongest treatments (those in ≥ 2 sources
     first), control types as classes, a few control wells per plate, no class under --min-cells.
-    Train on it with `raycp train --set crops=OUT/trainset.parquet`."""
+    Train on it with `raycp train --crops OUT/trainset.parquet -o RUN`."""
     from raycp.io import urls
     from raycp.io.outputs import jsonable, write_json, write_parquet
     from raycp.trainset.combine import CombineSettings, combine
@@ -53,6 +52,13 @@ def combine_cmd(
                                                    "accounting": result.accounting})
     typer.echo(result.summary.to_string(index=False))
     a = result.accounting
-    typer.echo(f"trainset combine: {a['cells']} cells, {a['classes']} classes from {len(runs)} sources "
-               f"({len(a['shared_treatments'])} shared treatments; {len(a['classes_dropped'])} classes under "
-               f"{min_cells} cells dropped: {json.dumps(a['classes_dropped'])}) → {output}")
+    for pair, n in a["sources_sharing_shards"].items():
+        typer.echo(f"raycp: warning: sources {pair.replace('+', ' and ')} read {n} of the same crop shards: their cells "
+                   "are listed twice (and may fall in both the training and the validation split)", err=True)
+    dropped = a["classes_dropped"]
+    shared = (f"{len(a['shared_treatments'])} treatments in ≥ 2 sources kept first" if shared_first
+              else "treatments in ≥ 2 sources not preferred")
+    gone = (f"{len(dropped)} classes under {min_cells} cells dropped ({', '.join(f'{k}: {v}' for k, v in dropped.items())})"
+            if dropped else f"no class under {min_cells} cells")
+    typer.echo(f"trainset combine: {a['cells']} cells, {a['classes']} classes from {len(runs)} sources; {shared}; "
+               f"{gone} → {output}")

@@ -10,8 +10,12 @@ Per source (a raycp run: its crop shards and its treatment-effect ranking):
 3. **Controls as their own classes**: control wells keep their label (e.g. DMSO and EMPTY are two
    classes); ``controls_per_plate`` wells of each control type are drawn per plate (seeded; the
    paper kept 3 per plate for its largest source), all their cells kept.
-4. **Small classes dropped**: across sources, a class (label) with fewer than ``min_cells`` cells
-   is dropped (paper: 100), listed with its count.
+4. **Small classes dropped**: a class (label) with fewer than ``min_cells`` cells, summed over the
+   sources, is dropped (paper: 100), listed with its count.
+
+Two sources that read the same crop shards (the same run given twice) list the same cells twice;
+the accounting names them (``sources_sharing_shards``), since a cell listed twice can then be in
+both the training and the validation split.
 
 The result is one row per cell: ``Metadata_Source``, plate/well/site/cell, the class label,
 ``Metadata_IsControl`` and ``crops_file`` (the shard holding the crop), plus a summary table of
@@ -113,6 +117,10 @@ def combine(sources: dict[str, Source], settings: CombineSettings | None = None)
             "treatments_kept": int(len(keep)), "control_wells": int(controls[["Metadata_Plate", "Metadata_Well"]]
                                                                      .drop_duplicates().shape[0]),
             "cells": int(len(part))}
+    files = {name: set(src.cells[CROPS_FILE]) for name, src in sources.items()}
+    names = sorted(files)
+    accounting["sources_sharing_shards"] = {f"{a}+{b}": len(files[a] & files[b]) for i, a in enumerate(names)
+                                            for b in names[i + 1:] if files[a] & files[b]}
     combined = pd.concat(parts, ignore_index=True)
     counts = combined[label].value_counts()
     small = counts[counts < settings.min_cells]

@@ -196,6 +196,8 @@ def test_a_combined_training_set_of_two_runs_is_what_raycp_train_reads(tiny_run,
     meta = json.loads((ts / "trainset.json").read_text())["accounting"]
     effect = pd.read_parquet(out / "effect" / "effect.parquet")
     assert len(meta["shared_treatments"]) == len(effect)
+    assert meta["sources_sharing_shards"]["a+b"] > 0          # the same run twice: named, and warned about
+    assert "sources a and b read" in capsys.readouterr().err
     treated = index[~index.Metadata_IsControl].groupby("Metadata_Source").size()
     assert treated["a"] == treated["b"] > 0            # the same treatments' cells in both sources
     assert (index[index.Metadata_IsControl].groupby(["Metadata_Source", "Metadata_Plate"])["Metadata_Well"]
