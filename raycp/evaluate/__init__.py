@@ -46,6 +46,7 @@ __all__ = [
     "match_matrix",
     "precision_at_k",
     "recall_at_k",
+    "control_eigens",
     "sweep_lambdas",
     "treatment_library",
 ]
@@ -228,9 +229,7 @@ def evaluate(
             require_columns(wells, [sphere_scope_col], source, "sphering scope column")
         ok = ~np.isnan(X).any(axis=1)
         if sphere_lambda is not None:
-            if not (ctrl & ok).any():
-                raise InputError(f"{source}: sphering needs control wells, none selected", fix="pass --control-query")
-            groups = None if sphere_scope_col is None else wells[sphere_scope_col].to_numpy()[ok]
+            groups = _sphering_groups(wells, ctrl, ok, sphere_scope_col, source)
             Xs = X.copy()
             Xs[ok] = sphere(X[ok], ctrl[ok], sphere_lambda, groups, eigen=sphere_eigen)
             X = Xs
@@ -264,6 +263,42 @@ def evaluate(
     accounting["harmony_batch_col"] = harmony_batch_col
     lib = pd.concat([library, pd.DataFrame(profiles, columns=feats)], axis=1)
     return EvaluationRun(evaluation=ev, library=lib, accounting=accounting)
+
+
+def _sphering_groups(wells: pd.DataFrame, ctrl: np.ndarray, ok: np.ndarray, scope_col: str | None,
+                     source: str) -> np.ndarray | None:
+    """The sphering scope label of each usable (NaN-free) well, None for the whole screen; raises
+    :class:`InputError` when no usable control well is selected."""
+    if not (ctrl & ok).any():
+        raise InputError(f"{source}: sphering needs control wells, none selected", fix="pass --control-query")
+    return None if scope_col is None else wells[scope_col].to_numpy()[ok]
+
+
+def control_eigens(
+    wells: pd.DataFrame,
+    treatment_cols: Sequence[str],
+    annotation_col: str,
+    control_query: str,
+    *,
+    sep: str = DEFAULT_SEP,
+    sphere_scope_col: str | None = None,
+    features: Sequence[str] | None = None,
+    na_cutoff: float = NA_CUTOFF,
+    source: str = "wells",
+) -> dict:
+    """The controls' eigendecomposition per sphering scope, exactly as :func:`evaluate` fits it
+    (same features, same wells): pass it as ``sphere_eigen`` to evaluate many λs. ``sep`` is
+    accepted so that a λ sweep passes :func:`evaluate`'s keywords unchanged."""
+    from raycp.profiles.io import require_columns
+    from raycp.profiles.sphere import scope_eigens
+
+    mask = control_mask_from_query(wells, control_query, source, require=True)
+    _, fm, ctrl = _prepare(wells, treatment_cols, annotation_col, mask, features, source, na_cutoff)
+    if sphere_scope_col is not None:
+        require_columns(wells, [sphere_scope_col], source, "sphering scope column")
+    ok = ~np.isnan(fm.X).any(axis=1)
+    groups = _sphering_groups(wells, ctrl, ok, sphere_scope_col, source)
+    return scope_eigens(fm.X[ok], ctrl[ok], groups)
 
 
 def sweep_lambdas(

@@ -110,6 +110,44 @@ def fit_sphere(controls: np.ndarray, lam: float) -> Spherer:
     return control_eigen(controls).spherer(lam)
 
 
+def scope_eigens(
+    X: np.ndarray,
+    control_mask: np.ndarray,
+    groups: Sequence | np.ndarray | None = None,
+    eigen: dict | None = None,
+) -> dict:
+    """Each sphering scope's :class:`ControlEigen`, fitted on the rows where ``control_mask`` is
+    true: key None for the whole screen when ``groups`` is None (the paper), else one per group
+    label (plate or batch per row). ``eigen`` is filled and returned (scopes already in it are kept):
+    a λ sweep decomposes the controls once and rescales per λ. A group without control rows is an
+    error naming it."""
+    eigen = {} if eigen is None else eigen
+    X = np.asarray(X)
+    mask = np.asarray(control_mask, dtype=bool)
+    if mask.shape != (X.shape[0],):
+        raise ValueError("control_mask must have one entry per row of X")
+    if not mask.any():
+        raise InputError("sphering: no control rows (the control query matched nothing)", fix="check --control-query")
+    if groups is None:
+        if None not in eigen:
+            eigen[None] = control_eigen(X[mask])
+        return eigen
+    labels = np.asarray(groups)
+    if labels.shape != (X.shape[0],):
+        raise ValueError("groups must have one label per row of X")
+    for g in _unique(labels):
+        rows = labels == g
+        if not (rows & mask).any():
+            raise InputError(
+                f"sphering per plate/batch: group {g!r} has no control wells",
+                fix="fit one sphering on the whole screen (leave out --sphere-scope-col; in a run config "
+                    "profiles.sphere_scope=screen) or add control wells to that plate",
+            )
+        if g not in eigen:
+            eigen[g] = control_eigen(X[rows & mask])
+    return eigen
+
+
 def sphere(
     X: np.ndarray,
     control_mask: np.ndarray,
@@ -120,38 +158,17 @@ def sphere(
     """Sphere profiles ``X`` with a transform fitted on the rows where ``control_mask`` is true.
 
     Scope: the whole screen when ``groups`` is None (the paper), else one transform per group
-    (plate or batch label per row), each fitted on that group's controls. A group without control
-    rows is an error naming it. ``eigen``: a dict that caches each scope's :class:`ControlEigen`
-    (key None for the screen, else the group label), filled on first use: a λ sweep passes the
-    same dict to every λ and decomposes the controls once (the result is identical)."""
-    eigen = {} if eigen is None else eigen
-
-    def fit(key, controls: np.ndarray) -> Spherer:
-        if key not in eigen:
-            eigen[key] = control_eigen(controls)
-        return eigen[key].spherer(lam)
-
+    (plate or batch label per row), each fitted on that group's controls (:func:`scope_eigens`,
+    which ``eigen`` caches: the result is identical)."""
     X = np.asarray(X)
-    mask = np.asarray(control_mask, dtype=bool)
-    if mask.shape != (X.shape[0],):
-        raise ValueError("control_mask must have one entry per row of X")
-    if not mask.any():
-        raise InputError("sphering: no control rows (the control query matched nothing)", fix="check --control-query")
+    eigen = scope_eigens(X, control_mask, groups, eigen)
     if groups is None:
-        return fit(None, X[mask]).apply(X)
+        return eigen[None].spherer(lam).apply(X)
     labels = np.asarray(groups)
-    if labels.shape != (X.shape[0],):
-        raise ValueError("groups must have one label per row of X")
     out = np.empty(X.shape, dtype=X.dtype if X.dtype in (np.float32, np.float64) else np.float64)
     for g in _unique(labels):
         rows = labels == g
-        if not (rows & mask).any():
-            raise InputError(
-                f"sphering per plate/batch: group {g!r} has no control wells",
-                fix="fit one sphering on the whole screen (leave out --sphere-scope-col; in a run config "
-                    "profiles.sphere_scope=screen) or add control wells to that plate",
-            )
-        out[rows] = fit(g, X[rows & mask]).apply(X[rows])
+        out[rows] = eigen[g].spherer(lam).apply(X[rows])
     return out
 
 

@@ -71,13 +71,11 @@ def lambda_grid(values: Sequence[float] | None = None, preset: str | None = None
 
 
 def control_eigens(wells: pd.DataFrame, spec: EvaluationSpec, source: str = "wells") -> dict:
-    """Each sphering scope's :class:`~raycp.profiles.sphere.ControlEigen` for these wells, computed
-    as :func:`raycp.evaluate.evaluate` computes them (one sphering at λ = 1 fills the cache)."""
-    from raycp.evaluate import evaluate
+    """Each sphering scope's :class:`~raycp.profiles.sphere.ControlEigen` for these wells, as
+    :func:`raycp.evaluate.evaluate` fits them (:func:`raycp.evaluate.control_eigens`)."""
+    from raycp.evaluate import control_eigens as fit
 
-    eigen: dict = {}
-    evaluate(wells, sphere_lambda=1.0, sphere_eigen=eigen, **spec.kwargs(source))
-    return eigen
+    return fit(wells, **spec.kwargs(source))
 
 
 def trial_metrics(wells: pd.DataFrame, spec: EvaluationSpec, lam: float | str, eigen: dict | None = None,

@@ -22,6 +22,7 @@ import pytest
 
 from raycp.evaluate import evaluate
 from raycp.sweep.lambdas import JUMP_LAMBDAS, PAPER_LAMBDAS, EvaluationSpec, lambda_grid, select_lambda
+from tests.jobs.conftest import processes_under
 from tests.profiles.conftest import LINCS_CONTROLS, LINCS_TREATMENT
 
 SPEC = EvaluationSpec(treatment_cols=tuple(LINCS_TREATMENT), annotation_col="Metadata_moa", control_query=LINCS_CONTROLS)
@@ -88,13 +89,12 @@ def _raycp(*argv: str, env: dict, **kw):
 
 
 def _kill_tree(ray_tmp: str) -> None:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if ray_tmp in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    os.kill(int(entry.name), signal.SIGKILL)
-            except (OSError, ProcessLookupError):
-                continue
+    """``kill -9`` of the local Ray the sweep started (every process of its temp dir, and theirs)."""
+    for pid in processes_under(ray_tmp):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.mark.timeout(600)
