@@ -107,7 +107,7 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-RUN_SECTIONS = ("data", "illumination", "compression", "nuclei", "crops", "compute", "imagenet_weights", "train",
+RUN_SECTIONS = ("data", "illumination", "compression", "nuclei", "crops", "compute", "imagenet_weights", "source_run", "train",
                 "features", "inference", "cellprofiler", "outputs", "profiles")
 """Every top-level section a ``raycp run`` YAML may hold. A command that needs fewer (``raycp
 preprocess``, ``raycp index summarize``) reads the same file and skips the sections of the other

@@ -69,6 +69,11 @@ def init(compute: ComputeConfig | None = None, *, log_to_driver: bool = False):
         else:
             tmp = os.environ.get("RAYCP_RAY_TMPDIR") or os.path.join(tempfile.gettempdir(), "raycp-ray")
             os.makedirs(tmp, exist_ok=True)
+            env = dict(_LOCAL_ENV)
+            dashboard = {}
+            if compute.include_dashboard:
+                dashboard, api = _local_dashboard()
+                env["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"] = api
             ray.init(
                 num_cpus=compute.num_cpus,
                 num_gpus=compute.num_gpus,
@@ -77,7 +82,8 @@ def init(compute: ComputeConfig | None = None, *, log_to_driver: bool = False):
                 log_to_driver=log_to_driver,
                 logging_level="WARNING",
                 _temp_dir=tmp,
-                runtime_env={"env_vars": {k: v for k, v in _LOCAL_ENV.items()}},
+                runtime_env={"env_vars": env},
+                **dashboard,
             )
     except ConnectionError as exc:
         raise RuntimeSetupError(f"cannot reach the Ray cluster at {address}: {exc}",
@@ -92,6 +98,21 @@ def init(compute: ComputeConfig | None = None, *, log_to_driver: bool = False):
         quiet_console()
     _record_connection(address)
     return ray
+
+
+def _local_dashboard() -> tuple[dict, str]:
+    """``ray.init`` arguments of a local cluster's dashboard (127.0.0.1, a free port) and its URL.
+
+    The State API (and Ray Train's placement-group cleaner, which uses it) finds a cluster by
+    ``RAY_API_SERVER_ADDRESS``, else ``RAY_ADDRESS``, else ``/tmp/ray/ray_current_cluster``: a
+    cluster started under its own temp dir is in none of them (and that file may name another
+    machine-wide cluster), so its workers are told the dashboard's URL."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return {"dashboard_host": "127.0.0.1", "dashboard_port": port}, f"http://127.0.0.1:{port}"
 
 
 _CHOSEN: dict = {"set": False, "compute": None}
@@ -138,7 +159,10 @@ def shutdown() -> None:
     import ray
 
     if ray.is_initialized():
+        local = started_here()
         ray.shutdown()
+        if local:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # set by init for the dashboard it started
 
 
 STATUS_ENV = "RAYCP_STATUS_FILE"
@@ -382,6 +406,19 @@ def max_cluster_resources() -> dict[str, float]:
     for key, value in reported.items():
         most[key] = max(most.get(key, 0.0), float(value))
     return most
+
+
+def has_state_api(timeout_s: float = 10.0) -> bool:
+    """Whether the connected cluster answers Ray's State API (served by its dashboard). Ray Train's
+    placement-group cleaner needs it to release the workers of a run whose driver was killed (a
+    Tune trial that a scheduler stopped)."""
+    from ray.util.state import list_actors
+
+    try:
+        list_actors(limit=1, timeout=int(max(1, timeout_s)), raise_on_missing_output=False)
+    except Exception:  # noqa: BLE001 - no dashboard, or it does not answer: either way, no State API
+        return False
+    return True
 
 
 def notice(message: str) -> None:

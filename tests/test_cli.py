@@ -161,7 +161,7 @@ def _cli_options() -> set[str]:
 
 
 # flags of other programs that a fix may name, with the program
-OTHER_PROGRAMS = {"--head": "ray start"}
+OTHER_PROGRAMS = {"--head": "ray start", "--include-dashboard": "ray start"}
 
 
 def test_every_flag_a_fix_names_exists():

@@ -53,6 +53,33 @@ def plot_map_vs_lambda(sweep: pd.DataFrame, path: str | os.PathLike, metric: str
     return path
 
 
+#: Fig. 3C's colours: weakest blue, median orange, strongest red, all treatments green.
+SUBSET_COLOURS = {"weakest": "tab:blue", "median": "tab:orange", "strongest": "tab:red", "all": "tab:green"}
+
+
+def plot_subset_map(table: pd.DataFrame, path: str | os.PathLike, metric: str = "map_paper",
+                    baseline: float | None = None, title: str | None = None) -> Path:
+    """One horizontal bar per evaluated trial of a subset sweep (paper Fig. 3C): ``metric`` of the
+    model trained on that subset, coloured by subset; ``baseline`` (e.g. the run's own CNN) as a
+    dashed line. ``table``: ``subset``, ``label`` (the bar's name) and ``metric``."""
+    plt = _plt()
+    rows = table[table[metric].notna()].iloc[::-1]
+    fig, ax = plt.subplots(figsize=(6, 0.45 * max(len(rows), 2) + 1.2))
+    ax.barh(range(len(rows)), rows[metric], color=[SUBSET_COLOURS.get(s, "tab:gray") for s in rows["subset"]])
+    ax.set_yticks(range(len(rows)), rows["label"])
+    if baseline is not None and np.isfinite(baseline):
+        ax.axvline(baseline, color="k", linestyle="--", linewidth=1, label="the run's own CNN")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlabel(metric)
+    ax.grid(axis="x", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_pr_curve(curve: pd.DataFrame, path: str | os.PathLike, label: str | None = None) -> Path:
     """The mean interpolated precision at each recall point (the paper's PR curve)."""
     plt = _plt()

@@ -153,6 +153,10 @@ class ExtractConfig(_Strict):
     input: Literal["auto", "crops", "images"] = Field(
         "auto", description="crops: the shards of `raycp preprocess crops` (<run>/crops); images: read, "
                             "correct, locate and crop in the same pass; auto: crops when <run>/crops/_SUCCESS exists")
+    source_run: Optional[str] = Field(None, description=(
+        "the run folder whose image stages (crops, illumination, compressed images, nuclei) are read; "
+        "default data.output. Features are written under data.output either way (a sweep trial "
+        "extracts its own model's features from its base run's crops)"))
     model: ModelConfig = Field(default_factory=ModelConfig)
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)

@@ -135,7 +135,7 @@ def plan(cfg) -> Plan:
     list the sites already finished."""
     from raycp.extract.models import load_extractor
 
-    run = cfg.data.output
+    run = cfg.source_run or cfg.data.output  # read from; features go under data.output
     index, compressed = _index(cfg)
     input_ = src.decide_input(cfg, run)
     kind = cfg.model.kind
@@ -169,20 +169,23 @@ def plan(cfg) -> Plan:
         model_json = {"kind": kind, "channels": channels, "fingerprint": _cp_fingerprint(cfg),
                       "measurements": cfg.cellprofiler.model_dump(mode="json")}
     else:
-        extractor = load_extractor(cfg.model, channels, run=run, device="cpu", batch_size=1, crop_size=crop_size)
+        extractor = load_extractor(cfg.model, channels, run=cfg.data.output, device="cpu", batch_size=1, crop_size=crop_size)
         info = extractor.info
         model_channels, names = info.channels, info.feature_names
         model_json = info.to_json()
         del extractor
     model_json.update({"name": cfg.model.folder_name, "layer": cfg.model.layer if kind != "cellprofiler" else None,
                        "input": input_, "crop_size": crop_size if kind != "cellprofiler" else None})
-    layout = RunLayout(run).features(cfg.model.folder_name, cfg.outputs.npz_layout)
+    layout = RunLayout(cfg.data.output).features(cfg.model.folder_name, cfg.outputs.npz_layout)
     _check_model_json(layout, model_json)
     source = src.SourceSpec(run=run, input=input_, channels=list(model_channels),
                             config=cfg.model_dump(mode="json"), correct=correct, compressed=compressed,
                             locate=locate, metadata_columns=metadata_columns(index.table))
     inf = cfg.inference
-    spec = ExtractSpec(source=asdict(source), model=cfg.model.model_dump(mode="json"), model_name=cfg.model.folder_name,
+    model = cfg.model.model_dump(mode="json")
+    if kind == "trained" and not model.get("path"):
+        model["path"] = RunLayout(cfg.data.output).model  # the actors read it from the run written to
+    spec = ExtractSpec(source=asdict(source), model=model, model_name=cfg.model.folder_name,
                        feature_names=names, features_folder=layout.folder, npz=cfg.outputs.npz,
                        npz_layout=cfg.outputs.npz_layout, device="cpu", precision=inf.precision,
                        batch_size=inf.batch_size, channels_last=inf.channels_last,

@@ -76,6 +76,10 @@ class PipelineConfig(RunConfig):
     imagenet_weights: Optional[str] = Field(
         None, description="local ImageNet EfficientNet weights file: the CNN's initialisation and the "
                           "ImageNet baseline (never downloaded)")
+    source_run: Optional[str] = Field(None, description=(
+        "a finished run whose image stages (crops) this run reads instead of its own: a sweep trial "
+        "(raycp sweep subsets) trains, extracts, profiles and evaluates under its own data.output from its "
+        "base run's crops. Default: this run's own"))
     train: TrainSection = Field(default_factory=TrainSection)
     features: list[ModelConfig] = Field(..., description=(
         "feature sets to extract and compare: trained (the CNN of the train stage), imagenet, "
@@ -120,14 +124,16 @@ class PipelineConfig(RunConfig):
             tree["model"]["imagenet_weights"] = self.imagenet_weights
         from raycp.layout import RunLayout
 
-        return TrainConfig.model_validate({**tree, "crops": RunLayout(self.data.output).folder("crops"),
+        crops = RunLayout(self.source_run or self.data.output).folder("crops")
+        return TrainConfig.model_validate({**tree, "crops": crops,
                                            "output": self.data.output, "channels": list(self.data.channels)})
 
     def extract_config(self, model: ModelConfig):
-        """``raycp extract``'s config for one feature set (crops from the crops stage)."""
+        """``raycp extract``'s config for one feature set (crops from the crops stage of this run, or
+        of ``source_run``)."""
         from raycp.extract.config import ExtractConfig
 
-        return ExtractConfig(data=self.data, input="crops", model=model, outputs=self.outputs,
+        return ExtractConfig(data=self.data, input="crops", source_run=self.source_run, model=model, outputs=self.outputs,
                              inference=self.inference, cellprofiler=self.cellprofiler,
                              illumination=self.illumination, compression=self.compression, nuclei=self.nuclei,
                              crops=self.crops, compute=self.compute)

@@ -26,7 +26,10 @@ def run_extract(ctx: Context) -> dict:
 
 def _science(cfg) -> dict:
     d = cfg.model_dump(mode="json", include={"features", "cellprofiler", "outputs", "imagenet_weights"})
-    return {k: d[k] for k in ("features", "cellprofiler", "outputs", "imagenet_weights")}
+    science = {k: d[k] for k in ("features", "cellprofiler", "outputs", "imagenet_weights")}
+    if cfg.source_run:  # another run's crops (a sweep trial); runs of their own keep their fingerprint
+        science["source_run"] = cfg.source_run
+    return science
 
 
 STAGE = Stage("extract", "feature extraction (sites × feature sets)", run_extract, _science, expensive=True,

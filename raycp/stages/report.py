@@ -92,11 +92,34 @@ def lambda_section(ctx: Context) -> Section:
 
 
 def sweep_sections(ctx: Context) -> list[Section]:
-    """One section per sweep run on this run (``raycp sweep lambda --run``), when there is one."""
+    """One section per sweep run on this run (``raycp sweep lambda|subsets --run``) that finished."""
+    return [sec for sec in (_lambda_sweep_section(ctx), _subset_sweep_section(ctx)) if sec is not None]
+
+
+def _subset_sweep_section(ctx: Context) -> Section | None:
+    folder = ctx.layout.sweep("subsets")
+    url = urls.join(folder, "subsets.parquet")
+    if not urls.exists(url):
+        return None
+    table = read_parquet(url)
+    cols = [c for c in ("label", "state", "classes", "cells_trained", "epochs", "val_macro_f1", "map_paper",
+                        "map_paper_none", "folds_of_enrichment", "trial_id") if c in table.columns]
+    sec = Section("Training subsets (raycp sweep subsets, Ray Tune; paper Fig. 3C)",
+                  "One CNN trained per subset of the treatments ranked by treatment effect (weakest, median, "
+                  "strongest share, all), each with every control; its features over the whole run evaluated as "
+                  "the run's own CNN (map_paper sphered; map_paper_none without correction). Stopped: ended early "
+                  "by the scheduler, not evaluated.", tables=[("trials", table[cols])])
+    png = _png(urls.join(folder, "subsets.png"))
+    if png is not None:
+        sec.figures.append(("map_paper per training subset", png))
+    return sec
+
+
+def _lambda_sweep_section(ctx: Context) -> Section | None:
     folder = ctx.layout.sweep("lambda")
     curve_url = urls.join(folder, "lambda_curve.parquet")
     if not urls.exists(curve_url):
-        return []
+        return None
     import json
 
     selection = json.loads(urls.read_bytes(urls.join(folder, "lambda_selection.json")))
@@ -113,7 +136,7 @@ def sweep_sections(ctx: Context) -> list[Section]:
         png = _png(urls.join(folder, f"lambda_curve_{name}.png"))
         if png is not None:
             sec.figures.append((f"{name}: map_paper against λ", png))
-    return [sec]
+    return sec
 
 
 def umap_section(ctx: Context) -> Section:

@@ -1,7 +1,11 @@
 """``raycp sweep ...``: the paper's sweeps as Ray Tune experiments (issue 15).
 
 ``raycp sweep lambda``: the sphering λ curve (paper Fig. 6B) of one or more feature sets' well
-profiles, one Tune trial per (feature set, λ), and the λ each selection rule picks."""
+profiles, one Tune trial per (feature set, λ), and the λ each selection rule picks.
+
+``raycp sweep subsets``: one CNN trained per subset of a run's treatments by effect (weakest,
+median, strongest 20 %, all; paper Fig. 3C), each extracted, profiled and evaluated over the whole
+run; one Tune trial (driving a Ray Train run) per subset × other axes."""
 
 from __future__ import annotations
 
@@ -99,17 +103,114 @@ def lambda_cmd(
 
 def _run_defaults(run: str) -> dict:
     """The evaluation settings and feature sets of a finished raycp run (its resolved config)."""
-    from raycp.io import urls
-    from raycp.run import load
     from raycp.stages.profiles import sphere_scope
 
-    path = urls.join(run, "config.yaml")
-    if not urls.exists(path):
-        raise InputError(f"{path}: not found (is {run} a raycp run folder?)", fix="pass the run's output folder")
-    cfg = load(path)
+    cfg = _run_config(run)
     p = cfg.profiles
     return {"feature_sets": [m.folder_name for m in cfg.features], "treatment_cols": list(p.treatment_cols),
             "annotation_col": p.annotation_col, "annotation_sep": p.annotation_sep, "control_query": p.control_query,
             "sphere_scope_col": sphere_scope(cfg), "na_cutoff": p.na_cutoff}
 
 
+
+
+@app.command("subsets")
+def subsets_cmd(
+    run: Annotated[str, typer.Option("--run", help="a finished raycp run (crops/, effect/ and its config.yaml)")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="sweep folder (default <run>/sweeps/subsets)")] = None,
+    subsets: Annotated[str, typer.Option("--subsets", help="subsets to train on, comma-separated: weakest, median, "
+                                         "strongest (by treatment effect) and all")] = "weakest,median,strongest,all",
+    fraction: Annotated[Optional[float], typer.Option("--fraction", help="size of the weakest/median/strongest subsets "
+                                                      "(default: the run's profiles.effect_fraction; paper 0.2)")] = None,
+    param: Annotated[Optional[list[str]], typer.Option("--param", help="another axis, KEY=V1,V2 (e.g. train.optim.lr="
+                                                       "0.01,0.001); random search also KEY=log:LO:HI or uniform:LO:HI")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE for every trial (train, profiles or "
+                                                      "inference keys, e.g. train.optim.epochs=10)")] = None,
+    search: Annotated[str, typer.Option("--search", help="grid (every combination) or random (--num-samples draws)")] = "grid",
+    num_samples: Annotated[int, typer.Option("--num-samples", help="grid: repeats of the grid; random: draws per subset")] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the random search")] = 0,
+    asha: Annotated[bool, typer.Option("--asha", help="stop weak trials early (ASHA on the validation metric per epoch)")] = False,
+    asha_metric: Annotated[str, typer.Option("--asha-metric", help="ASHA's metric: val_loss (min) or val_macro_f1 / "
+                                             "val_accuracy (max)")] = "val_loss",
+    max_t: Annotated[Optional[int], typer.Option("--max-t", help="ASHA: reports a trial may make (default: its epochs + "
+                                                 "the evaluation; lower stops every trial before it is evaluated)")] = None,
+    grace_period: Annotated[int, typer.Option("--grace-period", help="ASHA: epochs before a trial may be stopped")] = 1,
+    reduction_factor: Annotated[int, typer.Option("--reduction-factor", help="ASHA: keep 1/this of the trials per rung")] = 2,
+    trial_cpus: Annotated[float, typer.Option("--trial-cpus", help="CPUs a trial's own process reserves (0: memory only; "
+                                              "its Train workers and extraction ask for their own)")] = 0.0,
+    resume: Annotated[bool, typer.Option("--resume", help="finish an interrupted sweep (only its missing trials)")] = False,
+) -> None:
+    """Train one CNN per subset of the run's treatments ranked by effect (weakest, median, strongest
+    20 %, all: paper Fig. 3C), extract, profile and evaluate each over the whole run → a table and a
+    bar plot. Each trial is a Ray Train run inside a Ray Tune trial; other axes by --param."""
+    from raycp import runtime
+    from raycp.config import apply_overrides, parse_overrides
+    from raycp.layout import RunLayout
+    from raycp.sweep.subsets import check_key, parse_axis
+    from raycp.sweep.writers import write_subset_sweep
+
+    base = _run_config(run)
+    names = [s.strip() for s in subsets.split(",") if s.strip()]
+    if search not in ("grid", "random"):
+        raise InputError(f"--search {search!r}", fix="use grid or random")
+    if num_samples < 1:
+        raise InputError(f"--num-samples {num_samples}", fix="give 1 or more")
+    axes = [parse_axis(p) for p in param or []]
+    if search == "grid" and any(a.distribution for a in axes):
+        raise InputError("a distribution (log:/uniform:) needs --search random", fix="add --search random, or list values")
+    if len({a.key for a in axes}) != len(axes):
+        raise InputError("an axis is given twice", fix="give each --param KEY once")
+    fixed = {}
+    for item in set_ or []:
+        if "=" not in item:
+            raise InputError(f"--set {item!r} is not KEY=VALUE", fix="e.g. --set train.optim.epochs=10")
+        key = check_key(item.split("=", 1)[0].strip(), "--set")
+        fixed[key] = _flatten_one(parse_overrides([item]), key)
+    base = apply_overrides(base, fixed)
+    for axis in axes:  # every listed value must be a valid config value, before any trial starts
+        for value in axis.values:
+            apply_overrides(base, {axis.key: value})
+    epochs = base.train.optim.epochs
+    asha_cfg = None
+    if asha:
+        if asha_metric not in ("val_loss", "val_macro_f1", "val_accuracy", "train_loss", "train_macro_f1"):
+            raise InputError(f"--asha-metric {asha_metric!r}", fix="use val_loss, val_macro_f1 or val_accuracy")
+        asha_cfg = {"metric": asha_metric, "mode": "min" if asha_metric.endswith("loss") else "max",
+                    "max_t": max_t or epochs + 1, "grace_period": grace_period, "reduction_factor": reduction_factor}
+    elif max_t is not None:
+        raise InputError("--max-t is ASHA's", fix="add --asha")
+    fraction = base.profiles.effect_fraction if fraction is None else fraction
+    out = output or RunLayout(run).sweep("subsets")
+    # Tune stops trials (ASHA) by killing their process; the Train run inside leaves its workers'
+    # placement group to Ray Train's cleaner, which polls the State API that the dashboard serves
+    runtime.use(base.compute.model_copy(update={"include_dashboard": True}))
+    result = write_subset_sweep(run, out, base=base, subsets=names, fraction=fraction, axes=axes, fixed=fixed,
+                                search=search, num_samples=num_samples, seed=seed, asha=asha_cfg,
+                                trial_cpus=trial_cpus, resume=resume, echo=typer.echo)
+    table = result["table"]
+    if len(table):
+        cols = [c for c in ("label", "state", "classes", "cells_trained", "val_macro_f1", "map_paper", "map_paper_none")
+                if c in table.columns]
+        typer.echo(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    a = result["accounting"]
+    typer.echo(f"sweep subsets: {a['total']} trial(s) = {a['processed']} evaluated + {a['stopped']} stopped early + "
+               f"{a['failed']} failed ({a['restored']} restored) → {out}")
+    if a["failed"]:
+        raise typer.Exit(3)
+
+
+def _flatten_one(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
+def _run_config(run: str):
+    """The resolved config of a finished raycp run (``<run>/config.yaml``)."""
+    from raycp.io import urls
+    from raycp.run import load
+
+    path = urls.join(run, "config.yaml")
+    if not urls.exists(path):
+        raise InputError(f"{path}: not found (is {run} a raycp run folder?)", fix="pass the run's output folder")
+    return load(path)

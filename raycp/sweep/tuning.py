@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,7 +71,9 @@ def run_lambda_sweep(sets: dict[str, pd.DataFrame], spec: EvaluationSpec, lambda
 
     from raycp import runtime
 
-    runtime.connection()
+    echo(f"sweep lambda: control eigendecomposition of {len(sets)} feature set(s)")
+    # before Ray: a column the wells lack is a one-line error with no cluster started
+    data = {name: (wells, control_eigens(wells, spec, source=f"{name} wells")) for name, wells in sets.items()}
     storage_path, fs = runtime.train_storage(output)
     experiment = urls.join(output, EXPERIMENT)
     path = f"{storage_path.rstrip('/')}/{EXPERIMENT}"
@@ -82,8 +85,7 @@ def run_lambda_sweep(sets: dict[str, pd.DataFrame], spec: EvaluationSpec, lambda
     if resume and not exists:
         raise ConfigError(f"{experiment} holds no λ sweep to resume", fix="run it without --resume first")
     before = _finished(experiment) if resume else set()
-    echo(f"sweep lambda: control eigendecomposition of {len(sets)} feature set(s)")
-    data = {name: (wells, control_eigens(wells, spec, source=f"{name} wells")) for name, wells in sets.items()}
+    runtime.connection()
     trainable = tune.with_resources(tune.with_parameters(_trial, data=data, spec=spec), {"cpu": 1})
     if resume:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
@@ -116,3 +118,147 @@ def run_lambda_sweep(sets: dict[str, pd.DataFrame], spec: EvaluationSpec, lambda
         curve = (curve.sort_values(["feature_set", "_none", "sphere_lambda"], ascending=[True, False, False])
                  .drop(columns="_none").reset_index(drop=True))
     return LambdaSweep(curve=curve, failed=failed, restored=len(before), total=len(grid))
+
+
+# ------------------------------------------------------------------------- training subsets
+
+SUBSETS_EXPERIMENT = "tune"
+
+
+@dataclass(frozen=True)
+class SubsetPlan:
+    """What every subset trial shares (JSON-able; passed to the trials once): the base run's
+    resolved config (with the overrides every trial gets) and folder, the sweep's folder, each
+    subset's training index."""
+
+    base: dict
+    base_run: str
+    output: str
+    indices: dict
+
+
+@dataclass
+class SubsetSweep:
+    """``rows``: one per trial (its config, state and figures); ``restored``: trials an earlier call
+    finished."""
+
+    rows: list[dict]
+    restored: int = 0
+    total: int = 0
+
+
+def trial_folder(output: str, trial_id: str) -> str:
+    """``<sweep>/trials/<trial_id>``: a trial's own run folder (named after its Tune trial id)."""
+    return urls.join(output, "trials", trial_id)
+
+
+def _subset_trial(config: dict, plan: SubsetPlan) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raycp.run.config import PipelineConfig
+    from raycp.sweep.trial import run_trial
+
+    trial_id = tune.get_context().get_trial_id()
+    figures = run_trial(PipelineConfig.model_validate(plan.base), plan.base_run, trial_folder(plan.output, trial_id),
+                        trial_id, plan.indices[config["subset"]], dict(config.get("overrides") or {}),
+                        callbacks=[TuneReportCallback()], echo=lambda line: None)
+    tune.report({**figures, "evaluated": True})
+
+
+def _param_space(subsets: list[str], axes: list, search: str) -> dict:
+    from ray import tune
+
+    space: dict = {"subset": tune.grid_search(list(subsets)), "overrides": {}}
+    for axis in axes:
+        if axis.distribution == "log":
+            space["overrides"][axis.key] = tune.loguniform(axis.low, axis.high)
+        elif axis.distribution == "uniform":
+            space["overrides"][axis.key] = tune.uniform(axis.low, axis.high)
+        elif search == "random":
+            space["overrides"][axis.key] = tune.choice(list(axis.values))
+        else:
+            space["overrides"][axis.key] = tune.grid_search(list(axis.values))
+    return space
+
+
+def _subsets_finished(experiment: str) -> set[str]:
+    """Trial ids whose last result says the trial was evaluated."""
+    fsys, root = urls.filesystem(experiment)
+    done = set()
+    for path in fsys.glob(f"{root}/*/result.json"):
+        with fsys.open(path, "r") as fh:
+            lines = [ln for ln in fh.read().splitlines() if ln.strip()]
+        if lines and json.loads(lines[-1]).get("evaluated"):
+            done.add(json.loads(lines[-1])["trial_id"])
+    return done
+
+
+def run_subset_sweep(plan: SubsetPlan, subsets: list[str], axes: list, *, search: str = "grid", num_samples: int = 1,
+                     seed: int = 0, asha: dict | None = None, max_concurrent: int = 1, trial_cpus: float = 0.0,
+                     resume: bool = False, echo: Callable[[str], None] = print) -> SubsetSweep:
+    """Run (or with ``resume`` restore and finish) the subset sweep's trials on the connected
+    cluster: one function trainable per trial that drives a Ray Train run (Ray 2.60 rejects a
+    Train V2 trainer passed to ``Tuner``), reporting each epoch through ``TuneReportCallback`` and
+    the evaluation at the end. ``asha``: ``{"metric", "mode", "max_t", "grace_period",
+    "reduction_factor"}`` stops weak trials early (on epochs; the evaluation is the last report).
+    A trial's own process reserves ``trial_cpus`` CPUs (0: only memory) so that every CPU stays
+    for its Train workers and its extraction's tasks.
+
+    Raises :class:`ConfigError` when ``output`` already holds a sweep and ``resume`` is off, or
+    holds none and ``resume`` is on."""
+    import os
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    from ray import tune
+
+    from raycp import runtime
+
+    runtime.connection()
+    storage_path, fs = runtime.train_storage(plan.output)
+    experiment = urls.join(plan.output, SUBSETS_EXPERIMENT)
+    path = f"{storage_path.rstrip('/')}/{SUBSETS_EXPERIMENT}"
+    exists = tune.Tuner.can_restore(path, storage_filesystem=fs)
+    if exists and not resume:
+        raise ConfigError(f"{experiment} already holds a subset sweep",
+                          fix="add --resume to finish it (a finished one restores at once), or give another --output")
+    if resume and not exists:
+        raise ConfigError(f"{experiment} holds no subset sweep to resume", fix="run it without --resume first")
+    before = _subsets_finished(experiment) if resume else set()
+    resources = {"cpu": trial_cpus, "memory": 256 * 1024**2}
+    trainable = tune.with_resources(tune.with_parameters(_subset_trial, plan=plan), resources)
+    if resume:
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
+    else:
+        scheduler = None
+        if asha:
+            scheduler = tune.schedulers.ASHAScheduler(time_attr="training_iteration", metric=asha["metric"],
+                                                      mode=asha["mode"], max_t=asha["max_t"],
+                                                      grace_period=asha["grace_period"],
+                                                      reduction_factor=asha["reduction_factor"])
+        search_alg = tune.search.BasicVariantGenerator(random_state=seed) if search == "random" else None
+        tuner = tune.Tuner(
+            trainable, param_space=_param_space(subsets, axes, search),
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, scheduler=scheduler,
+                                        search_alg=search_alg, num_samples=num_samples),
+            run_config=tune.RunConfig(name=SUBSETS_EXPERIMENT, storage_path=storage_path, storage_filesystem=fs,
+                                      verbose=0, failure_config=tune.FailureConfig(max_failures=1)),
+        )
+    echo(f"sweep subsets: trials on the cluster, {max_concurrent} at a time")
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        cfg = result.config or {}
+        m = dict(result.metrics or {})
+        found = re.search(r"([0-9a-f]{5}_\d{5})", (result.path or "").rstrip("/").rsplit("/", 1)[-1])
+        trial_id = m.get("trial_id") or (found.group(1) if found else None)
+        state = "failed" if result.error is not None else ("done" if m.get("evaluated") else "stopped")
+        row = {"trial_id": trial_id, "subset": cfg.get("subset"), **dict(cfg.get("overrides") or {}), "state": state,
+               "epochs_reported": m.get("training_iteration"),
+               "reason": " ".join(str(result.error).split())[:300] if result.error is not None else None}
+        for key in ("classes", "cells_trained", "epochs", "train_loss", "val_loss", "val_accuracy", "val_macro_f1",
+                    "map_paper", "map", "folds_of_enrichment", "map_paper_none", "map_none", "sphere_lambda",
+                    "treatments_evaluated"):
+            row[key] = m.get(key) if state == "done" or key.startswith(("train_", "val_")) else None
+        rows.append(row)
+    return SubsetSweep(rows=rows, restored=len(before), total=len(grid))

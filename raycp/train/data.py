@@ -179,7 +179,8 @@ def _training_index(url: str) -> pd.DataFrame | None:
 def _select_indexed(meta: pd.DataFrame, files: list[str], index: pd.DataFrame, label: str, url: str) -> pd.DataFrame:
     """The shards' rows that the training index lists, with its source and label; plates are
     named ``<source>:<plate>`` so that two sources' plates of the same name stay apart. A cell
-    listed twice (two sources over the same shards) is a sample once per listing."""
+    listed twice (two sources over the same shards) is a sample once per listing. An index of one
+    source (a sweep's subset of one run) keeps the plates' own names."""
     from raycp.trainset.combine import CROPS_FILE, KEYS, SOURCE
 
     where = {f: i for i, f in enumerate(files)}
@@ -189,7 +190,8 @@ def _select_indexed(meta: pd.DataFrame, files: list[str], index: pd.DataFrame, l
     if len(picked) != len(index):
         raise InputError(f"{url}: {len(index) - len(picked)} of {len(index)} listed cells are not in their crop shards",
                          fix="rebuild the training set (raycp trainset combine) from the current crops")
-    picked["Metadata_Plate"] = picked[SOURCE].astype(str) + ":" + picked["Metadata_Plate"].astype(str)
+    if picked[SOURCE].nunique() > 1:  # one source (a subset of one run) keeps its plate names
+        picked["Metadata_Plate"] = picked[SOURCE].astype(str) + ":" + picked["Metadata_Plate"].astype(str)
     picked["_file"] = picked["_file"].astype(np.int32)
     return picked.sort_values(["_file", "_rg", "_row"]).reset_index(drop=True)
 

@@ -264,11 +264,12 @@ def _check_resources(cfg: TrainConfig, use_gpu: bool) -> None:
                            "lower compute.num_workers)")
 
 
-def default_run_config(cfg: TrainConfig):
+def default_run_config(cfg: TrainConfig, callbacks: list | None = None):
     """``raycp train``'s Ray Train ``RunConfig``: storage ``<output>/train`` (through
     :func:`raycp.runtime.train_storage`, the same filesystem and S3 settings as every other read
-    and write), name ``cfg.name``, ``FailureConfig(max_failures)``, ``CheckpointConfig(num_to_keep)``.
-    A second run with the same storage and name resumes from its latest checkpoint."""
+    and write), name ``cfg.name``, ``FailureConfig(max_failures)``, ``CheckpointConfig(num_to_keep)``
+    and ``callbacks`` (a Tune trial passes ``TuneReportCallback``). A second run with the same
+    storage and name resumes from its latest checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     from raycp import runtime
@@ -276,7 +277,8 @@ def default_run_config(cfg: TrainConfig):
     storage_path, storage_fs = runtime.train_storage(train_dir(cfg))
     return RunConfig(storage_path=storage_path, storage_filesystem=storage_fs, name=cfg.name,
                      failure_config=FailureConfig(max_failures=cfg.compute.max_failures),
-                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.compute.keep_checkpoints))
+                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.compute.keep_checkpoints),
+                     callbacks=list(callbacks or []))
 
 
 def build_trainer(cfg: TrainConfig, run_config=None, *, prep: Prepared | None = None,

@@ -4,6 +4,12 @@ report; resumption; config changes; and bad configs refused before any work (iss
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +214,131 @@ def test_a_combined_training_set_of_two_runs_is_what_raycp_train_reads(tiny_run,
     capsys.readouterr()
     assert main(["train", "--crops", str(ts / "trainset.parquet"), "-o", str(tmp_path / "train"), "--dry-run"]) == 0
     assert f"crops {len(index)} " in capsys.readouterr().out
+
+
+def _sweep_cli(*argv: str, timeout: float) -> subprocess.CompletedProcess:
+    """``raycp sweep ...`` as a user runs it: its own local Ray (with the dashboard it starts for
+    Train trials), under its own temp dir; whatever is left of that Ray is killed afterwards."""
+    from tests.jobs.conftest import processes_under
+
+    ray_tmp = tempfile.mkdtemp(prefix="rss", dir="/tmp")
+    env = {**os.environ, "RAYCP_RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
+    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env.pop(key, None)
+    try:
+        return subprocess.run([str(Path(sys.executable).parent / "raycp"), "sweep", *argv], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    finally:
+        for pid in processes_under(ray_tmp):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.timeout(600)
+def test_a_subset_sweep_trains_one_cnn_per_subset_and_evaluates_it_like_the_run(tiny_run):
+    """``raycp sweep subsets --run RUN`` (paper Fig. 3C): one Ray Train run per subset inside a Tune
+    trial, then the run's extract → profiles → evaluate on every cell. The strongest subset trains
+    on its treatment and the controls only; ``all`` with the run's seed *is* the run's own CNN, so
+    its evaluation equals the run's, to the last bit; the table, the plot and a report section."""
+    from raycp.train.data import read_crop_metadata
+
+    out, _, sets = tiny_run
+    run(load(TINY_RUN, sets), echo=lambda line: None)       # the run as its config says (tests before may change it)
+    done = _sweep_cli("subsets", "--run", str(out), "--subsets", "strongest,all", timeout=500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    folder = out / "sweeps" / "subsets"
+    table = pd.read_parquet(folder / "subsets.parquet").set_index("subset")
+    assert table["state"].tolist() == ["done", "done"]
+    meta = json.loads((folder / "sweep.json").read_text())
+    assert meta["state"] == "complete" and meta["accounting"] == {**meta["accounting"], "total": 2, "processed": 2}
+    strongest = meta["treatments"]["strongest"]
+    effect = pd.read_parquet(out / "effect" / "effect.parquet")
+    assert strongest == [effect.sort_values("rank")["Metadata_Treatment"].iloc[0]]   # 20 % of 6 → the 1 strongest
+    index = pd.read_parquet(folder / "subsets" / "strongest.parquet")
+    assert set(index.loc[~index.Metadata_IsControl, "Metadata_Treatment"]) == set(strongest)
+    crops = read_crop_metadata(str(out / "crops"), label="Metadata_Treatment").meta
+    assert index.Metadata_IsControl.sum() == crops.Metadata_IsControl.sum() > 0      # every control cell
+    assert table.loc["strongest", "classes"] == 2 and table.loc["all", "classes"] == 7
+    own = pd.read_parquet(out / "evaluate" / "comparison.parquet").set_index(["feature_set", "correction"])
+    assert table.loc["all", "map_paper"] == own.loc[("cnn", "sphered λ=0.01"), "map_paper"]
+    assert table.loc["all", "map_paper_none"] == own.loc[("cnn", "none"), "map_paper"]
+    trial = folder / "trials" / table.loc["all", "trial_id"]
+    assert (trial / "train" / table.loc["all", "trial_id"]).is_dir()   # the Train run is named after the trial
+    assert (folder / "subsets.png").stat().st_size > 0
+    run(load(TINY_RUN, sets), start="report", echo=lambda line: None)
+    contents = json.loads((out / "report" / "contents.json").read_text())
+    assert any(s.startswith("Training subsets") for s in contents["sections"])
+
+
+@pytest.mark.timeout(400)
+def test_an_asha_stopped_train_trial_does_not_hang_the_sweep(tiny_run):
+    """ASHA with ``max_t`` 1 stops every 3-epoch Train trial after its first epoch. Stopping kills
+    the trial's process; its Train workers' placement group is released only by Ray Train's
+    cleaner, which needs the State API: without it the first stopped trial keeps its CPU and the
+    second trial never starts on 2 CPUs. Both are stopped here, one after the other."""
+    out, _, _ = tiny_run
+    folder = out / "sweeps" / "asha"
+    done = _sweep_cli("subsets", "--run", str(out), "--subsets", "strongest,all", "--set", "train.optim.epochs=3",
+                      "--asha", "--max-t", "1", "-o", str(folder), timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = pd.read_parquet(folder / "subsets.parquet")
+    assert table["state"].tolist() == ["stopped", "stopped"]
+    assert table["epochs_reported"].tolist() == [1, 1] and table["val_loss"].notna().all()
+    assert table["map_paper"].isna().all()                     # stopped before the evaluation
+    assert "2 stopped early" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_an_interrupted_subset_sweep_resumes_its_train_run_and_skips_finished_trials(tiny_run):
+    """The sweep's driver and its Ray are killed (``kill -9``) while the second trial trains; with
+    ``--resume`` the first trial is restored as finished (its files untouched) and the second one's
+    Train run, named after its trial, continues from its last checkpoint."""
+    from tests.jobs.conftest import processes_under
+
+    out, _, _ = tiny_run
+    folder = out / "sweeps" / "resumed"
+    ray_tmp = tempfile.mkdtemp(prefix="rsr", dir="/tmp")
+    env = {**os.environ, "RAYCP_RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
+    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env.pop(key, None)
+    argv = [str(Path(sys.executable).parent / "raycp"), "sweep", "subsets", "--run", str(out), "--subsets",
+            "strongest,all", "--set", "train.optim.epochs=40", "-o", str(folder)]
+
+    def kill_ray():
+        for pid in processes_under(ray_tmp):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline, finished, training = time.time() + 400, [], []
+    while time.time() < deadline and proc.poll() is None:
+        finished = [p.parents[1] for p in folder.glob("trials/*/evaluate/status.json") if '"complete"' in p.read_text()]
+        # a checkpoint Ray Train has committed (in its snapshot), of the trial that is still training
+        training = [p for p in folder.glob("trials/*/train/*/checkpoint_manager_snapshot.json")
+                    if p.parents[2] not in finished and "epoch_" in p.read_text()]
+        if finished and training:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, f"the sweep ended before it could be interrupted: {proc.stdout.read()[-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    kill_ray()
+    proc.wait(30)
+    first, second = finished[0], training[0].parents[2]
+    kept = {p: p.read_bytes() for p in first.rglob("*.parquet")}
+    assert not (second / "train" / "model" / "model.json").exists()
+    try:
+        again = subprocess.run([*argv, "--resume"], env=env, capture_output=True, text=True, timeout=400)
+    finally:
+        kill_ray()
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    meta = json.loads((folder / "sweep.json").read_text())
+    assert meta["state"] == "complete" and meta["accounting"]["restored"] == 1 and meta["accounting"]["processed"] == 2
+    assert {p: p.read_bytes() for p in first.rglob("*.parquet")} == kept        # not run again
+    history = json.loads((second / "train" / "metrics.json").read_text())["history"]
+    assert [e["epoch"] for e in history] == list(range(40)) and sum(e["resumed"] for e in history) == 1

@@ -1,0 +1,84 @@
+"""One trial of the subset sweep: train a CNN on one subset, then extract, profile and evaluate its
+features over the whole run — the run's own stages, under the trial's folder.
+
+A trial is a raycp run of its own (``data.output`` = ``<sweep>/trials/<trial_id>``) that reads
+its base run's crops (``source_run``): Ray Train (:func:`raycp.train.trainer.build_trainer`,
+its run named after the trial id, so a restored trial resumes its checkpoints), then the
+registered ``extract``, ``profiles`` and ``evaluate`` stages (:func:`raycp.run.runner.run_pipeline`,
+so a restored trial also skips the stages it finished). Tune is not imported here: the Tune
+adapter (:mod:`raycp.sweep.tuning`) passes its ``TuneReportCallback``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+
+from raycp.io import urls
+from raycp.layout import RunLayout
+
+
+def trial_config(base, base_run: str, trial_dir: str, overrides: Mapping):
+    """The trial's :class:`~raycp.run.config.PipelineConfig`: the base run's config with its own
+    output, the base run's crops, the trained CNN as its one feature set, ``overrides`` (the
+    trial's axes) applied. Raises :class:`~raycp.errors.ConfigError` for an invalid override."""
+    from raycp.config import apply_overrides
+
+    return apply_overrides(base, {"data.output": trial_dir, "source_run": base_run, "train.enabled": True,
+                                  "features": [{"kind": "trained"}], "profiles.umap": False, **overrides})
+
+
+def _trial_stages():
+    from raycp.stages import evaluate as evaluate_stage
+    from raycp.stages import extract, make_registry, profiles
+
+    return make_registry(extract.STAGE, profiles.STAGE, evaluate_stage.STAGE)
+
+
+def _trained(cfg, tcfg) -> dict | None:
+    """The exported model's ``model.json`` when this trial's training finished (all its epochs)."""
+    url = urls.join(RunLayout(cfg.data.output).model, "model.json")
+    if not urls.exists(url):
+        return None
+    info = json.loads(urls.read_bytes(url))
+    return info if int(info.get("epochs_trained", 0)) >= tcfg.optim.epochs else None
+
+
+def run_trial(base, base_run: str, trial_dir: str, trial_id: str, index_url: str, overrides: Mapping, *,
+              callbacks: list | None = None, echo: Callable[[str], None] = print) -> dict:
+    """Train on ``index_url`` (a subset's training index), then extract → profiles → evaluate.
+
+    Returns the trial's figures: the last epoch's training metrics, the trained classes and cells,
+    and the evaluation of the CNN's features without correction and sphered at
+    ``profiles.sphere_lambda`` (``map_paper``, ``map``, ``folds_of_enrichment``, …)."""
+    from raycp.config import apply_overrides
+    from raycp.io.outputs import read_parquet
+    from raycp.run.runner import run_pipeline
+    from raycp.train import trainer
+
+    cfg = trial_config(base, base_run, trial_dir, overrides)
+    tcfg = apply_overrides(cfg.train_config(), {"crops": index_url, "name": trial_id})
+    info = _trained(cfg, tcfg)
+    if info is None:
+        prep = trainer.prepare(tcfg)
+        s = prep.summary()
+        echo(f"trial {trial_id}: {s['crops']} crops, {s['classes']} classes, {tcfg.optim.epochs} epoch(s)")
+        result = trainer.run_trainer(trainer.build_trainer(
+            tcfg, trainer.default_run_config(tcfg, callbacks=callbacks), prep=prep))
+        trainer.finish(tcfg, prep, result)
+        info = _trained(cfg, tcfg) or {}
+    run_pipeline(cfg, registry=_trial_stages(), echo=echo)
+    table = read_parquet(RunLayout(trial_dir).comparison)
+    none = table[table["correction"] == "none"].iloc[0]
+    sphered = table[table["correction"] != "none"].iloc[0]
+    final = info.get("final_metrics") or {}
+    split = read_parquet(urls.join(RunLayout(trial_dir).folder("train"), "split.parquet"))
+    out = {"classes": int(info.get("num_classes", 0)), "cells_trained": int((split["Metadata_Split"] == "train").sum()),
+           "epochs": int(info.get("epochs_trained", 0)),
+           **{k: final.get(k) for k in ("train_loss", "train_macro_f1", "val_loss", "val_accuracy", "val_macro_f1")},
+           "map_paper": float(sphered["map_paper"]), "map": float(sphered["map"]),
+           "folds_of_enrichment": float(sphered["folds_of_enrichment"]),
+           "map_paper_none": float(none["map_paper"]), "map_none": float(none["map"]),
+           "sphere_lambda": float(cfg.profiles.sphere_lambda), "treatments_evaluated": int(sphered["treatments"])}
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}

@@ -1,0 +1,73 @@
+"""The training-subset sweep's core (issue 15, paper Fig. 3B/C): which treatments each subset holds,
+which cells a subset trains on, the axes a trial may vary, and how many trials run at once.
+(The sweep itself, on a real run, is in ``tests/run/test_run.py``.)"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from raycp.errors import InputError
+from raycp.sweep.subsets import check_key, max_concurrent, parse_axis, subset_index, subset_treatments
+
+
+def _ranking(n: int = 10) -> pd.DataFrame:
+    """n treatments t00…t(n-1) whose effect grows with their number (rank 1 = strongest)."""
+    table = pd.DataFrame({"Metadata_Treatment": [f"t{i:02d}" for i in range(n)], "ate": [float(i) for i in range(n)]})
+    return table.sort_values("ate", ascending=False).assign(rank=range(1, n + 1)).reset_index(drop=True)
+
+
+def test_subsets_are_the_papers_20_percent_and_all():
+    """10 treatments, 20 %: the 2 weakest, the 2 around the middle (from ⌊(10−2)/2⌋ = 4), the 2
+    strongest (Table 1's rule); ``all`` is every ranked treatment."""
+    got = subset_treatments(_ranking(10), "Metadata_Treatment", 0.2)
+    assert got == {"weakest": ["t00", "t01"], "median": ["t04", "t05"], "strongest": ["t08", "t09"],
+                   "all": [f"t{i:02d}" for i in range(10)]}
+    assert list(subset_treatments(_ranking(10), "Metadata_Treatment", 0.3, ("strongest",))) == ["strongest"]
+    assert subset_treatments(_ranking(10), "Metadata_Treatment", 0.3, ("strongest",))["strongest"] == ["t07", "t08", "t09"]
+
+
+def test_a_subset_trains_on_its_treatments_and_every_control():
+    cells = pd.DataFrame({
+        "Metadata_Plate": ["P1"] * 6, "Metadata_Well": ["A01", "A01", "A02", "A03", "A04", "A04"],
+        "Metadata_Site": [1] * 6, "Metadata_CellId": [0, 1, 0, 0, 0, 1],
+        "Metadata_Treatment": ["t01", "t01", "t02", "DMSO", "EMPTY", "EMPTY"],
+        "Metadata_IsControl": [False, False, False, True, True, True], "crops_file": ["f"] * 6})
+    index = subset_index(cells, ["t01"], source="run", label="Metadata_Treatment")
+    assert index["Metadata_Treatment"].tolist() == ["t01", "t01", "DMSO", "EMPTY", "EMPTY"]
+    assert (index["Metadata_Source"] == "run").all() and "crops_file" in index
+    with pytest.raises(InputError, match="t09"):
+        subset_index(cells, ["t09"], source="run", label="Metadata_Treatment")
+
+
+def test_axes_are_config_keys_with_values_or_distributions():
+    a = parse_axis("train.optim.lr=0.01,0.005")
+    assert a.key == "train.optim.lr" and a.values == (0.01, 0.005) and a.distribution is None
+    b = parse_axis("train.optim.lr=log:1e-4:1e-1")
+    assert b.distribution == "log" and math.isclose(b.low, 1e-4) and math.isclose(b.high, 0.1)
+    assert parse_axis("train.augment.enabled=true,false").values == (True, False)
+    for bad, message in (("train.optim.lr", "KEY=VALUES"), ("crops.size=96,128", "image stages"),
+                         ("train.enabled=false", "set by the sweep"), ("train.optim.lr=log:0:1", "LOW > 0"),
+                         ("train.optim.lr=0.1,0.1", "twice")):
+        with pytest.raises(InputError, match=message):
+            parse_axis(bad)
+    with pytest.raises(InputError, match="data"):
+        check_key("data.output", "--set")
+
+
+def test_concurrency_is_gpus_over_workers_or_cpus_over_a_trials_needs():
+    assert max_concurrent(cpus=64, gpus=8, num_workers=2, cpus_per_worker=4, data_cpus=0.5, use_gpu=True) == 4
+    assert max_concurrent(cpus=64, gpus=1, num_workers=2, cpus_per_worker=4, data_cpus=0.5, use_gpu=True) == 1
+    assert max_concurrent(cpus=2, gpus=0, num_workers=1, cpus_per_worker=1, data_cpus=0.5, use_gpu=False) == 1
+    assert max_concurrent(cpus=16, gpus=0, num_workers=1, cpus_per_worker=1, data_cpus=0.5, use_gpu=False) == 10
+
+
+def test_mistakes_are_named():
+    with pytest.raises(InputError, match="unknown subset"):
+        subset_treatments(_ranking(), "Metadata_Treatment", 0.2, ("strong",))
+    with pytest.raises(InputError, match="Metadata_Compound"):
+        subset_treatments(_ranking(), "Metadata_Compound", 0.2)
+    with pytest.raises(InputError, match="too few"):
+        subset_treatments(_ranking(2), "Metadata_Treatment", 0.2)
