@@ -68,9 +68,8 @@ def plot_subset_map(table: pd.DataFrame, path: str | os.PathLike, metric: str = 
     ax.barh(range(len(rows)), rows[metric], color=[SUBSET_COLOURS.get(s, "tab:gray") for s in rows["subset"]])
     ax.set_yticks(range(len(rows)), rows["label"])
     if baseline is not None and np.isfinite(baseline):
-        ax.axvline(baseline, color="k", linestyle="--", linewidth=1, label="the run's own CNN")
-        ax.legend(fontsize=8, loc="lower right")
-    ax.set_xlabel(metric)
+        ax.axvline(baseline, color="k", linestyle="--", linewidth=1)
+    ax.set_xlabel(metric + ("   (dashed: the run's own CNN)" if baseline is not None and np.isfinite(baseline) else ""))
     ax.grid(axis="x", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)

@@ -101,14 +101,26 @@ def _subset_sweep_section(ctx: Context) -> Section | None:
     url = urls.join(folder, "subsets.parquet")
     if not urls.exists(url):
         return None
+    import json
+
     table = read_parquet(url)
+    meta = json.loads(urls.read_bytes(urls.join(folder, "sweep.json")))
     cols = [c for c in ("label", "state", "classes", "cells_trained", "epochs", "val_macro_f1", "map_paper",
-                        "map_paper_none", "folds_of_enrichment", "trial_id") if c in table.columns]
+                        "map_paper_none", "map_paper_unseen", "folds_of_enrichment", "trial_id") if c in table.columns]
+    share = f"{meta.get('fraction', 0.2):.0%}"
+    state = meta.get("state")
     sec = Section("Training subsets (raycp sweep subsets, Ray Tune; paper Fig. 3C)",
-                  "One CNN trained per subset of the treatments ranked by treatment effect (weakest, median, "
-                  "strongest share, all), each with every control; its features over the whole run evaluated as "
-                  "the run's own CNN (map_paper sphered; map_paper_none without correction). Stopped: ended early "
-                  "by the scheduler, not evaluated.", tables=[("trials", table[cols])])
+                  f"One CNN trained per subset of the treatments ranked by treatment effect (the weakest, median and "
+                  f"strongest {share}, and all), each with every control; its features over the whole run evaluated "
+                  "as the run's own CNN: map_paper sphered, map_paper_none without correction, map_paper_unseen over "
+                  "the treatments the model did not train on. Stopped: ended early by the scheduler, not evaluated."
+                  + ("" if state == "complete" else f" This sweep's state is '{state}': its table is incomplete."),
+                  tables=[("trials", table[cols])])
+    treatments = meta.get("treatments") or {}
+    if treatments:
+        sec.tables.append(("treatments of each subset", pd.DataFrame(
+            [{"subset": k, "treatments": len(v), "which": ", ".join(v[:12]) + (" …" if len(v) > 12 else "")}
+             for k, v in treatments.items()])))
     png = _png(urls.join(folder, "subsets.png"))
     if png is not None:
         sec.figures.append(("map_paper per training subset", png))

@@ -127,7 +127,7 @@ def subsets_cmd(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE for every trial (train, profiles or "
                                                       "inference keys, e.g. train.optim.epochs=10)")] = None,
     search: Annotated[str, typer.Option("--search", help="grid (every combination) or random (--num-samples draws)")] = "grid",
-    num_samples: Annotated[int, typer.Option("--num-samples", help="grid: repeats of the grid; random: draws per subset")] = 1,
+    num_samples: Annotated[int, typer.Option("--num-samples", help="random search: draws per subset")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="seed of the random search")] = 0,
     asha: Annotated[bool, typer.Option("--asha", help="stop weak trials early (ASHA on the validation metric per epoch)")] = False,
     asha_metric: Annotated[str, typer.Option("--asha-metric", help="ASHA's metric: val_loss (min) or val_macro_f1 / "
@@ -145,6 +145,7 @@ def subsets_cmd(
     bar plot. Each trial is a Ray Train run inside a Ray Tune trial; other axes by --param."""
     from raycp import runtime
     from raycp.config import apply_overrides, parse_overrides
+    from raycp.errors import ConfigError
     from raycp.layout import RunLayout
     from raycp.sweep.subsets import check_key, parse_axis
     from raycp.sweep.writers import write_subset_sweep
@@ -153,8 +154,10 @@ def subsets_cmd(
     names = [s.strip() for s in subsets.split(",") if s.strip()]
     if search not in ("grid", "random"):
         raise InputError(f"--search {search!r}", fix="use grid or random")
-    if num_samples < 1:
-        raise InputError(f"--num-samples {num_samples}", fix="give 1 or more")
+    if num_samples < 1 or (search == "grid" and num_samples > 1):
+        raise InputError(f"--num-samples {num_samples} with --search {search}",
+                         fix="a grid runs each combination once (replicates: --param train.seed=0,1,2); "
+                             "draws are for --search random")
     axes = [parse_axis(p) for p in param or []]
     if search == "grid" and any(a.distribution for a in axes):
         raise InputError("a distribution (log:/uniform:) needs --search random", fix="add --search random, or list values")
@@ -169,14 +172,22 @@ def subsets_cmd(
     base = apply_overrides(base, fixed)
     for axis in axes:  # every listed value must be a valid config value, before any trial starts
         for value in axis.values:
-            apply_overrides(base, {axis.key: value})
-    epochs = base.train.optim.epochs
+            try:
+                apply_overrides(base, {axis.key: value})
+            except ConfigError as exc:
+                raise InputError(f"--param {axis.key}={value!r}: {exc.message}",
+                                 fix=f"give {axis.key} valid values") from None
+    epochs = max([base.train.optim.epochs, *[int(v) for a in axes if a.key == "train.optim.epochs"
+                                             for v in (a.values or (a.high,))]])
     asha_cfg = None
     if asha:
         if asha_metric not in ("val_loss", "val_macro_f1", "val_accuracy", "train_loss", "train_macro_f1"):
             raise InputError(f"--asha-metric {asha_metric!r}", fix="use val_loss, val_macro_f1 or val_accuracy")
         asha_cfg = {"metric": asha_metric, "mode": "min" if asha_metric.endswith("loss") else "max",
                     "max_t": max_t or epochs + 1, "grace_period": grace_period, "reduction_factor": reduction_factor}
+        if asha_cfg["max_t"] <= epochs:
+            runtime.notice(f"--max-t {asha_cfg['max_t']}: a trial reports each of its {epochs} epoch(s) and then its "
+                           "evaluation, so ASHA stops every trial that trains longer before it is evaluated")
     elif max_t is not None:
         raise InputError("--max-t is ASHA's", fix="add --asha")
     fraction = base.profiles.effect_fraction if fraction is None else fraction
@@ -189,9 +200,13 @@ def subsets_cmd(
                                 trial_cpus=trial_cpus, resume=resume, echo=typer.echo)
     table = result["table"]
     if len(table):
-        cols = [c for c in ("label", "state", "classes", "cells_trained", "val_macro_f1", "map_paper", "map_paper_none")
-                if c in table.columns]
-        typer.echo(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        cols = [c for c in ("label", "state", "classes", "cells_trained", "val_macro_f1", "map_paper", "map_paper_none",
+                            "map_paper_unseen", "folds_of_enrichment") if c in table.columns]
+        lam = table["sphere_lambda"].dropna()
+        if len(lam):
+            typer.echo(f"map_paper: sphered at λ = {lam.iloc[0]:g}; map_paper_none: no correction; map_paper_unseen: "
+                       "sphered, queries of treatments the model did not train on")
+        typer.echo(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="—"))
     a = result["accounting"]
     typer.echo(f"sweep subsets: {a['total']} trial(s) = {a['processed']} evaluated + {a['stopped']} stopped early + "
                f"{a['failed']} failed ({a['restored']} restored) → {out}")

@@ -112,6 +112,13 @@ def subset_treatments(effect: pd.DataFrame, label: str, fraction: float = 0.2,
     for name in names:
         table = ranked if name == "all" else parts[name]
         out[name] = sorted(table[label].unique())
+    chosen = [n for n in names if n != "all"]
+    for i, a in enumerate(chosen):
+        for b in chosen[i + 1:]:
+            if set(out[a]) & set(out[b]):
+                raise InputError(f"the {a} and {b} {fraction:g} of {len(ranked)} treatments overlap "
+                                 f"({sorted(set(out[a]) & set(out[b]))[:3]})",
+                                 fix="lower --fraction (the paper's subsets are disjoint: 0.2)")
     return out
 
 

@@ -45,6 +45,21 @@ def _trained(cfg, tcfg) -> dict | None:
     return info if int(info.get("epochs_trained", 0)) >= tcfg.optim.epochs else None
 
 
+def _unseen_map(cfg, index, label: str) -> dict:
+    """map_paper (sphered) over the queries of treatments the trial did not train on: what the
+    model learnt that carries to treatments it never saw (NaN for ``all``: it saw every one)."""
+    import numpy as np
+
+    from raycp.io.outputs import read_parquet
+
+    queries = read_parquet(urls.join(RunLayout(cfg.data.output).evaluation("cnn"), "sphered", "queries.parquet"))
+    trained = set(index.loc[~index["Metadata_IsControl"].astype(bool), label].astype(str))
+    if label not in queries.columns:
+        return {"map_paper_unseen": None, "queries_unseen": 0}
+    rows = queries[queries["is_query_map"] & ~queries[label].astype(str).isin(trained)]
+    return {"map_paper_unseen": float(np.mean(rows["ap_paper"])) if len(rows) else None, "queries_unseen": int(len(rows))}
+
+
 def run_trial(base, base_run: str, trial_dir: str, trial_id: str, index_url: str, overrides: Mapping, *,
               callbacks: list | None = None, echo: Callable[[str], None] = print) -> dict:
     """Train on ``index_url`` (a subset's training index), then extract → profiles → evaluate.
@@ -73,6 +88,7 @@ def run_trial(base, base_run: str, trial_dir: str, trial_id: str, index_url: str
     none = table[table["correction"] == "none"].iloc[0]
     sphered = table[table["correction"] != "none"].iloc[0]
     final = info.get("final_metrics") or {}
+    unseen = _unseen_map(cfg, read_parquet(index_url), tcfg.label)
     split = read_parquet(urls.join(RunLayout(trial_dir).folder("train"), "split.parquet"))
     out = {"classes": int(info.get("num_classes", 0)), "cells_trained": int((split["Metadata_Split"] == "train").sum()),
            "epochs": int(info.get("epochs_trained", 0)),
@@ -80,5 +96,6 @@ def run_trial(base, base_run: str, trial_dir: str, trial_id: str, index_url: str
            "map_paper": float(sphered["map_paper"]), "map": float(sphered["map"]),
            "folds_of_enrichment": float(sphered["folds_of_enrichment"]),
            "map_paper_none": float(none["map_paper"]), "map_none": float(none["map"]),
-           "sphere_lambda": float(cfg.profiles.sphere_lambda), "treatments_evaluated": int(sphered["treatments"])}
+           "sphere_lambda": float(cfg.profiles.sphere_lambda), "treatments_evaluated": int(sphered["treatments"]),
+           **unseen}
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}

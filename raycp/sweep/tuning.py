@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pandas as pd
+
+# Tune's console tables and TensorBoard hints would interleave with raycp's lines: the legacy
+# reporter at verbose=0 prints nothing (results are in the experiment folder)
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+from ray import tune
+from ray.tune.schedulers import FIFOScheduler
 
 from raycp.errors import ConfigError
 from raycp.io import urls
@@ -35,9 +42,23 @@ class LambdaSweep:
     total: int = 0
 
 
-def _trial(config: dict, data: dict, spec: EvaluationSpec) -> None:
-    from ray import tune
+def check_experiment(output: str, name: str, resume: bool, what: str) -> None:
+    """Whether ``<output>/<name>`` may be started (it holds no Tune experiment) or resumed (it
+    holds one). Raises :class:`ConfigError` otherwise; callers check before writing anything."""
+    from raycp import runtime
 
+    storage_path, fs = runtime.train_storage(output)
+    experiment = urls.join(output, name)
+    exists = tune.Tuner.can_restore(f"{storage_path.rstrip('/')}/{name}", storage_filesystem=fs)
+    if exists and not resume:
+        raise ConfigError(f"{experiment} already holds {what}",
+                          fix="add --resume to finish it (a finished one restores at once), or give another --output "
+                              "(or delete that folder) for a new sweep")
+    if resume and not exists:
+        raise ConfigError(f"{experiment} holds no {what.split(' ', 1)[-1]} to resume", fix="run it without --resume first")
+
+
+def _trial(config: dict, data: dict, spec: EvaluationSpec) -> None:
     wells, eigen = data[config["feature_set"]]
     metrics = trial_metrics(wells, spec, config["lam"], eigen, source=f"{config['feature_set']} wells")
     tune.report({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()})
@@ -62,13 +83,6 @@ def run_lambda_sweep(sets: dict[str, pd.DataFrame], spec: EvaluationSpec, lambda
 
     Raises :class:`ConfigError` when ``output`` already holds a sweep and ``resume`` is off, or
     holds none and ``resume`` is on."""
-    import os
-
-    # Tune's console tables and TensorBoard hints would interleave with raycp's lines: the legacy
-    # reporter at verbose=0 prints nothing (results are in the experiment folder)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    from ray import tune
-
     from raycp import runtime
 
     echo(f"sweep lambda: control eigendecomposition of {len(sets)} feature set(s)")
@@ -77,13 +91,7 @@ def run_lambda_sweep(sets: dict[str, pd.DataFrame], spec: EvaluationSpec, lambda
     storage_path, fs = runtime.train_storage(output)
     experiment = urls.join(output, EXPERIMENT)
     path = f"{storage_path.rstrip('/')}/{EXPERIMENT}"
-    exists = tune.Tuner.can_restore(path, storage_filesystem=fs)
-    if exists and not resume:
-        raise ConfigError(f"{experiment} already holds a λ sweep",
-                          fix="add --resume to finish it (a finished one restores at once), or give another --output "
-                              "(or delete that folder) for a new sweep")
-    if resume and not exists:
-        raise ConfigError(f"{experiment} holds no λ sweep to resume", fix="run it without --resume first")
+    check_experiment(output, EXPERIMENT, resume, "a λ sweep")
     before = _finished(experiment) if resume else set()
     runtime.connection()
     trainable = tune.with_resources(tune.with_parameters(_trial, data=data, spec=spec), {"cpu": 1})
@@ -153,7 +161,6 @@ def trial_folder(output: str, trial_id: str) -> str:
 
 
 def _subset_trial(config: dict, plan: SubsetPlan) -> None:
-    from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raycp.run.config import PipelineConfig
@@ -167,8 +174,6 @@ def _subset_trial(config: dict, plan: SubsetPlan) -> None:
 
 
 def _param_space(subsets: list[str], axes: list, search: str) -> dict:
-    from ray import tune
-
     space: dict = {"subset": tune.grid_search(list(subsets)), "overrides": {}}
     for axis in axes:
         if axis.distribution == "log":
@@ -194,6 +199,65 @@ def _subsets_finished(experiment: str) -> set[str]:
     return done
 
 
+class _TrialLines(tune.Callback):
+    """One line per trial as it starts and ends (stdout)."""
+
+    @staticmethod
+    def _name(trial) -> str:
+        over = ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+                         for k, v in (trial.config.get("overrides") or {}).items())
+        return f"trial {trial.trial_id} ({trial.config.get('subset')}{', ' + over if over else ''})"
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        print(f"  {self._name(trial)}: training", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        what = (f"map_paper {result['map_paper']:.4f}" if result.get("evaluated") and result.get("map_paper") is not None
+                else f"stopped after {result.get('training_iteration', 0)} report(s)")
+        print(f"  {self._name(trial)}: {what}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"  {self._name(trial)}: failed (its reason is in subsets.parquet)", flush=True)
+
+
+class _PerSubsetASHA(FIFOScheduler):
+    """ASHA within each subset: a trial is compared only with trials of its own subset (different
+    subsets are different classification tasks; their losses are not comparable)."""
+
+    def __init__(self, settings: dict):
+        super().__init__()
+        self._settings = dict(settings)
+        self._by_subset: dict = {}
+
+    def _of(self, trial):
+        subset = trial.config.get("subset")
+        if subset not in self._by_subset:
+            a = self._settings
+            self._by_subset[subset] = tune.schedulers.ASHAScheduler(
+                time_attr="training_iteration", metric=a["metric"], mode=a["mode"], max_t=a["max_t"],
+                grace_period=a["grace_period"], reduction_factor=a["reduction_factor"])
+        return self._by_subset[subset]
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return True
+
+    def on_trial_add(self, tune_controller, trial):
+        self._of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        return self._of(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial):
+        self._of(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "; ".join(f"{k}: {v.debug_string()}" for k, v in self._by_subset.items())
+
+
 def run_subset_sweep(plan: SubsetPlan, subsets: list[str], axes: list, *, search: str = "grid", num_samples: int = 1,
                      seed: int = 0, asha: dict | None = None, max_concurrent: int = 1, trial_cpus: float = 0.0,
                      resume: bool = False, echo: Callable[[str], None] = print) -> SubsetSweep:
@@ -207,42 +271,30 @@ def run_subset_sweep(plan: SubsetPlan, subsets: list[str], axes: list, *, search
 
     Raises :class:`ConfigError` when ``output`` already holds a sweep and ``resume`` is off, or
     holds none and ``resume`` is on."""
-    import os
-
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    from ray import tune
-
     from raycp import runtime
 
-    runtime.connection()
     storage_path, fs = runtime.train_storage(plan.output)
     experiment = urls.join(plan.output, SUBSETS_EXPERIMENT)
     path = f"{storage_path.rstrip('/')}/{SUBSETS_EXPERIMENT}"
-    exists = tune.Tuner.can_restore(path, storage_filesystem=fs)
-    if exists and not resume:
-        raise ConfigError(f"{experiment} already holds a subset sweep",
-                          fix="add --resume to finish it (a finished one restores at once), or give another --output")
-    if resume and not exists:
-        raise ConfigError(f"{experiment} holds no subset sweep to resume", fix="run it without --resume first")
+    check_experiment(plan.output, SUBSETS_EXPERIMENT, resume, "a subset sweep")
+    runtime.connection()
     before = _subsets_finished(experiment) if resume else set()
     resources = {"cpu": trial_cpus, "memory": 256 * 1024**2}
     trainable = tune.with_resources(tune.with_parameters(_subset_trial, plan=plan), resources)
-    if resume:
+    if resume:  # the experiment's scheduler, search algorithm and callbacks come back with it
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
     else:
-        scheduler = None
-        if asha:
-            scheduler = tune.schedulers.ASHAScheduler(time_attr="training_iteration", metric=asha["metric"],
-                                                      mode=asha["mode"], max_t=asha["max_t"],
-                                                      grace_period=asha["grace_period"],
-                                                      reduction_factor=asha["reduction_factor"])
-        search_alg = tune.search.BasicVariantGenerator(random_state=seed) if search == "random" else None
+        scheduler = _PerSubsetASHA(asha) if asha else None
+        # a search algorithm of its own is not limited by TuneConfig.max_concurrent_trials: it limits itself
+        search_alg = (tune.search.BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
+                      if search == "random" else None)
         tuner = tune.Tuner(
             trainable, param_space=_param_space(subsets, axes, search),
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, scheduler=scheduler,
-                                        search_alg=search_alg, num_samples=num_samples),
+            tune_config=tune.TuneConfig(max_concurrent_trials=None if search_alg else max_concurrent,
+                                        scheduler=scheduler, search_alg=search_alg, num_samples=num_samples),
             run_config=tune.RunConfig(name=SUBSETS_EXPERIMENT, storage_path=storage_path, storage_filesystem=fs,
-                                      verbose=0, failure_config=tune.FailureConfig(max_failures=1)),
+                                      verbose=0, failure_config=tune.FailureConfig(max_failures=1),
+                                      callbacks=[_TrialLines()]),
         )
     echo(f"sweep subsets: trials on the cluster, {max_concurrent} at a time")
     grid = tuner.fit()
@@ -257,8 +309,8 @@ def run_subset_sweep(plan: SubsetPlan, subsets: list[str], axes: list, *, search
                "epochs_reported": m.get("training_iteration"),
                "reason": " ".join(str(result.error).split())[:300] if result.error is not None else None}
         for key in ("classes", "cells_trained", "epochs", "train_loss", "val_loss", "val_accuracy", "val_macro_f1",
-                    "map_paper", "map", "folds_of_enrichment", "map_paper_none", "map_none", "sphere_lambda",
-                    "treatments_evaluated"):
+                    "map_paper", "map", "folds_of_enrichment", "map_paper_none", "map_none", "map_paper_unseen",
+                    "queries_unseen", "sphere_lambda", "treatments_evaluated"):
             row[key] = m.get(key) if state == "done" or key.startswith(("train_", "val_")) else None
         rows.append(row)
     return SubsetSweep(rows=rows, restored=len(before), total=len(grid))

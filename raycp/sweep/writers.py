@@ -26,6 +26,25 @@ def read_sets(sets: dict[str, str]) -> dict[str, pd.DataFrame]:
     return {name: read_table(url) for name, url in sets.items()}
 
 
+def _open_sweep(output: str, settings: dict, resume: bool, same: str, experiment: str, what: str) -> str:
+    """``<output>/sweep.json``'s URL, once the folder is writable, before anything is written: a new
+    sweep needs a folder without one (``experiment``: the Tune experiment's folder name), a resumed
+    one an experiment started with ``settings`` (:class:`ConfigError` naming ``same`` otherwise)."""
+    import json
+
+    from raycp.sweep.tuning import check_experiment
+
+    check_experiment(output, experiment, resume, what)
+    meta = urls.join(output, "sweep.json")
+    if resume and urls.exists(meta):
+        old = json.loads(urls.read_bytes(meta))
+        if {k: old.get(k) for k in settings} != jsonable(settings):
+            raise ConfigError(f"{meta}: the sweep was started with other settings",
+                              fix=f"resume with {same}, or use another --output")
+    urls.ensure_writable(output)
+    return meta
+
+
 def write_lambda_sweep(frames: dict[str, pd.DataFrame], spec: EvaluationSpec, lambdas: list[float], output: str, *,
                        tolerance: float = 0.01, resume: bool = False, echo: Callable[[str], None] = print) -> dict:
     """Run the sweep (:func:`raycp.sweep.tuning.run_lambda_sweep`) and write its outputs; returns the
@@ -35,15 +54,7 @@ def write_lambda_sweep(frames: dict[str, pd.DataFrame], spec: EvaluationSpec, la
     from raycp.sweep.tuning import run_lambda_sweep
 
     settings = {"evaluation": spec.to_json(), "lambdas": lambdas, "feature_sets": sorted(frames)}
-    meta = urls.join(output, "sweep.json")
-    if resume and urls.exists(meta):
-        import json
-
-        old = json.loads(urls.read_bytes(meta))
-        if {k: old.get(k) for k in settings} != jsonable(settings):
-            raise ConfigError(f"{meta}: the sweep was started with other settings",
-                              fix="resume with the same wells, λs and evaluation options, or use another --output")
-    urls.ensure_writable(output)
+    meta = _open_sweep(output, settings, resume, "the same wells, λs and evaluation options", "lambda", "a λ sweep")
     write_json(meta, {**settings, "state": "running"})
     result = run_lambda_sweep(frames, spec, lambdas, output, resume=resume, echo=echo)
     curve = result.curve
@@ -94,7 +105,6 @@ def write_subset_sweep(run: str, output: str, *, base, subsets: list[str], fract
     """Prepare the subsets, run the sweep (:func:`raycp.sweep.tuning.run_subset_sweep`) and write
     its outputs; returns the table and the accounting. ``base``: the run's config with ``fixed``
     (every trial's ``--set`` overrides) applied. A resumed sweep must have the same settings."""
-    import json
 
     from raycp import runtime
     from raycp.evaluate.plots import plot_subset_map
@@ -105,13 +115,8 @@ def write_subset_sweep(run: str, output: str, *, base, subsets: list[str], fract
     settings = {"run": run, "subsets": list(subsets), "fraction": fraction,
                 "axes": [jsonable(vars(a)) for a in axes], "fixed": jsonable(fixed), "search": search,
                 "num_samples": num_samples, "seed": seed, "asha": jsonable(asha)}
-    meta = urls.join(output, "sweep.json")
-    if resume and urls.exists(meta):
-        old = json.loads(urls.read_bytes(meta))
-        if {k: old.get(k) for k in settings} != jsonable(settings):
-            raise ConfigError(f"{meta}: the sweep was started with other settings",
-                              fix="resume with the same run, subsets, --param, --set and search options, or use another --output")
-    urls.ensure_writable(output)
+    meta = _open_sweep(output, settings, resume, "the same run, subsets, --param, --set and search options", "tune",
+                       "a subset sweep")
     label = base.train.label
     indices, treatments = subset_indices(run, output, subsets=list(subsets), fraction=fraction, label=label)
     write_json(meta, {**settings, "treatments": treatments, "state": "running"})
@@ -130,6 +135,9 @@ def write_subset_sweep(run: str, output: str, *, base, subsets: list[str], fract
                               max_concurrent=concurrent, trial_cpus=trial_cpus, resume=resume, echo=echo)
     keys = [a.key for a in axes]
     table = results_table(result.rows, keys)
+    for col in ("classes", "cells_trained", "epochs", "epochs_reported", "queries_unseen", "treatments_evaluated"):
+        if col in table.columns:
+            table[col] = table[col].astype("Int64")
     if len(table):
         table.insert(2, "label", [" · ".join([s, *[f"{k.rsplit('.', 1)[-1]}={r[k]:.3g}" if isinstance(r[k], float)
                                                    else f"{k.rsplit('.', 1)[-1]}={r[k]}" for k in keys]])
@@ -138,7 +146,10 @@ def write_subset_sweep(run: str, output: str, *, base, subsets: list[str], fract
     if len(table) and table["map_paper"].notna().any():
         lam = table["sphere_lambda"].dropna()
         title = f"map_paper (sphered, λ={lam.iloc[0]:g}) of CNNs trained on each subset" if len(lam) else None
-        save_png(lambda path: plot_subset_map(table, path, baseline=_run_map_paper(run), title=title),
+        # the run's own CNN is a reference only for trials trained with its recipe
+        same_recipe = not any(k.startswith("train.") for k in [*fixed, *keys])
+        baseline = _run_map_paper(run) if same_recipe else None
+        save_png(lambda path: plot_subset_map(table, path, baseline=baseline, title=title),
                  urls.join(output, "subsets.png"))
     states = table["state"].value_counts().to_dict() if len(table) else {}
     accounting = {"total": result.total, "processed": int(states.get("done", 0)), "stopped": int(states.get("stopped", 0)),

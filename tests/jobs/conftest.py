@@ -79,6 +79,15 @@ def stop(pids: set[int]) -> None:
             time.sleep(0.2)
 
 
+def kill_cluster(ray_tmp: str) -> None:
+    """``kill -9`` of every process of the local Ray under ``ray_tmp`` (:func:`processes_under`)."""
+    for pid in processes_under(ray_tmp):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @dataclass
 class LocalCluster:
     """A head (0 CPU, dashboard and job server on 127.0.0.1) and named worker nodes."""

@@ -219,7 +219,7 @@ def test_a_combined_training_set_of_two_runs_is_what_raycp_train_reads(tiny_run,
 def _sweep_cli(*argv: str, timeout: float) -> subprocess.CompletedProcess:
     """``raycp sweep ...`` as a user runs it: its own local Ray (with the dashboard it starts for
     Train trials), under its own temp dir; whatever is left of that Ray is killed afterwards."""
-    from tests.jobs.conftest import processes_under
+    from tests.jobs.conftest import kill_cluster
 
     ray_tmp = tempfile.mkdtemp(prefix="rss", dir="/tmp")
     env = {**os.environ, "RAYCP_RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
@@ -229,11 +229,7 @@ def _sweep_cli(*argv: str, timeout: float) -> subprocess.CompletedProcess:
         return subprocess.run([str(Path(sys.executable).parent / "raycp"), "sweep", *argv], env=env,
                               capture_output=True, text=True, timeout=timeout)
     finally:
-        for pid in processes_under(ray_tmp):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_cluster(ray_tmp)
 
 
 @pytest.mark.timeout(600)
@@ -266,7 +262,17 @@ def test_a_subset_sweep_trains_one_cnn_per_subset_and_evaluates_it_like_the_run(
     assert table.loc["all", "map_paper_none"] == own.loc[("cnn", "none"), "map_paper"]
     trial = folder / "trials" / table.loc["all", "trial_id"]
     assert (trial / "train" / table.loc["all", "trial_id"]).is_dir()   # the Train run is named after the trial
+    assert table.loc["all", "queries_unseen"] == 0 and pd.isna(table.loc["all", "map_paper_unseen"])
+    assert table.loc["strongest", "queries_unseen"] > 0     # queries of the treatments it never saw
     assert (folder / "subsets.png").stat().st_size > 0
+    before = (folder / "sweep.json").read_bytes()
+    again = _sweep_cli("subsets", "--run", str(out), "--subsets", "weakest", timeout=120)
+    assert again.returncode == 2 and "already holds a subset sweep" in again.stderr, again.stderr
+    assert (folder / "sweep.json").read_bytes() == before        # a refused command writes nothing
+    empty = out / "sweeps" / "empty"
+    again = _sweep_cli("subsets", "--run", str(out), "-o", str(empty), "--resume", timeout=120)
+    assert again.returncode == 2 and "holds no subset sweep to resume" in again.stderr, again.stderr
+    assert not (empty / "sweep.json").exists()
     run(load(TINY_RUN, sets), start="report", echo=lambda line: None)
     contents = json.loads((out / "report" / "contents.json").read_text())
     assert any(s.startswith("Training subsets") for s in contents["sections"])
@@ -277,17 +283,20 @@ def test_an_asha_stopped_train_trial_does_not_hang_the_sweep(tiny_run):
     """ASHA with ``max_t`` 1 stops every 3-epoch Train trial after its first epoch. Stopping kills
     the trial's process; its Train workers' placement group is released only by Ray Train's
     cleaner, which needs the State API: without it the first stopped trial keeps its CPU and the
-    second trial never starts on 2 CPUs. Both are stopped here, one after the other."""
+    next trial never starts on 2 CPUs. A random search (2 draws of the learning rate per subset)
+    runs its 4 trials one at a time, as the grid does: all are stopped, one after the other."""
     out, _, _ = tiny_run
     folder = out / "sweeps" / "asha"
     done = _sweep_cli("subsets", "--run", str(out), "--subsets", "strongest,all", "--set", "train.optim.epochs=3",
+                      "--search", "random", "--num-samples", "2", "--param", "train.optim.lr=log:1e-3:1e-1",
                       "--asha", "--max-t", "1", "-o", str(folder), timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     table = pd.read_parquet(folder / "subsets.parquet")
-    assert table["state"].tolist() == ["stopped", "stopped"]
-    assert table["epochs_reported"].tolist() == [1, 1] and table["val_loss"].notna().all()
+    assert table["state"].tolist() == ["stopped"] * 4 and table["subset"].tolist() == ["strongest"] * 2 + ["all"] * 2
+    assert table["epochs_reported"].tolist() == [1] * 4 and table["val_loss"].notna().all()
     assert table["map_paper"].isna().all()                     # stopped before the evaluation
-    assert "2 stopped early" in done.stdout
+    assert table["train.optim.lr"].between(1e-3, 1e-1).all() and table["train.optim.lr"].nunique() == 4
+    assert "4 stopped early" in done.stdout and "stops every trial" in done.stderr
 
 
 @pytest.mark.slow
@@ -296,7 +305,7 @@ def test_an_interrupted_subset_sweep_resumes_its_train_run_and_skips_finished_tr
     """The sweep's driver and its Ray are killed (``kill -9``) while the second trial trains; with
     ``--resume`` the first trial is restored as finished (its files untouched) and the second one's
     Train run, named after its trial, continues from its last checkpoint."""
-    from tests.jobs.conftest import processes_under
+    from tests.jobs.conftest import kill_cluster
 
     out, _, _ = tiny_run
     folder = out / "sweeps" / "resumed"
@@ -306,13 +315,6 @@ def test_an_interrupted_subset_sweep_resumes_its_train_run_and_skips_finished_tr
         env.pop(key, None)
     argv = [str(Path(sys.executable).parent / "raycp"), "sweep", "subsets", "--run", str(out), "--subsets",
             "strongest,all", "--set", "train.optim.epochs=40", "-o", str(folder)]
-
-    def kill_ray():
-        for pid in processes_under(ray_tmp):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -327,7 +329,7 @@ def test_an_interrupted_subset_sweep_resumes_its_train_run_and_skips_finished_tr
         time.sleep(0.1)
     assert proc.poll() is None, f"the sweep ended before it could be interrupted: {proc.stdout.read()[-2000:]}"
     os.killpg(proc.pid, signal.SIGKILL)
-    kill_ray()
+    kill_cluster(ray_tmp)
     proc.wait(30)
     first, second = finished[0], training[0].parents[2]
     kept = {p: p.read_bytes() for p in first.rglob("*.parquet")}
@@ -335,7 +337,7 @@ def test_an_interrupted_subset_sweep_resumes_its_train_run_and_skips_finished_tr
     try:
         again = subprocess.run([*argv, "--resume"], env=env, capture_output=True, text=True, timeout=400)
     finally:
-        kill_ray()
+        kill_cluster(ray_tmp)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     meta = json.loads((folder / "sweep.json").read_text())
     assert meta["state"] == "complete" and meta["accounting"]["restored"] == 1 and meta["accounting"]["processed"] == 2

@@ -22,7 +22,7 @@ import pytest
 
 from raycp.evaluate import evaluate
 from raycp.sweep.lambdas import JUMP_LAMBDAS, PAPER_LAMBDAS, EvaluationSpec, lambda_grid, select_lambda
-from tests.jobs.conftest import processes_under
+from tests.jobs.conftest import kill_cluster
 from tests.profiles.conftest import LINCS_CONTROLS, LINCS_TREATMENT
 
 SPEC = EvaluationSpec(treatment_cols=tuple(LINCS_TREATMENT), annotation_col="Metadata_moa", control_query=LINCS_CONTROLS)
@@ -72,6 +72,22 @@ def test_every_trial_equals_a_direct_evaluation_on_lincs(lincs_path, ray_cluster
     assert meta["state"] == "complete" and meta["lambdas"] == lams
 
 
+def test_a_sweep_in_object_storage_is_written_and_restored_there(lincs_path, ray_cluster, s3_server):
+    """The sweep's folder is an ``s3://`` URL (a real S3 API): the Tune experiment, the curve and the
+    accounting land there; ``--resume`` of the finished sweep restores every trial and runs none."""
+    from raycp.sweep.writers import read_sets, write_lambda_sweep
+
+    out = f"s3://{s3_server['bucket']}/sweeps/lincs-lambda"
+    frames = read_sets({"lincs": str(lincs_path)})
+    first = write_lambda_sweep(frames, SPEC, [0.01], out, echo=lambda *_: None)
+    fs = s3_server["fs"]
+    fs.invalidate_cache()
+    assert fs.exists(f"{out}/lambda_curve.parquet") and fs.glob(f"{out}/lambda/*/result.json")
+    again = write_lambda_sweep(frames, SPEC, [0.01], out, resume=True, echo=lambda *_: None)
+    assert again["accounting"]["restored"] == again["accounting"]["total"] == 2
+    pd.testing.assert_frame_equal(again["curve"], first["curve"])
+
+
 def test_selection_rules_on_a_saturating_curve():
     curve = pd.DataFrame({"sphere_lambda": [math.nan, 1.0, 0.1, 0.01, 0.001],
                           "map_paper": [0.30, 0.35, 0.395, 0.40, 0.40]})
@@ -86,15 +102,6 @@ def test_selection_rules_on_a_saturating_curve():
 def _raycp(*argv: str, env: dict, **kw):
     exe = str(Path(sys.executable).parent / "raycp")
     return subprocess.Popen([exe, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def _kill_tree(ray_tmp: str) -> None:
-    """``kill -9`` of the local Ray the sweep started (every process of its temp dir, and theirs)."""
-    for pid in processes_under(ray_tmp):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.mark.timeout(600)
@@ -114,7 +121,7 @@ def test_an_interrupted_sweep_resumes_only_its_missing_trials(lincs_path, tmp_pa
         time.sleep(0.2)
     assert proc.poll() is None, f"the sweep ended before it could be interrupted: {proc.stdout.read()[-2000:]}"
     os.killpg(proc.pid, signal.SIGKILL)        # the driver and its supervisor, then the local Ray
-    _kill_tree(ray_tmp)
+    kill_cluster(ray_tmp)
     proc.wait(30)
     finished = {p.parent.name: p.read_bytes() for p in out.glob("lambda/*/result.json") if p.stat().st_size > 0}
     assert 3 <= len(finished) < 26
@@ -122,7 +129,7 @@ def test_an_interrupted_sweep_resumes_only_its_missing_trials(lincs_path, tmp_pa
 
     again = subprocess.run([str(Path(sys.executable).parent / "raycp"), *argv, "--resume"], env=env,
                            capture_output=True, text=True, timeout=400)
-    _kill_tree(ray_tmp)
+    kill_cluster(ray_tmp)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     meta = json.loads((out / "sweep.json").read_text())
     assert meta["state"] == "complete" and meta["accounting"]["total"] == 26 and meta["accounting"]["failed"] == 0

@@ -71,3 +71,26 @@ def test_mistakes_are_named():
         subset_treatments(_ranking(), "Metadata_Compound", 0.2)
     with pytest.raises(InputError, match="too few"):
         subset_treatments(_ranking(2), "Metadata_Treatment", 0.2)
+    with pytest.raises(InputError, match="weakest and median 0.3 of 5 treatments overlap"):
+        subset_treatments(_ranking(5), "Metadata_Treatment", 0.3)
+
+
+def test_asha_compares_a_trial_only_with_trials_of_its_own_subset():
+    """Subsets are different classification tasks (2 classes vs 7): a loss of 100 on 'all' is not
+    worse than a loss of 1 on 'strongest'. One ASHA per subset stops only within a subset."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from raycp.sweep.tuning import _PerSubsetASHA
+
+    class Trial:
+        def __init__(self, trial_id: str, subset: str):
+            self.trial_id, self.config = trial_id, {"subset": subset}
+
+    asha = _PerSubsetASHA({"metric": "val_loss", "mode": "min", "max_t": 4, "grace_period": 1, "reduction_factor": 2})
+    a, b, c = Trial("a", "strongest"), Trial("b", "all"), Trial("c", "all")
+    for t in (a, b, c):
+        asha.on_trial_add(None, t)
+    report = {"training_iteration": 1}
+    assert asha.on_trial_result(None, a, {**report, "val_loss": 1.0}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, b, {**report, "val_loss": 100.0}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, c, {**report, "val_loss": 300.0}) == TrialScheduler.STOP   # worse than b
