@@ -7,8 +7,8 @@ classes, as in the run's own training); each model's features are then extracted
 cell of the run, profiled and evaluated as the run evaluates its own CNN, so the subsets differ
 only in what the network was trained on (Fig. 3C: mAP per subset).
 
-Other axes (learning rate, epochs, augmentation, anything under ``train``, ``profiles`` or
-``inference``) are dotted config keys with a list of values (grid or random search) or, for
+Other axes (learning rate, epochs, augmentation, crop size: anything under ``train``,
+``profiles``, ``inference`` or ``crops``) are dotted config keys with a list of values (grid or random search) or, for
 random search, a distribution (``log:1e-4:1e-1``, ``uniform:0.8:1``).
 """
 
@@ -23,8 +23,9 @@ from raycp.errors import InputError
 
 #: The subsets of the paper's Fig. 3C, in its order.
 SUBSETS: tuple[str, ...] = ("weakest", "median", "strongest", "all")
-#: Config sections a trial may vary (the image stages are the base run's: their crops are reused).
-AXIS_SECTIONS: tuple[str, ...] = ("train", "profiles", "inference")
+#: Config sections a trial may vary. A trial reuses the base run's crops, unless it varies a
+#: ``crops`` setting (e.g. ``crops.size``): then it runs the image stages into its own folder.
+AXIS_SECTIONS: tuple[str, ...] = ("train", "profiles", "inference", "crops")
 #: Keys a trial may not vary: its data, its feature sets and whether it trains are the sweep's.
 FIXED_KEYS: tuple[str, ...] = ("train.enabled", "train.name", "train.resume", "train.resume_from")
 
@@ -54,8 +55,8 @@ def check_key(key: str, what: str = "--param") -> str:
     """A dotted key a trial may set; raises :class:`InputError` otherwise."""
     if key.split(".", 1)[0] not in AXIS_SECTIONS or "." not in key:
         raise InputError(f"{what} {key!r}: a trial may set keys of {', '.join(AXIS_SECTIONS)} only "
-                         "(the image stages and their crops are the base run's)",
-                         fix="e.g. train.optim.lr, train.optim.epochs, train.augment.crop_min, profiles.sphere_lambda")
+                         "(the index, illumination and nuclei settings are the base run's)",
+                         fix="e.g. train.optim.lr, train.optim.epochs, crops.size, profiles.sphere_lambda")
     if key in FIXED_KEYS:
         raise InputError(f"{what} {key!r} is set by the sweep itself", fix="vary another key")
     return key

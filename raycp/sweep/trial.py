@@ -2,7 +2,7 @@
 features over the whole run — the run's own stages, under the trial's folder.
 
 A trial is a raycp run of its own (``data.output`` = ``<sweep>/trials/<trial_id>``) that reads
-its base run's crops (``source_run``): Ray Train (:func:`raycp.train.trainer.build_trainer`,
+its base run's crops (``source_run``; a trial varying ``crops.*`` makes its own): Ray Train (:func:`raycp.train.trainer.build_trainer`,
 its run named after the trial id, so a restored trial resumes its checkpoints), then the
 registered ``extract``, ``profiles`` and ``evaluate`` stages (:func:`raycp.run.runner.run_pipeline`,
 so a restored trial also skips the stages it finished). Tune is not imported here: the Tune
@@ -19,21 +19,43 @@ from raycp.io import urls
 from raycp.layout import RunLayout
 
 
+def own_crops(overrides: Mapping) -> bool:
+    """Whether a trial makes its own crops: it varies a ``crops`` setting (e.g. ``crops.size``)."""
+    return any(str(k).startswith("crops.") for k in overrides)
+
+
 def trial_config(base, base_run: str, trial_dir: str, overrides: Mapping):
     """The trial's :class:`~raycp.run.config.PipelineConfig`: the base run's config with its own
-    output, the base run's crops, the trained CNN as its one feature set, ``overrides`` (the
-    trial's axes) applied. Raises :class:`~raycp.errors.ConfigError` for an invalid override."""
+    output, the base run's crops (its own when it varies a ``crops`` setting), the trained CNN as
+    its one feature set, ``overrides`` (the trial's axes) applied. Raises
+    :class:`~raycp.errors.ConfigError` for an invalid override."""
     from raycp.config import apply_overrides
 
-    return apply_overrides(base, {"data.output": trial_dir, "source_run": base_run, "train.enabled": True,
+    source = {} if own_crops(overrides) else {"source_run": base_run}
+    return apply_overrides(base, {"data.output": trial_dir, **source, "train.enabled": True,
                                   "features": [{"kind": "trained"}], "profiles.umap": False, **overrides})
 
 
-def _trial_stages():
-    from raycp.stages import evaluate as evaluate_stage
-    from raycp.stages import extract, make_registry, profiles
+def _stages(*names: str):
+    from raycp.stages import REGISTRY, make_registry
 
-    return make_registry(extract.STAGE, profiles.STAGE, evaluate_stage.STAGE)
+    return make_registry(*(REGISTRY[n] for n in names))
+
+
+def _own_index(cfg, treatments: list[str], label: str) -> str:
+    """The image stages into the trial's own folder, then its subset's training index over its own
+    crops (the same treatments and every control cell): ``<trial>/subset.parquet``."""
+    from raycp.io.outputs import write_parquet
+    from raycp.run.runner import run_pipeline
+    from raycp.sweep.subsets import subset_index
+    from raycp.trainset.sources import crop_cells
+
+    run_pipeline(cfg, registry=_stages("illum", "compress", "nuclei", "crops"), echo=lambda line: None)
+    layout = RunLayout(cfg.data.output)
+    url = urls.join(cfg.data.output, "subset.parquet")
+    write_parquet(subset_index(crop_cells(layout.folder("crops"), label=label), treatments, source="run", label=label),
+                  url)
+    return url
 
 
 def _trained(cfg, tcfg) -> dict | None:
@@ -61,8 +83,11 @@ def _unseen_map(cfg, index, label: str) -> dict:
 
 
 def run_trial(base, base_run: str, trial_dir: str, trial_id: str, index_url: str, overrides: Mapping, *,
-              callbacks: list | None = None, echo: Callable[[str], None] = print) -> dict:
-    """Train on ``index_url`` (a subset's training index), then extract → profiles → evaluate.
+              treatments: list[str] | None = None, callbacks: list | None = None,
+              echo: Callable[[str], None] = print) -> dict:
+    """Train on ``index_url`` (a subset's training index), then extract → profiles → evaluate. A
+    trial that varies a ``crops`` setting first runs the image stages into its own folder and
+    trains on its own crops of the same ``treatments`` (and every control cell).
 
     Returns the trial's figures: the last epoch's training metrics, the trained classes and cells,
     and the evaluation of the CNN's features without correction and sphered at
@@ -73,6 +98,8 @@ def run_trial(base, base_run: str, trial_dir: str, trial_id: str, index_url: str
     from raycp.train import trainer
 
     cfg = trial_config(base, base_run, trial_dir, overrides)
+    if own_crops(overrides):
+        index_url = _own_index(cfg, list(treatments or []), cfg.train.label)
     tcfg = apply_overrides(cfg.train_config(), {"crops": index_url, "name": trial_id})
     info = _trained(cfg, tcfg)
     if info is None:
@@ -83,7 +110,7 @@ def run_trial(base, base_run: str, trial_dir: str, trial_id: str, index_url: str
             tcfg, trainer.default_run_config(tcfg, callbacks=callbacks), prep=prep))
         trainer.finish(tcfg, prep, result)
         info = _trained(cfg, tcfg) or {}
-    run_pipeline(cfg, registry=_trial_stages(), echo=echo)
+    run_pipeline(cfg, registry=_stages("extract", "profiles", "evaluate"), echo=echo)
     table = read_parquet(RunLayout(trial_dir).comparison)
     none = table[table["correction"] == "none"].iloc[0]
     sphered = table[table["correction"] != "none"].iloc[0]

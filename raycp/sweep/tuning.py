@@ -137,12 +137,13 @@ SUBSETS_EXPERIMENT = "tune"
 class SubsetPlan:
     """What every subset trial shares (JSON-able; passed to the trials once): the base run's
     resolved config (with the overrides every trial gets) and folder, the sweep's folder, each
-    subset's training index."""
+    subset's training index and treatments."""
 
     base: dict
     base_run: str
     output: str
     indices: dict
+    treatments: dict
 
 
 @dataclass
@@ -169,7 +170,8 @@ def _subset_trial(config: dict, plan: SubsetPlan) -> None:
     trial_id = tune.get_context().get_trial_id()
     figures = run_trial(PipelineConfig.model_validate(plan.base), plan.base_run, trial_folder(plan.output, trial_id),
                         trial_id, plan.indices[config["subset"]], dict(config.get("overrides") or {}),
-                        callbacks=[TuneReportCallback()], echo=lambda line: None)
+                        treatments=plan.treatments[config["subset"]], callbacks=[TuneReportCallback()],
+                        echo=lambda line: None)
     tune.report({**figures, "evaluated": True})
 
 

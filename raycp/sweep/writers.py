@@ -130,7 +130,8 @@ def write_subset_sweep(run: str, output: str, *, base, subsets: list[str], fract
     use_gpu = c.use_gpu if c.use_gpu is not None else runtime.cluster_gpus() >= c.num_workers
     concurrent = max_concurrent(cpus=runtime.cluster_cpus(), gpus=runtime.cluster_gpus(), num_workers=c.num_workers,
                                 cpus_per_worker=c.cpus_per_worker, data_cpus=c.data_cpus, use_gpu=use_gpu)
-    plan = SubsetPlan(base=base.model_dump(mode="json"), base_run=run, output=output, indices=indices)
+    plan = SubsetPlan(base=base.model_dump(mode="json"), base_run=run, output=output, indices=indices,
+                      treatments=treatments)
     result = run_subset_sweep(plan, list(subsets), axes, search=search, num_samples=num_samples, seed=seed, asha=asha,
                               max_concurrent=concurrent, trial_cpus=trial_cpus, resume=resume, echo=echo)
     keys = [a.key for a in axes]
@@ -147,7 +148,7 @@ def write_subset_sweep(run: str, output: str, *, base, subsets: list[str], fract
         lam = table["sphere_lambda"].dropna()
         title = f"map_paper (sphered, λ={lam.iloc[0]:g}) of CNNs trained on each subset" if len(lam) else None
         # the run's own CNN is a reference only for trials trained with its recipe
-        same_recipe = not any(k.startswith("train.") for k in [*fixed, *keys])
+        same_recipe = not any(k.startswith(("train.", "crops.")) for k in [*fixed, *keys])
         baseline = _run_map_paper(run) if same_recipe else None
         save_png(lambda path: plot_subset_map(table, path, baseline=baseline, title=title),
                  urls.join(output, "subsets.png"))

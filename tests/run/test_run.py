@@ -299,6 +299,29 @@ def test_an_asha_stopped_train_trial_does_not_hang_the_sweep(tiny_run):
     assert "4 stopped early" in done.stdout and "stops every trial" in done.stderr
 
 
+@pytest.mark.timeout(400)
+def test_a_crop_size_axis_makes_the_trials_own_crops(tiny_run):
+    """``--param crops.size=48``: the trial runs the image stages into its own folder, crops every
+    cell at 48 px, trains on its subset of those crops and extracts from them."""
+    from raycp.train.data import read_crop_metadata
+
+    out, _, _ = tiny_run
+    folder = out / "sweeps" / "crop-size"
+    done = _sweep_cli("subsets", "--run", str(out), "--subsets", "strongest", "--param", "crops.size=48",
+                      "-o", str(folder), timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    row = pd.read_parquet(folder / "subsets.parquet").iloc[0]
+    assert row["state"] == "done" and row["crops.size"] == 48 and row["label"] == "strongest · size=48"
+    trial = folder / "trials" / row["trial_id"]
+    crops = read_crop_metadata(str(trial / "crops"), label="Metadata_Treatment")
+    assert crops.shape[1:] == (48, 48)
+    assert json.loads((trial / "train" / "model" / "model.json").read_text())["crop_size"] == 48
+    index = pd.read_parquet(trial / "subset.parquet")
+    assert index["Metadata_IsControl"].sum() == crops.meta["Metadata_IsControl"].sum()
+    assert index["crops_file"].str.startswith(str(trial / "crops")).all()
+    assert json.loads((trial / "features" / "cnn" / "model.json").read_text())["crop_size"] == 48
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_an_interrupted_subset_sweep_resumes_its_train_run_and_skips_finished_trials(tiny_run):

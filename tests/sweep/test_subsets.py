@@ -48,7 +48,8 @@ def test_axes_are_config_keys_with_values_or_distributions():
     b = parse_axis("train.optim.lr=log:1e-4:1e-1")
     assert b.distribution == "log" and math.isclose(b.low, 1e-4) and math.isclose(b.high, 0.1)
     assert parse_axis("train.augment.enabled=true,false").values == (True, False)
-    for bad, message in (("train.optim.lr", "KEY=VALUES"), ("crops.size=96,128", "image stages"),
+    assert parse_axis("crops.size=64,96").values == (64, 96)     # a trial then makes its own crops
+    for bad, message in (("train.optim.lr", "KEY=VALUES"), ("nuclei.channel=DNA", "base run's"),
                          ("train.enabled=false", "set by the sweep"), ("train.optim.lr=log:0:1", "LOW > 0"),
                          ("train.optim.lr=0.1,0.1", "twice")):
         with pytest.raises(InputError, match=message):
