@@ -14,6 +14,7 @@ feature extraction.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -52,7 +53,13 @@ def _train_worker_node(cluster) -> str | None:
 
 
 def _checkpoints(out: Path) -> list[str]:
-    return sorted(p.name for p in (out / "train" / "checkpoints").glob("epoch_*")) if (out / "train").exists() else []
+    """The checkpoints Ray Train has committed (named in its snapshot; a folder alone may be one
+    being written, which a restarted worker group would not resume from)."""
+    snapshot = out / "train" / "checkpoints" / "checkpoint_manager_snapshot.json"
+    try:
+        return sorted(set(re.findall(r"epoch_\d{4}", snapshot.read_text())))
+    except (FileNotFoundError, ValueError):
+        return []
 
 
 @pytest.mark.timeout(1500)
