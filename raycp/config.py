@@ -80,6 +80,11 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def parse_value(raw: str) -> Any:
+    """An override's value as YAML (``96`` → 96, ``[a, b]`` → a list); blank → None."""
+    return yaml.safe_load(raw) if raw.strip() else None
+
+
 def parse_overrides(overrides: list[str] | tuple[str, ...] | None) -> dict:
     """``["data.index=s3://b/i.parquet", "crops.size=96"]`` -> nested dict (values parsed as YAML)."""
     tree: dict = {}
@@ -87,7 +92,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...] | None) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not KEY=VALUE", fix="write e.g. --set crops.size=96")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        _set_dotted(tree, key.strip(), parse_value(raw))
     return tree
 
 

@@ -136,6 +136,9 @@ def plan(cfg) -> Plan:
     from raycp.extract.models import load_extractor
 
     run = cfg.source_run or cfg.data.output  # read from; features go under data.output
+    model_cfg = cfg.model
+    if model_cfg.kind == "trained" and not model_cfg.path:  # the driver and the actors read the run written to
+        model_cfg = model_cfg.model_copy(update={"path": RunLayout(cfg.data.output).model})
     index, compressed = _index(cfg)
     input_ = src.decide_input(cfg, run)
     kind = cfg.model.kind
@@ -169,7 +172,7 @@ def plan(cfg) -> Plan:
         model_json = {"kind": kind, "channels": channels, "fingerprint": _cp_fingerprint(cfg),
                       "measurements": cfg.cellprofiler.model_dump(mode="json")}
     else:
-        extractor = load_extractor(cfg.model, channels, run=cfg.data.output, device="cpu", batch_size=1, crop_size=crop_size)
+        extractor = load_extractor(model_cfg, channels, run=cfg.data.output, device="cpu", batch_size=1, crop_size=crop_size)
         info = extractor.info
         model_channels, names = info.channels, info.feature_names
         model_json = info.to_json()
@@ -182,10 +185,7 @@ def plan(cfg) -> Plan:
                             config=cfg.model_dump(mode="json"), correct=correct, compressed=compressed,
                             locate=locate, metadata_columns=metadata_columns(index.table))
     inf = cfg.inference
-    model = cfg.model.model_dump(mode="json")
-    if kind == "trained" and not model.get("path"):
-        model["path"] = RunLayout(cfg.data.output).model  # the actors read it from the run written to
-    spec = ExtractSpec(source=asdict(source), model=model, model_name=cfg.model.folder_name,
+    spec = ExtractSpec(source=asdict(source), model=model_cfg.model_dump(mode="json"), model_name=cfg.model.folder_name,
                        feature_names=names, features_folder=layout.folder, npz=cfg.outputs.npz,
                        npz_layout=cfg.outputs.npz_layout, device="cpu", precision=inf.precision,
                        batch_size=inf.batch_size, channels_last=inf.channels_last,

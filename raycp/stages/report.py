@@ -10,6 +10,7 @@ subsets (Fig. 3B), then input accounting and wall time per stage.
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pandas as pd
@@ -101,8 +102,6 @@ def _subset_sweep_section(ctx: Context) -> Section | None:
     url = urls.join(folder, "subsets.parquet")
     if not urls.exists(url):
         return None
-    import json
-
     table = read_parquet(url)
     meta = json.loads(urls.read_bytes(urls.join(folder, "sweep.json")))
     cols = [c for c in ("label", "state", "classes", "cells_trained", "epochs", "val_macro_f1", "map_paper",
@@ -132,8 +131,6 @@ def _lambda_sweep_section(ctx: Context) -> Section | None:
     curve_url = urls.join(folder, "lambda_curve.parquet")
     if not urls.exists(curve_url):
         return None
-    import json
-
     selection = json.loads(urls.read_bytes(urls.join(folder, "lambda_selection.json")))
     rows = [{"feature_set": name, "best λ": s["best_lambda"], "best map_paper": s["best"],
              "no correction": s["none"], f"saturated λ (within {s['tolerance']:g})": s["saturated_lambda"],

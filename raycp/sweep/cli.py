@@ -144,7 +144,7 @@ def subsets_cmd(
     20 %, all: paper Fig. 3C), extract, profile and evaluate each over the whole run → a table and a
     bar plot. Each trial is a Ray Train run inside a Ray Tune trial; other axes by --param."""
     from raycp import runtime
-    from raycp.config import apply_overrides, parse_overrides
+    from raycp.config import apply_overrides, parse_value
     from raycp.errors import ConfigError
     from raycp.layout import RunLayout
     from raycp.sweep.subsets import check_key, parse_axis
@@ -167,8 +167,8 @@ def subsets_cmd(
     for item in set_ or []:
         if "=" not in item:
             raise InputError(f"--set {item!r} is not KEY=VALUE", fix="e.g. --set train.optim.epochs=10")
-        key = check_key(item.split("=", 1)[0].strip(), "--set")
-        fixed[key] = _flatten_one(parse_overrides([item]), key)
+        key, raw = item.split("=", 1)
+        fixed[check_key(key.strip(), "--set")] = parse_value(raw)
     base = apply_overrides(base, fixed)
     for axis in axes:  # every listed value must be a valid config value, before any trial starts
         for value in axis.values:
@@ -212,12 +212,6 @@ def subsets_cmd(
                f"{a['failed']} failed ({a['restored']} restored) → {out}")
     if a["failed"]:
         raise typer.Exit(3)
-
-
-def _flatten_one(tree: dict, key: str):
-    for part in key.split("."):
-        tree = tree[part]
-    return tree
 
 
 def _run_config(run: str):

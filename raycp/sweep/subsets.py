@@ -43,10 +43,13 @@ class Axis:
 
 
 def _value(text: str):
+    """A listed value as ``--set`` parses one (:func:`raycp.config.parse_value`); text YAML cannot read stays text."""
     import yaml
 
+    from raycp.config import parse_value
+
     try:
-        return yaml.safe_load(text)
+        return parse_value(text)
     except yaml.YAMLError:
         return text
 
@@ -150,6 +153,12 @@ def max_concurrent(*, cpus: float, gpus: float, num_workers: int, cpus_per_worke
     if use_gpu:
         return max(1, int(gpus // num_workers))
     return max(1, int(cpus // (num_workers * cpus_per_worker + data_cpus)))
+
+
+def trial_label(subset: str, overrides: dict) -> str:
+    """A trial's name for tables, plots and progress lines: ``strongest · lr=0.01 · size=96``."""
+    return " · ".join([subset, *(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+                                 for k, v in overrides.items())])
 
 
 def results_table(rows: list[dict], axes: list[str]) -> pd.DataFrame:

@@ -64,25 +64,24 @@ def _trial(config: dict, data: dict, spec: EvaluationSpec) -> None:
     tune.report({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()})
 
 
-def _finished(experiment: str) -> set[tuple[str, str]]:
-    """(feature_set, λ) of the trials an earlier call finished: their ``result.json`` has a row."""
+def _last_results(experiment: str) -> list[dict]:
+    """The last result row of every trial of the experiment that reported one (its ``result.json``)."""
     fsys, root = urls.filesystem(experiment)
-    done = set()
+    rows = []
     for path in fsys.glob(f"{root}/*/result.json"):
         with fsys.open(path, "r") as fh:
             lines = [ln for ln in fh.read().splitlines() if ln.strip()]
         if lines:
-            row = json.loads(lines[-1])
-            done.add((row["config"]["feature_set"], str(row["config"]["lam"])))
-    return done
+            rows.append(json.loads(lines[-1]))
+    return rows
 
 
 def run_lambda_sweep(sets: dict[str, pd.DataFrame], spec: EvaluationSpec, lambdas: list[float], output: str, *,
                      resume: bool = False, echo: Callable[[str], None] = print) -> LambdaSweep:
     """Run (or with ``resume`` restore and finish) the sweep's trials on the connected cluster.
 
-    Raises :class:`ConfigError` when ``output`` already holds a sweep and ``resume`` is off, or
-    holds none and ``resume`` is on."""
+    The caller has checked ``output`` first (:func:`check_experiment`: a new sweep needs an empty
+    folder, a resumed one its experiment)."""
     from raycp import runtime
 
     echo(f"sweep lambda: control eigendecomposition of {len(sets)} feature set(s)")
@@ -91,8 +90,7 @@ def run_lambda_sweep(sets: dict[str, pd.DataFrame], spec: EvaluationSpec, lambda
     storage_path, fs = runtime.train_storage(output)
     experiment = urls.join(output, EXPERIMENT)
     path = f"{storage_path.rstrip('/')}/{EXPERIMENT}"
-    check_experiment(output, EXPERIMENT, resume, "a λ sweep")
-    before = _finished(experiment) if resume else set()
+    restored = len(_last_results(experiment)) if resume else 0  # trials that finished before this call
     runtime.connection()
     trainable = tune.with_resources(tune.with_parameters(_trial, data=data, spec=spec), {"cpu": 1})
     if resume:
@@ -125,7 +123,7 @@ def run_lambda_sweep(sets: dict[str, pd.DataFrame], spec: EvaluationSpec, lambda
         curve["_none"] = curve["sphere_lambda"].isna()
         curve = (curve.sort_values(["feature_set", "_none", "sphere_lambda"], ascending=[True, False, False])
                  .drop(columns="_none").reset_index(drop=True))
-    return LambdaSweep(curve=curve, failed=failed, restored=len(before), total=len(grid))
+    return LambdaSweep(curve=curve, failed=failed, restored=restored, total=len(grid))
 
 
 # ------------------------------------------------------------------------- training subsets
@@ -189,26 +187,14 @@ def _param_space(subsets: list[str], axes: list, search: str) -> dict:
     return space
 
 
-def _subsets_finished(experiment: str) -> set[str]:
-    """Trial ids whose last result says the trial was evaluated."""
-    fsys, root = urls.filesystem(experiment)
-    done = set()
-    for path in fsys.glob(f"{root}/*/result.json"):
-        with fsys.open(path, "r") as fh:
-            lines = [ln for ln in fh.read().splitlines() if ln.strip()]
-        if lines and json.loads(lines[-1]).get("evaluated"):
-            done.add(json.loads(lines[-1])["trial_id"])
-    return done
-
-
 class _TrialLines(tune.Callback):
     """One line per trial as it starts and ends (stdout)."""
 
     @staticmethod
     def _name(trial) -> str:
-        over = ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
-                         for k, v in (trial.config.get("overrides") or {}).items())
-        return f"trial {trial.trial_id} ({trial.config.get('subset')}{', ' + over if over else ''})"
+        from raycp.sweep.subsets import trial_label
+
+        return f"trial {trial.trial_id} ({trial_label(trial.config.get('subset'), trial.config.get('overrides') or {})})"
 
     def on_trial_start(self, iteration, trials, trial, **info):
         print(f"  {self._name(trial)}: training", flush=True)
@@ -271,16 +257,15 @@ def run_subset_sweep(plan: SubsetPlan, subsets: list[str], axes: list, *, search
     A trial's own process reserves ``trial_cpus`` CPUs (0: only memory) so that every CPU stays
     for its Train workers and its extraction's tasks.
 
-    Raises :class:`ConfigError` when ``output`` already holds a sweep and ``resume`` is off, or
-    holds none and ``resume`` is on."""
+    The caller has checked ``output`` first (:func:`check_experiment`: a new sweep needs an empty
+    folder, a resumed one its experiment)."""
     from raycp import runtime
 
     storage_path, fs = runtime.train_storage(plan.output)
     experiment = urls.join(plan.output, SUBSETS_EXPERIMENT)
     path = f"{storage_path.rstrip('/')}/{SUBSETS_EXPERIMENT}"
-    check_experiment(plan.output, SUBSETS_EXPERIMENT, resume, "a subset sweep")
     runtime.connection()
-    before = _subsets_finished(experiment) if resume else set()
+    restored = sum(1 for r in _last_results(experiment) if r.get("evaluated")) if resume else 0
     resources = {"cpu": trial_cpus, "memory": 256 * 1024**2}
     trainable = tune.with_resources(tune.with_parameters(_subset_trial, plan=plan), resources)
     if resume:  # the experiment's scheduler, search algorithm and callbacks come back with it
@@ -315,4 +300,4 @@ def run_subset_sweep(plan: SubsetPlan, subsets: list[str], axes: list, *, search
                     "queries_unseen", "sphere_lambda", "treatments_evaluated"):
             row[key] = m.get(key) if state == "done" or key.startswith(("train_", "val_")) else None
         rows.append(row)
-    return SubsetSweep(rows=rows, restored=len(before), total=len(grid))
+    return SubsetSweep(rows=rows, restored=restored, total=len(grid))

@@ -109,8 +109,9 @@ def write_subset_sweep(run: str, output: str, *, base, subsets: list[str], fract
     from raycp import runtime
     from raycp.evaluate.plots import plot_subset_map
     from raycp.io.outputs import save_png
-    from raycp.sweep.subsets import max_concurrent, results_table
+    from raycp.sweep.subsets import max_concurrent, results_table, trial_label
     from raycp.sweep.tuning import SubsetPlan, run_subset_sweep
+    from raycp.train.trainer import uses_gpu
 
     settings = {"run": run, "subsets": list(subsets), "fraction": fraction,
                 "axes": [jsonable(vars(a)) for a in axes], "fixed": jsonable(fixed), "search": search,
@@ -127,9 +128,8 @@ def write_subset_sweep(run: str, output: str, *, base, subsets: list[str], fract
                           fix="start the head node with --include-dashboard=true, or sweep without --asha")
     tcfg = base.train_config()
     c = tcfg.compute
-    use_gpu = c.use_gpu if c.use_gpu is not None else runtime.cluster_gpus() >= c.num_workers
     concurrent = max_concurrent(cpus=runtime.cluster_cpus(), gpus=runtime.cluster_gpus(), num_workers=c.num_workers,
-                                cpus_per_worker=c.cpus_per_worker, data_cpus=c.data_cpus, use_gpu=use_gpu)
+                                cpus_per_worker=c.cpus_per_worker, data_cpus=c.data_cpus, use_gpu=uses_gpu(tcfg))
     plan = SubsetPlan(base=base.model_dump(mode="json"), base_run=run, output=output, indices=indices,
                       treatments=treatments)
     result = run_subset_sweep(plan, list(subsets), axes, search=search, num_samples=num_samples, seed=seed, asha=asha,
@@ -140,9 +140,7 @@ def write_subset_sweep(run: str, output: str, *, base, subsets: list[str], fract
         if col in table.columns:
             table[col] = table[col].astype("Int64")
     if len(table):
-        table.insert(2, "label", [" · ".join([s, *[f"{k.rsplit('.', 1)[-1]}={r[k]:.3g}" if isinstance(r[k], float)
-                                                   else f"{k.rsplit('.', 1)[-1]}={r[k]}" for k in keys]])
-                                  for s, r in zip(table["subset"], table.to_dict("records"))])
+        table.insert(2, "label", [trial_label(r["subset"], {k: r[k] for k in keys}) for r in table.to_dict("records")])
     write_parquet(table, urls.join(output, "subsets.parquet"))
     if len(table) and table["map_paper"].notna().any():
         lam = table["sphere_lambda"].dropna()

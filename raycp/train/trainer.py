@@ -264,6 +264,16 @@ def _check_resources(cfg: TrainConfig, use_gpu: bool) -> None:
                            "lower compute.num_workers)")
 
 
+def uses_gpu(cfg: TrainConfig) -> bool:
+    """Whether the workers train on GPUs: ``compute.use_gpu``, or by default when the connected
+    cluster has (or can grow to) a GPU per worker."""
+    from raycp import runtime
+
+    if cfg.compute.use_gpu is not None:
+        return cfg.compute.use_gpu
+    return runtime.cluster_gpus() >= cfg.compute.num_workers
+
+
 def default_run_config(cfg: TrainConfig, callbacks: list | None = None):
     """``raycp train``'s Ray Train ``RunConfig``: storage ``<output>/train`` (through
     :func:`raycp.runtime.train_storage`, the same filesystem and S3 settings as every other read
@@ -308,9 +318,7 @@ def build_trainer(cfg: TrainConfig, run_config=None, *, prep: Prepared | None = 
     resume_state = _resume_state(cfg, latest)
     imagenet = _imagenet(cfg, len(prep.classes)) if latest is None and resume_state is None else None
     ray = runtime.connection()
-    use_gpu = cfg.compute.use_gpu
-    if use_gpu is None:
-        use_gpu = runtime.cluster_gpus() >= cfg.compute.num_workers
+    use_gpu = uses_gpu(cfg)
     _check_resources(cfg, use_gpu)
 
     save_resolved(cfg, out)

@@ -88,6 +88,16 @@ def stop(pids: set[int]) -> None:
             time.sleep(0.2)
 
 
+def own_ray_env(prefix: str) -> tuple[str, dict]:
+    """A temp dir for the local Ray a ``raycp`` subprocess starts, and that process's environment:
+    its own ``RAYCP_RAY_TMPDIR``, unbuffered output, and no address of another cluster."""
+    ray_tmp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    env = {**os.environ, "RAYCP_RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
+    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env.pop(key, None)
+    return ray_tmp, env
+
+
 def kill_cluster(ray_tmp: str) -> None:
     """``kill -9`` of every process of the local Ray under ``ray_tmp`` (:func:`processes_under`)."""
     for pid in processes_under(ray_tmp):

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -219,12 +218,9 @@ def test_a_combined_training_set_of_two_runs_is_what_raycp_train_reads(tiny_run,
 def _sweep_cli(*argv: str, timeout: float) -> subprocess.CompletedProcess:
     """``raycp sweep ...`` as a user runs it: its own local Ray (with the dashboard it starts for
     Train trials), under its own temp dir; whatever is left of that Ray is killed afterwards."""
-    from tests.jobs.conftest import kill_cluster
+    from tests.jobs.conftest import kill_cluster, own_ray_env
 
-    ray_tmp = tempfile.mkdtemp(prefix="rss", dir="/tmp")
-    env = {**os.environ, "RAYCP_RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
-    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
-        env.pop(key, None)
+    ray_tmp, env = own_ray_env("rss")
     try:
         return subprocess.run([str(Path(sys.executable).parent / "raycp"), "sweep", *argv], env=env,
                               capture_output=True, text=True, timeout=timeout)
@@ -328,14 +324,11 @@ def test_an_interrupted_subset_sweep_resumes_its_train_run_and_skips_finished_tr
     """The sweep's driver and its Ray are killed (``kill -9``) while the second trial trains; with
     ``--resume`` the first trial is restored as finished (its files untouched) and the second one's
     Train run, named after its trial, continues from its last checkpoint."""
-    from tests.jobs.conftest import kill_cluster
+    from tests.jobs.conftest import kill_cluster, own_ray_env
 
     out, _, _ = tiny_run
     folder = out / "sweeps" / "resumed"
-    ray_tmp = tempfile.mkdtemp(prefix="rsr", dir="/tmp")
-    env = {**os.environ, "RAYCP_RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
-    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
-        env.pop(key, None)
+    ray_tmp, env = own_ray_env("rsr")
     argv = [str(Path(sys.executable).parent / "raycp"), "sweep", "subsets", "--run", str(out), "--subsets",
             "strongest,all", "--set", "train.optim.epochs=40", "-o", str(folder)]
 

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 
 from raycp.evaluate import evaluate
 from raycp.sweep.lambdas import JUMP_LAMBDAS, PAPER_LAMBDAS, EvaluationSpec, lambda_grid, select_lambda
-from tests.jobs.conftest import kill_cluster
+from tests.jobs.conftest import kill_cluster, own_ray_env
 from tests.profiles.conftest import LINCS_CONTROLS, LINCS_TREATMENT
 
 SPEC = EvaluationSpec(treatment_cols=tuple(LINCS_TREATMENT), annotation_col="Metadata_moa", control_query=LINCS_CONTROLS)
@@ -107,9 +106,7 @@ def _raycp(*argv: str, env: dict, **kw):
 @pytest.mark.timeout(600)
 def test_an_interrupted_sweep_resumes_only_its_missing_trials(lincs_path, tmp_path):
     out = tmp_path / "sweep"
-    ray_tmp = tempfile.mkdtemp(prefix="rsw", dir="/tmp")
-    env = {**os.environ, "RAYCP_RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
+    ray_tmp, env = own_ray_env("rsw")
     argv = ["sweep", "lambda", f"lincs={lincs_path}", *ARGS, "--preset", "jump", "-o", str(out), "--num-cpus", "2"]
     proc = _raycp(*argv, env=env, start_new_session=True)
     deadline = time.time() + 300
