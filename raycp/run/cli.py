@@ -63,6 +63,10 @@ def run(
             t.add_row(row["feature_set"], row["correction"], _fmt(row["map_paper"]), _fmt(row["map"]),
                       _fmt(row["folds_of_enrichment"]), f"{row['significant_queries']}/{row['queries']}")
         con.print(t)
+        from raycp.stages.train import training_note
+
+        if (note := training_note(cfg)) is not None:
+            con.print(f"note: {note}", markup=False, soft_wrap=True)
     if result.report:
         con.print(f"report: {result.report}", markup=False, soft_wrap=True)
     if quarantined:

@@ -19,6 +19,7 @@ from raycp.io import urls
 from raycp.io.outputs import read_parquet, write_json
 from raycp.report import Section, render_report
 from raycp.stages.base import Context, Stage, read_status
+from raycp.stages.train import training_note
 
 
 def _png(url: str) -> bytes | None:
@@ -60,6 +61,8 @@ def comparison_section(ctx: Context) -> Section:
         if {"none", "sphered"} <= set(wide.columns):
             wide = wide.assign(gain=wide["sphered"] - wide["none"]).rename_axis(columns=None).reset_index()
             sec.tables.append((f"map_paper without and with sphering (λ = {lam:g})", wide))
+        if (note := training_note(ctx.cfg)) is not None:
+            sec.text += f" Note: {note}."
     return sec
 
 

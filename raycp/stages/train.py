@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 from raycp.io.outputs import jsonable
-from raycp.stages.base import Context, Stage, not_run
+from raycp.stages.base import Context, Stage, not_run, read_status
 
 
 def run_train(ctx: Context) -> dict:
@@ -26,11 +26,37 @@ def run_train(ctx: Context) -> dict:
         result = trainer.finish(cfg, prep, trainer.run_trainer(trainer.build_trainer(cfg, prep=prep)))
     last = result.last
     val = last.get("val") or {}
+    if (verdict := undertrained(val)) is not None:
+        ctx.echo(f"  note: {verdict}")
     return jsonable({"total": s["crops"], "processed": s["crops"], "quarantined": 0, "reasons": {},
                      "epochs": len(result.history), "classes": len(result.classes),
                      "train_macro_f1": last.get("train", {}).get("macro_f1"), "val_macro_f1": val.get("macro_f1"),
                      "val_accuracy": val.get("accuracy"), "val_loss": val.get("loss"),
+                     "val_chance_macro_f1": val.get("chance_macro_f1"), "val_chance_p": val.get("chance_p"),
                      "model": result.model_dir, "reports": result.reports, "history": result.history})
+
+
+def undertrained(val: dict | None) -> str | None:
+    """A sentence when the validation macro F1 is not clearly above chance (permutation test,
+    :func:`raycp.train.metrics.chance_macro_f1`, p ≥ ``CHANCE_ALPHA``), else None: such a CNN has
+    not learnt the treatments yet, so its profiles say nothing about weakly supervised learning."""
+    from raycp.train.metrics import CHANCE_ALPHA
+
+    if not val or val.get("chance_p") is None or val["chance_p"] < CHANCE_ALPHA:
+        return None
+    return (f"the CNN's validation macro F1 {val['macro_f1']:.3f} is within noise of chance "
+            f"({val['chance_macro_f1']:.3f}; permutation p = {val['chance_p']:.3f} ≥ {CHANCE_ALPHA:g}): it is "
+            "undertrained, and its profiles are not evidence against the method (train more epochs or steps)")
+
+
+def training_note(cfg) -> str | None:
+    """:func:`undertrained`'s sentence for a run (``PipelineConfig``) whose own CNN is one of the
+    compared feature sets, from its train stage's status; None otherwise."""
+    if not any(m.kind == "trained" and not m.path for m in cfg.features):
+        return None
+    status = read_status(cfg, "train")
+    history = ((status or {}).get("summary") or {}).get("history") or []
+    return undertrained(history[-1].get("val")) if history else None
 
 
 class _EpochWatcher:

@@ -42,6 +42,10 @@ class ModelSection(_Strict):
     stem: Literal["replicate", "timm"] = Field("replicate", description=(
         "5-channel stem from RGB filters: replicate R,G,B,R,G (DeepProfiler) or timm's rescaled adapt_input_conv"))
     drop_rate: float = Field(0.2, ge=0, lt=1, description="dropout before the classifier (Keras EfficientNet-B0: 0.2)")
+    head_init: Literal["keras", "timm"] = Field("keras", description=(
+        "classifier init: keras = Glorot-uniform, zero bias (the paper's Keras Dense); timm = timm's "
+        "U(±1/√classes), whose large initial logits (cross-entropy ≈ 6.8 vs chance 2.56 at 13 classes) "
+        "cost a short run its first epochs"))
 
 
 class OptimSection(_Strict):
@@ -96,6 +100,10 @@ class TrainCompute(_Strict):
         "larger epochs are read in windows every epoch"))
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the latest checkpoint (-1: unlimited)")
     keep_checkpoints: int | None = Field(3, ge=1, description="checkpoints kept (latest ones); none: all")
+    deterministic: bool = Field(True, description=(
+        "the same weights for the same config and seed on the same machine: on GPU, cuDNN's deterministic "
+        "algorithms without autotuning and torch's deterministic mode (slower); CPU training is deterministic "
+        "either way (fixed threads = round(cpus_per_worker))"))
     bf16: bool = Field(True, description="bf16 autocast on GPU (never on CPU)")
     channels_last: bool = Field(True, description="channels_last memory format on GPU")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (tests, benchmarks)")

@@ -65,6 +65,29 @@ def lr_factor(epoch: int, *, schedule: str, warmup: int, epochs: int) -> float:
     return 0.5 * (1.0 + float(np.cos(np.pi * epoch / epochs)))
 
 
+def configure_torch(compute, device: torch.device) -> None:
+    """Threads and determinism of a training process (``TrainConfig.compute``).
+
+    CPU: ``round(cpus_per_worker)`` intra-op threads (Ray sets ``OMP_NUM_THREADS=1`` for
+    fractional CPUs). CPU kernels are deterministic for a fixed thread count, which is why it is
+    fixed: measured on the demo's crops, 8 steps with 1 thread and with 2 threads already give
+    different weights (another reduction order; issue 16), and so may another CPU (oneDNN picks
+    kernels by SIMD width). GPU with ``deterministic``: cuDNN's deterministic
+    algorithms, no autotuning, ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` and torch's deterministic mode
+    (warn-only: an op without a deterministic CUDA kernel warns instead of failing the run); without
+    it, cuDNN autotuning (faster, not reproducible)."""
+    if device.type != "cuda":
+        torch.set_num_threads(max(1, int(round(compute.cpus_per_worker))))
+        return
+    if compute.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
 def param_groups(model: torch.nn.Module, l2: float) -> list[dict]:
     """Keras' L2 kernel regulariser as SGD weight decay: ``2·l2`` on conv/dense kernels only."""
     decay, other = [], []
@@ -97,7 +120,7 @@ class Recipe:
     def model(self, imagenet: dict | str | None = None) -> torch.nn.Module:
         torch.manual_seed(S.derive_seed(self.cfg.seed, S.STREAM_TORCH, 0xFFFF))
         m = create_model(self.cfg.model.arch, num_classes=self.n_classes, in_chans=len(self.cfg.channels),
-                         drop_rate=self.cfg.model.drop_rate)
+                         drop_rate=self.cfg.model.drop_rate, head_init=self.cfg.model.head_init)
         if imagenet is not None:
             load_imagenet_init(m, imagenet, stem=self.cfg.model.stem)
         m = m.to(self.device)
@@ -166,8 +189,8 @@ class Tally:
         return torch.cat([self.conf.to(torch.float64), self.loss.reshape(1)])
 
     @staticmethod
-    def unpack(vec: np.ndarray, n: int) -> dict:
-        return M.summarize(vec[: n * n].reshape(n, n).round().astype(np.int64), float(vec[n * n]))
+    def unpack(vec: np.ndarray, n: int, *, chance: bool = False) -> dict:
+        return M.summarize(vec[: n * n].reshape(n, n).round().astype(np.int64), float(vec[n * n]), chance=chance)
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -285,10 +308,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    else:  # Ray sets OMP_NUM_THREADS=1 for fractional CPUs; use what the worker reserved
-        torch.set_num_threads(max(1, int(round(cfg.compute.cpus_per_worker))))
+    configure_torch(cfg.compute, device)
     n_classes = len(spec.classes)
     recipe = Recipe(cfg, n_classes, device=device, world=world)
 
@@ -385,7 +405,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                      "samples": int(current.steps * current.batch * world),
                      "samples_per_s": round(current.steps * current.batch * world / max(seconds, 1e-9), 2),
                      "train": Tally.unpack(vec[:half], n_classes),
-                     "val": Tally.unpack(vec[half:], n_classes) if len(spec.val_sids) else None}
+                     "val": Tally.unpack(vec[half:], n_classes, chance=True) if len(spec.val_sids) else None}
             history.append(entry)
             sampler = {"seed": cfg.seed, "epoch": epoch, "next_epoch": epoch + 1, **current.state()}
             with tempfile.TemporaryDirectory() as tmp:

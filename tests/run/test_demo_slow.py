@@ -62,11 +62,20 @@ def test_sphering_improves_every_feature_set(demo_run):
         assert _map(table, name, True) > _map(table, name, False), (name, table.to_string())
 
 
+def test_the_cnn_learns_in_the_demos_budget(demo_run):
+    """Paper Fig. 2: weakly supervised training learns the treatments. Issue 16: 30 epochs × 60 steps
+    of the paper's recipe on 2 CPU cores reach a validation macro F1 ≥ 0.30 (13 classes, chance
+    0.077; measured 0.388, 0.374 and 0.416 for seeds 0, 1, 2), clearly above chance."""
+    out, _, _ = demo_run
+    status = json.loads((out / "train" / "status.json").read_text())["summary"]
+    assert status["val_macro_f1"] >= 0.30 and status["val_chance_p"] < 0.01, status
+
+
 @pytest.mark.xfail(strict=True, reason=(
-    "does not hold after the demo's 2-core CPU training (6 epochs × 60 steps of 32, 64-px crops, Lite0): "
-    "CNN + sphering 0.550 vs ImageNet + sphering 0.737 map_paper. Training is far from converged (val macro F1 "
-    "0.14, chance 0.077); 18 such epochs give CNN + sphering 0.635 with val macro F1 0.35 and the loss still "
-    "falling. The paper trains 30 full epochs on a GPU. strict: this test fails loudly once the ordering holds"))
+    "does not hold in the demo's budget (30 epochs × 60 steps of 32, 64-px crops, Lite0, 2 CPU cores): CNN + "
+    "sphering 0.722 / 0.737 / 0.698 for seeds 0 / 1 / 2 vs ImageNet + sphering 0.737 map_paper (12 compounds, "
+    "a tie is one query's rank). benchmarks/train_budget.py measured the limit: see issue 16's note. "
+    "strict: this test fails loudly once the ordering holds"))
 def test_trained_cnn_beats_imagenet_after_sphering(demo_run):
     """Paper Table 2: the Cell Painting CNN (weakly supervised) beats the ImageNet baseline."""
     _, _, table = demo_run

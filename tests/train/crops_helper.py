@@ -141,3 +141,20 @@ def train_cfg(crops, output, **sections):
         else:
             tree[key] = value
     return TrainConfig.model_validate(tree)
+
+
+def read_crops(crops, n: int, *, label: str = "Metadata_Treatment"):
+    """The first ``n`` crops of the shards (uint8 torch N×C×S×S) and their class codes (sorted
+    labels), read as a worker reads them (``CropSource``, local threads, no Ray)."""
+    import torch
+
+    from raycp.train import data as D
+    from raycp.train.sampling import encode_labels
+
+    meta = D.read_crop_metadata(str(crops), label=label)
+    source = D.CropSource(files=meta.files, column=meta.crop_column, shape=meta.shape,
+                          locations=meta.locations(), reader="local")
+    sids = np.arange(min(n, len(meta.meta)))
+    _, x = source.load(sids)
+    codes, _ = encode_labels(meta.meta, label, None)
+    return torch.from_numpy(x), torch.from_numpy(codes[sids].astype(np.int64))

@@ -76,3 +76,18 @@ def test_corrupt_or_foreign_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / STATE_FILE)
     with pytest.raises(InputError, match="not a raycp training checkpoint"):
         load_state(tmp_path)
+
+
+def test_a_cpu_worker_uses_the_threads_it_reserved():
+    """Determinism and speed (issue 16): a CPU worker runs round(cpus_per_worker) threads, whatever
+    OMP_NUM_THREADS Ray gave it for a fractional CPU."""
+    from raycp.train.config import TrainCompute
+    from raycp.train.loop import configure_torch
+
+    before = torch.get_num_threads()
+    try:
+        for cpus, threads in ((1.5, 2), (0.5, 1), (3.0, 3)):
+            configure_torch(TrainCompute(cpus_per_worker=cpus), torch.device("cpu"))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)

@@ -41,3 +41,24 @@ def test_reports_are_written(tmp_path):
     assert {"train_precision", "val_recall", "val_f1", "val_support"} <= set(per_class.columns)
     for key in ("learning_curve", "precision_recall"):
         assert (tmp_path / f"{key}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chance_test_separates_a_classifier_from_label_frequencies():
+    """The report's "within noise of chance" verdict (issue 16): a permutation test on the
+    confusion matrix. Predictions drawn independently of the cell are within noise of chance; 40 %
+    correct predictions among 13 classes are not. Each permutation's macro F1 equals scikit-learn's."""
+    rng = np.random.default_rng(0)  # over 40 seeds, blind predictions' p-values spread evenly over (0, 1)
+    y = rng.integers(0, 13, 500)
+    blind = rng.integers(0, 13, 500)
+    informed = np.where(rng.random(500) < 0.4, y, blind)
+    noise = M.chance_macro_f1(M.confusion(y, blind, 13))
+    signal = M.chance_macro_f1(M.confusion(y, informed, 13))
+    assert noise["chance_p"] > 0.05 and signal["chance_p"] < M.CHANCE_ALPHA
+    assert abs(noise["chance_macro_f1"] - 1 / 13) < 0.02 and noise["chance_macro_f1_q95"] > noise["chance_macro_f1"]
+    assert M.chance_macro_f1(M.confusion(y, blind, 13)) == noise  # seeded
+    s = M.summarize(M.confusion(y, informed, 13), 0.0, chance=True)
+    assert s["chance_p"] == signal["chance_p"] and s["macro_f1"] > signal["chance_macro_f1_q95"]
+    # the null's F1 formula 2·tp/(support + predicted) is scikit-learn's macro F1
+    perm = rng.permutation(informed)
+    conf = M.confusion(y, perm, 13)
+    assert abs(M.summarize(conf, 0.0)["macro_f1"] - f1_score(y, perm, average="macro", zero_division=0)) < 1e-12

@@ -68,3 +68,30 @@ def test_wrong_weights_are_refused(tmp_path, lite0_weights):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="not a readable weights file"):
         read_state_dict(bad)
+
+
+def test_classifier_starts_near_chance_with_the_keras_init(lite0_weights, crops64):
+    """Issue 16: timm's EfficientNet classifier init, U(±1/√classes), gives an ImageNet-initialised
+    model logits of std ≈ 4 and a cross-entropy far above chance on real crops; the paper's Keras
+    Dense (Glorot-uniform, zero bias), raycp's default, starts near chance (ln K)."""
+    import math
+
+    import torch.nn.functional as F
+    from crops_helper import read_crops
+
+    from raycp.models.normalize import normalize
+
+    x, y = read_crops(crops64, 128)
+    k = int(y.max()) + 1
+    losses = {}
+    for head in ("keras", "timm"):
+        torch.manual_seed(0)
+        model = load_imagenet_init(create_model("efficientnet_lite0", num_classes=k, head_init=head), lite0_weights)
+        fc = model.get_classifier()
+        if head == "keras":
+            assert fc.weight.abs().max() <= math.sqrt(6 / (1280 + k)) and not fc.bias.any()
+        with torch.no_grad():
+            losses[head] = F.cross_entropy(model.eval()(normalize(x)), y).item()
+    assert losses["keras"] < math.log(k) + 0.5 < losses["timm"], losses
+    with pytest.raises(InputError, match="classifier init 'glorot' unknown"):
+        create_model("efficientnet_lite0", num_classes=k, head_init="glorot")

@@ -67,6 +67,16 @@ def test_exported_model_loads_for_extraction(reference):
     assert feats.shape == (2, 672)
 
 
+def test_two_runs_with_the_same_seed_write_identical_model_bytes(reference, crops64, tmp_path):
+    """Issue 16: training is a function of its config and seed (same machine): a second run from
+    scratch writes the reference's model file byte for byte, with the same metrics every epoch."""
+    _, ref = reference
+    res = trainer.fit(train_cfg(crops64, tmp_path / "again"))
+    model = "model.safetensors"
+    assert urls.read_bytes(urls.join(res.model_dir, model)) == urls.read_bytes(urls.join(ref.model_dir, model))
+    assert [(e["train"], e["val"]) for e in res.history] == [(e["train"], e["val"]) for e in ref.history]
+
+
 def test_killed_worker_resumes_bitwise(reference, crops64, tmp_path):
     """A worker process dies at the start of epoch 2, after epoch 1's checkpoint; FailureConfig
     restarts the group, which resumes at epoch 2 and ends with exactly the uninterrupted run's
