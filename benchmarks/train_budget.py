@@ -1,8 +1,9 @@
 """Learning curves against training time: what a run's training budget buys (issue 16).
 
 Trains the run config's recipe (``raycp run CONFIG``'s ``train`` section) on a finished run's crops
-in this process, without Ray (the epoch draws, augmentations and seeds are the Ray Train loop's,
-so a variant's metrics equal ``raycp run``'s to the digit on the same machine), and prints one JSON
+in this process, without Ray, on CPU, as one worker (the epoch draws, augmentations, seeds and
+thread count are the Ray Train loop's, so for a 1-worker CPU config a variant's metrics equal
+``raycp run``'s to the digit on the same machine; a config with more workers is refused), and prints one JSON
 line per epoch: seconds so far, training and validation loss and macro F1, the validation chance
 test, and every ``--map-every`` epochs the run's evaluation of the CNN's profiles (block6a per cell
 → site median → well mean → map_paper without and with sphering, as the ``profiles`` and
@@ -62,7 +63,7 @@ def profile_maps(cfg, model, prep, crops: np.ndarray, batch: int = 256) -> dict:
     return out
 
 
-def train_variant(name: str, cfg, *, map_every: int, threads: int) -> dict:
+def train_variant(name: str, cfg, *, map_every: int, threads: int | None) -> dict:
     import torch
 
     from raycp.models.network import read_state_dict
@@ -70,10 +71,15 @@ def train_variant(name: str, cfg, *, map_every: int, threads: int) -> dict:
     from raycp.train import data as D
     from raycp.train import sampling as S
     from raycp.train import trainer
-    from raycp.train.loop import Recipe, Tally
+    from raycp.train.loop import Recipe, Tally, configure_torch
 
-    torch.set_num_threads(threads)
     tcfg = cfg.train_config()
+    if tcfg.compute.num_workers != 1:
+        raise SystemExit(f"{name}: train.compute.num_workers is {tcfg.compute.num_workers}; this loop is one "
+                         "worker (set train.compute.num_workers=1)")
+    configure_torch(tcfg.compute, torch.device("cpu"))  # the worker's threads
+    if threads:
+        torch.set_num_threads(threads)
     prep = trainer.prepare(tcfg)
     source = D.CropSource(prep.crops.files, prep.crops.crop_column, prep.crops.shape, prep.crops.locations(),
                           reader="local")
@@ -123,7 +129,7 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], help="override for every variant")
     ap.add_argument("--variant", action="append", default=[], help="NAME=KEY=VALUE;KEY=VALUE (first: the baseline)")
     ap.add_argument("--map-every", type=int, default=0, help="evaluate the profiles every N epochs (and at the end)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="default: the worker's (cpus_per_worker)")
     args = ap.parse_args()
 
     from raycp.run import load
@@ -132,11 +138,13 @@ def main() -> None:
     first = None
     for spec in variants:
         name, _, sets = spec.partition("=")
+        if not name or "." in name:
+            raise SystemExit(f"--variant {spec!r}: give it a name first, NAME=KEY=VALUE;KEY=VALUE")
         cfg = load(args.config, [*args.sets, *[s for s in sets.split(";") if s]])
         final = train_variant(name, cfg, map_every=args.map_every, threads=args.threads)
         first = first or final
         emit({"variant": name, "figure": "val_macro_f1", "value": final["val_macro_f1"],
-              "ratio_vs_baseline": round(final["val_macro_f1"] / first["val_macro_f1"], 3),
+              "ratio_vs_baseline": round(final["val_macro_f1"] / first["val_macro_f1"], 3) if first["val_macro_f1"] else None,
               "map_paper_sphered": final.get("map_paper_sphered"), "train_seconds": final["train_seconds"],
               "baseline": variants[0].partition("=")[0]})
 

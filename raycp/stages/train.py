@@ -40,11 +40,14 @@ def undertrained(val: dict | None) -> str | None:
     """A sentence when the validation macro F1 is not clearly above chance (permutation test,
     :func:`raycp.train.metrics.chance_macro_f1`, p ≥ ``CHANCE_ALPHA``), else None: such a CNN has
     not learnt the treatments yet, so its profiles say nothing about weakly supervised learning."""
+    import math
+
     from raycp.train.metrics import CHANCE_ALPHA
 
-    if not val or val.get("chance_p") is None or val["chance_p"] < CHANCE_ALPHA:
+    figures = [(val or {}).get(k) for k in ("macro_f1", "chance_macro_f1", "chance_p")]
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in figures) or val["chance_p"] < CHANCE_ALPHA:
         return None
-    return (f"the CNN's validation macro F1 {val['macro_f1']:.3f} is within noise of chance "
+    return (f"the CNN's validation macro F1 {val['macro_f1']:.3f} is not clearly above chance "
             f"({val['chance_macro_f1']:.3f}; permutation p = {val['chance_p']:.3f} ≥ {CHANCE_ALPHA:g}): it is "
             "undertrained, and its profiles are not evidence against the method (train more epochs or steps)")
 
@@ -91,7 +94,10 @@ class _EpochWatcher:
 
 
 def _science(cfg) -> dict:
-    return cfg.train.model_dump(mode="json", exclude={"compute"}) | {"imagenet_weights": cfg.imagenet_weights}
+    from raycp.train.config import model_science
+
+    tree = cfg.train.model_dump(mode="json", exclude={"compute"})
+    return tree | {"model": model_science(tree["model"]), "imagenet_weights": cfg.imagenet_weights}
 
 
 STAGE = Stage("train", "CNN training (crops)", run_train, _science, expensive=True, section="train")

@@ -48,6 +48,13 @@ class ModelSection(_Strict):
         "cost a short run its first epochs"))
 
 
+def model_science(model: dict) -> dict:
+    """A dumped :class:`ModelSection` as it enters fingerprints: ``head_init: timm`` is left out, since
+    runs written before the option existed used it, so their checkpoints and finished stages still
+    match under ``head_init: timm``."""
+    return {k: v for k, v in model.items() if not (k == "head_init" and v == "timm")}
+
+
 class OptimSection(_Strict):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(32, ge=1, description="crops per worker and step")
@@ -103,7 +110,7 @@ class TrainCompute(_Strict):
     deterministic: bool = Field(True, description=(
         "the same weights for the same config and seed on the same machine: on GPU, cuDNN's deterministic "
         "algorithms without autotuning and torch's deterministic mode (slower); CPU training is deterministic "
-        "either way (fixed threads = round(cpus_per_worker))"))
+        "either way (threads fixed: cpus_per_worker rounded half up)"))
     bf16: bool = Field(True, description="bf16 autocast on GPU (never on CPU)")
     channels_last: bool = Field(True, description="channels_last memory format on GPU")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (tests, benchmarks)")
@@ -147,4 +154,5 @@ class TrainConfig(_Strict):
         """The fields a resumed run must share with the run that wrote its checkpoints."""
         tree = self.model_dump(mode="json", exclude={"compute", "output", "name", "resume", "resume_from", "crops"})
         tree["optim"].pop("epochs")
+        tree["model"] = model_science(tree["model"])
         return tree

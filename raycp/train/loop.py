@@ -68,7 +68,7 @@ def lr_factor(epoch: int, *, schedule: str, warmup: int, epochs: int) -> float:
 def configure_torch(compute, device: torch.device) -> None:
     """Threads and determinism of a training process (``TrainConfig.compute``).
 
-    CPU: ``round(cpus_per_worker)`` intra-op threads (Ray sets ``OMP_NUM_THREADS=1`` for
+    CPU: ``cpus_per_worker`` rounded half up (≥ 1) intra-op threads (Ray sets ``OMP_NUM_THREADS=1`` for
     fractional CPUs). CPU kernels are deterministic for a fixed thread count, which is why it is
     fixed: measured on the demo's crops, 8 steps with 1 thread and with 2 threads already give
     different weights (another reduction order; issue 16), and so may another CPU (oneDNN picks
@@ -77,7 +77,7 @@ def configure_torch(compute, device: torch.device) -> None:
     (warn-only: an op without a deterministic CUDA kernel warns instead of failing the run); without
     it, cuDNN autotuning (faster, not reproducible)."""
     if device.type != "cuda":
-        torch.set_num_threads(max(1, int(round(compute.cpus_per_worker))))
+        torch.set_num_threads(max(1, int(compute.cpus_per_worker + 0.5)))
         return
     if compute.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -39,14 +39,21 @@ def chance_macro_f1(conf: np.ndarray, *, permutations: int = CHANCE_PERMUTATIONS
     The null keeps both the true labels and the predicted labels but pairs them at random (a
     classifier that predicts each class as often as this one, blind to the cell): macro F1 of each
     permutation from its true positives, ``F1_c = 2·tp_c / (support_c + predicted_c)`` (the
-    marginals do not change under permutation). Returns ``chance_macro_f1`` (the null's mean),
+    marginals do not change under permutation), averaged over the classes with cells, as
+    :func:`summarize`'s macro F1. This tests significance, not size: with 10,000 validation cells a
+    model barely above chance is already significant. Returns ``chance_macro_f1`` (the null's mean),
     ``chance_macro_f1_q95`` (its 95th percentile) and ``chance_p``, ``(#{null ≥ observed} + 1) /
     (permutations + 1)``; a model whose ``chance_p`` is at least :data:`CHANCE_ALPHA` is not clearly
-    above chance. Deterministic for a ``seed``. Raises ``ValueError`` for a non-square matrix.
+    above chance. NaNs for an empty matrix. Deterministic for a ``seed``. Raises ``ValueError``
+    for a non-square matrix or ``permutations`` < 1.
     """
     conf = np.asarray(conf, dtype=np.int64)
     if conf.ndim != 2 or conf.shape[0] != conf.shape[1]:
         raise ValueError(f"confusion matrix must be square, got {conf.shape}")
+    if permutations < 1:
+        raise ValueError(f"permutations must be ≥ 1, got {permutations}")
+    if conf.sum() == 0:
+        return {"chance_macro_f1": float("nan"), "chance_macro_f1_q95": float("nan"), "chance_p": float("nan")}
     k = conf.shape[0]
     support, predicted = conf.sum(axis=1), conf.sum(axis=0)
     present = support > 0
@@ -60,8 +67,6 @@ def chance_macro_f1(conf: np.ndarray, *, permutations: int = CHANCE_PERMUTATIONS
     observed = float(macro(np.diag(conf).astype(np.float64)))
     y_true = np.repeat(np.arange(k), support)
     y_pred = np.repeat(np.arange(k), predicted)
-    if len(y_true) == 0:
-        return {"chance_macro_f1": float("nan"), "chance_macro_f1_q95": float("nan"), "chance_p": float("nan")}
     rng = np.random.default_rng(seed)
     null = np.empty(permutations)
     for i in range(permutations):
@@ -105,6 +110,8 @@ def scalar_metrics(entry: dict) -> dict:
         if entry.get(part):
             for key in ("loss", "accuracy", "macro_f1"):
                 out[f"{part}_{key}"] = entry[part][key]
+    if entry.get("val") and "chance_p" in entry["val"]:
+        out["val_chance_p"] = entry["val"]["chance_p"]
     return out
 
 

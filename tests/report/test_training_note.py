@@ -1,5 +1,5 @@
 """Issue 16: the report tells the truth about the CNN it compares. When the run's CNN has a
-validation macro F1 within noise of chance, the comparison says that it is undertrained (its mAP
+validation macro F1 not clearly above chance, the comparison says that it is undertrained (its mAP
 is no evidence against the method); a CNN that learnt gets no such note."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def test_an_undertrained_cnn_is_called_so_next_to_the_comparison(tmp_path):
     val = _val(0.0)
     assert val["chance_p"] >= M.CHANCE_ALPHA
     text = _section(tmp_path, val)
-    assert f"validation macro F1 {val['macro_f1']:.3f} is within noise of chance" in text
+    assert f"validation macro F1 {val['macro_f1']:.3f} is not clearly above chance" in text
     assert "not evidence against the method" in text
 
 
@@ -47,10 +47,10 @@ def test_the_demo_cnn_of_issue_16_is_called_undertrained(tmp_path):
     """The issue's demo CNN (macro F1 0.083, chance 0.065 on its 500 validation cells) scored
     p = 0.049 by the permutation test: the note's threshold is 0.01, so it is called so."""
     val = {"macro_f1": 0.0829, "chance_macro_f1": 0.0647, "chance_p": 0.049}
-    assert "0.083 is within noise of chance (0.065; permutation p = 0.049 ≥ 0.01)" in _section(tmp_path, val)
+    assert "0.083 is not clearly above chance (0.065; permutation p = 0.049 ≥ 0.01)" in _section(tmp_path, val)
 
 
 def test_a_cnn_that_learnt_gets_no_note(tmp_path):
     val = _val(0.4)
     assert val["chance_p"] < M.CHANCE_ALPHA
-    assert "within noise" not in _section(tmp_path, val)
+    assert "above chance" not in _section(tmp_path, val)

@@ -23,6 +23,10 @@ def test_defaults_are_the_papers_recipe(tmp_path):
     a = cfg.augment
     assert (a.crop_prob, a.crop_min, a.flip, a.rot90, a.brightness, a.contrast) == (0.5, 0.8, True, True, 0.1, (0.8, 1.2))
     assert cfg.split.strategy == "leave_cells_out" and cfg.split.train_fraction == 0.6
+    assert cfg.model.head_init == "keras" and cfg.compute.deterministic  # the paper's Keras Dense (issue 16)
+    # runs from before head_init existed used timm's: under head_init=timm their checkpoints still match
+    assert "head_init" in cfg.science()["model"]
+    assert "head_init" not in TrainConfig(crops="c", output="o", model={"head_init": "timm"}).science()["model"]
     with pytest.raises(Exception, match="extra"):
         TrainConfig(crops="c", output="o", optim={"learning_rate": 1})
 

@@ -44,7 +44,7 @@ def test_reports_are_written(tmp_path):
 
 
 def test_chance_test_separates_a_classifier_from_label_frequencies():
-    """The report's "within noise of chance" verdict (issue 16): a permutation test on the
+    """The report's "not clearly above chance" verdict (issue 16): a permutation test on the
     confusion matrix. Predictions drawn independently of the cell are within noise of chance; 40 %
     correct predictions among 13 classes are not. Each permutation's macro F1 equals scikit-learn's."""
     rng = np.random.default_rng(0)  # over 40 seeds, blind predictions' p-values spread evenly over (0, 1)
@@ -58,7 +58,8 @@ def test_chance_test_separates_a_classifier_from_label_frequencies():
     assert M.chance_macro_f1(M.confusion(y, blind, 13)) == noise  # seeded
     s = M.summarize(M.confusion(y, informed, 13), 0.0, chance=True)
     assert s["chance_p"] == signal["chance_p"] and s["macro_f1"] > signal["chance_macro_f1_q95"]
-    # the null's F1 formula 2·tp/(support + predicted) is scikit-learn's macro F1
+    # the null's F1 formula 2·tp/(support + predicted) is scikit-learn's macro F1 (here every predicted
+    # class has cells; otherwise scikit-learn also averages over predicted-only classes, summarize does not)
     perm = rng.permutation(informed)
     conf = M.confusion(y, perm, 13)
     assert abs(M.summarize(conf, 0.0)["macro_f1"] - f1_score(y, perm, average="macro", zero_division=0)) < 1e-12
