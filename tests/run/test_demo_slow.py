@@ -26,15 +26,17 @@ ROOT = Path(__file__).parents[2]
 
 
 @pytest.fixture(scope="module")
-def demo_run(shared_data, ray_cluster, lite0_weights, tmp_path_factory):
-    """`make demo`'s two steps in-process: the mini screen, then `raycp run configs/demo.yaml`."""
+def demo_run(site_5ch, ray_cluster, lite0_weights, tmp_path_factory):
+    """`make demo`'s two steps in-process: the mini screen, then `raycp run configs/demo.yaml`. The
+    screen's source is the default one (the site folder, so its CellProfiler outlines are used):
+    the same screen as `make demo`, 4,347 cells."""
     from raycp.screens.build import build_screen
     from raycp.screens.config import load_screen_config
 
     root = tmp_path_factory.mktemp("demo")
     screen = root / "screen"
     build_screen(load_screen_config("mini", overrides=[
-        f"source.folders=['{shared_data / 'images/pediatric_5ch_BR00143976_C03_s3/images/orig'}']"]), str(screen))
+        f"source.folders=['{site_5ch}']"]), str(screen))
     cfg = load(str(ROOT / "configs" / "demo.yaml"), [f"data.index={screen / 'index' / 'sites.parquet'}",
                                                      f"data.output={root / 'run'}", f"imagenet_weights={lite0_weights}"])
     result = run(cfg, echo=print)
