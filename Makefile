@@ -3,11 +3,12 @@ PY       ?= python3
 VENV     ?= .venv
 BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.raycp-installed
+KERAS_VENV ?= .venv-keras
 export RAYCP_SHARED_DATA ?= $(abspath ../shared/data)
 RUN      ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-all bench lint lock clean
+.PHONY: setup demo test test-slow test-all bench lint lock clean keras-env keras-fixture
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	@echo "== installing raycp into $(VENV) (pinned CPU lock; ~5 min the first time)"
@@ -33,12 +34,27 @@ lint: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-## The slow tier: end-to-end runs.
-test-slow: setup
+## The slow tier: end-to-end runs (and the full-size Keras import check, in the TensorFlow env).
+test-slow: setup keras-env
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 test-all: setup
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+## TensorFlow + PyPI efficientnet 1.1.1 in their own venv, for the Keras import tests only (raycp never
+## needs TensorFlow): the slow tier's full-size comparison and the committed fixture's generator.
+keras-env: $(KERAS_VENV)/.installed
+
+$(KERAS_VENV)/.installed: requirements/keras.txt
+	@test -x $(KERAS_VENV)/bin/python || $(PY) -m venv $(KERAS_VENV)
+	$(KERAS_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements/keras.txt
+	@touch $@
+
+## Regenerate tests/models/data/keras_tiny (a width-0.125 Keras Cell Painting CNN, its HDF5 and Keras' outputs).
+keras-fixture: setup keras-env
+	$(BIN)/python -m tests.models.fixture_crops /tmp/raycp-keras-crops.npz
+	TF_USE_LEGACY_KERAS=1 $(KERAS_VENV)/bin/python tests/models/keras_reference.py /tmp/raycp-keras-crops.npz \
+	    tests/models/data/keras_tiny --width 0.125 --depth 0.5 --classes 5
 
 bench: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
@@ -52,4 +68,4 @@ lock:
 	mv requirements/lock.new requirements/lock.txt
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(KERAS_VENV) runs .pytest_cache

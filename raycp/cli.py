@@ -17,6 +17,7 @@ from raycp.console import console as _console
 from raycp.console import print_ledger, track, warn
 from raycp.errors import RaycpError
 from raycp.extract import cli as extract_cli
+from raycp.models import cli as models_cli
 from raycp.preprocess import cli as preprocess_cli
 from raycp.profiles import cli as profiles_cli
 from raycp.run import cli as run_cli
@@ -42,6 +43,7 @@ app.add_typer(screens_cli.app, name="screen")
 app.add_typer(preprocess_cli.app, name="preprocess")
 app.add_typer(train_cli.app, name="train")
 app.add_typer(extract_cli.app, name="extract")
+app.add_typer(models_cli.app, name="model")
 app.add_typer(profiles_cli.app, name="profile")
 app.add_typer(sweep_cli.app, name="sweep")
 app.add_typer(trainset_cli.app, name="trainset")

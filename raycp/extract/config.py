@@ -49,6 +49,9 @@ class ModelConfig(_Strict):
     layer: str = Field("block6a_activation", description="feature layer: a Keras name "
                        "(block6a_activation = timm blocks.5.0.bn2) or any timm module name")
     seed: int = Field(0, ge=0, description="random: the initialisation seed")
+    channel_map: Optional[dict[str, str]] = Field(None, description=(
+        "trained: the model's channel names -> the screen's, for a model whose channels are named otherwise "
+        "(e.g. {DNA: Hoechst, RNA: SYTO14, ER: ConA, AGP: WGA, Mito: MitoTracker}); unmapped names stay"))
     image_size: int = Field(224, ge=32, le=1024, description="imagenet: crops are resized to this size")
 
     @field_validator("name")

@@ -4,8 +4,9 @@ Paper Methods, "Feature extraction": single-cell crops go through the network on
 the output of EfficientNet's ``block6a_activation`` (timm ``blocks.5.0.bn2``, 672×4×4 at 128 px)
 averaged over space — the forward is truncated there, the head never runs. Three specs:
 
-- ``trained``: the checkpoint exported by ``raycp train`` (``raycp.models.export.load_model``),
-  crops normalised as in training (:func:`raycp.models.normalize.normalize`: per crop and channel z-score);
+- ``trained``: a model exported by ``raycp train`` or imported by ``raycp model import-keras``
+  (``raycp.models.export.load_model``), crops normalised by the preset its ``model.json`` names
+  (:func:`raycp.models.normalize.normalizer`; raycp's training: per crop and channel z-score);
 - ``imagenet``: the paper's ImageNet baseline, :class:`raycp.extract.imagenet.ImageNetBaseline`
   (each channel alone, [−1, 1], ×3, 224 px; 5 × 672 = 3,360 features);
 - ``random``: the same architecture randomly initialised with a seed, normalised like ``trained``:
@@ -104,10 +105,12 @@ def _local_weights(path: str) -> str:
 # -- building the modules -------------------------------------------------------------------------
 
 def _trained(model_cfg, channels: list[str], run: str):
-    """``(FeatureModel, preprocess, info_dict, model channels)`` of an exported checkpoint."""
+    """``(FeatureModel, preprocess, info_dict, channels in the model's input order, crop size)`` of
+    an exported model (``raycp train`` or ``raycp model import-keras``). The model's channel names
+    are mapped to the screen's by ``model.channel_map``; crops must arrive in the returned order."""
     from raycp.models.export import load_model
     from raycp.models.network import FeatureModel
-    from raycp.models.normalize import normalize
+    from raycp.models.normalize import normalizer
 
     folder = model_cfg.path or RunLayout(run).model
     try:
@@ -120,17 +123,28 @@ def _trained(model_cfg, channels: list[str], run: str):
     if want and len(want) != in_chans:
         raise InputError(f"{folder}: model.json lists {len(want)} channels {want} for {in_chans} inputs",
                          fix="re-export the model with `raycp train`")
-    if not want:
-        want = list(channels)
+    mapping = dict(model_cfg.channel_map or {})
+    unknown = sorted(set(mapping) - set(want)) if want else []
+    if unknown:
+        raise InputError(f"model.channel_map names {unknown}, which are not channels of the model {want}",
+                         fix="map the model's channel names (keys) to the screen's (values)")
+    want = [mapping.get(c, c) for c in want] if want else list(channels)
     if in_chans != len(channels) or sorted(want) != sorted(channels):
+        hint = f"set data.channels to {want} (the index must hold them)"
+        if mapping or set(want) != set(channels):
+            hint += (", or map the model's channels to the screen's with model.channel_map, e.g. "
+                     "{DNA: Hoechst, RNA: Syto14, ...}")
         raise InputError(f"{folder}: the checkpoint takes {in_chans} input channels {want} but data.channels "
-                         f"has {len(channels)}: {list(channels)}",
-                         fix=f"set data.channels to {want} (the index must hold them), or use a checkpoint "
-                             "trained on these channels")
-    features = FeatureModel(model.eval(), model_cfg.layer)
-    details = {"arch": info.get("arch"), "layer": model_cfg.layer, "path": folder,
+                         f"has {len(channels)}: {list(channels)}", fix=hint + ", or use a checkpoint trained on these channels")
+    layer = model_cfg.layer
+    features = FeatureModel(model.eval(), layer)
+    details = {"arch": info.get("arch"), "layer": layer, "path": folder,
                "normalization": info.get("normalization"), "classes": len(info.get("classes") or [])}
-    return features, normalize, details, want, info.get("crop_size")
+    if info.get("arch_args"):
+        details["arch_args"] = info["arch_args"]
+    if mapping:
+        details["channel_map"] = {k: mapping[k] for k in sorted(mapping)}
+    return features, normalizer(info.get("normalization")), details, want, info.get("crop_size")
 
 
 def _random(model_cfg, channels: list[str]):

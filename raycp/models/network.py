@@ -25,17 +25,23 @@ from raycp.errors import InputError
 DEFAULT_ARCH = "efficientnet_b0"
 DEFAULT_LAYER = "block6a_activation"
 _KERAS_LAYER = re.compile(r"^block(\d)([a-z])_(expand_)?activation$")
+#: Keras names of the head's layers (DeepProfiler's model): ``pool5`` = the 1,280 pooled features
+KERAS_HEAD_LAYERS = {"top_activation": "bn2", "pool5": "global_pool"}
 
 
 HEAD_INITS = ("keras", "timm")
 
 
 def create_model(arch: str = DEFAULT_ARCH, *, num_classes: int, in_chans: int = 5,
-                 drop_rate: float = 0.2, head_init: str = "keras") -> nn.Module:
-    """A randomly initialised timm model with ``in_chans`` inputs and ``num_classes`` outputs.
+                 drop_rate: float = 0.2, head_init: str = "keras", arch_args: dict | None = None) -> nn.Module:
+    """A randomly initialised timm model with ``in_chans`` inputs and ``num_classes`` outputs
+    (0: no classifier, the forward ends at the pooled 1,280 features).
 
     ``head_init`` initialises the classifier (:func:`init_classifier`): ``keras`` (default) as the
     paper's Keras model (DeepProfiler's ``Dense(classes)``), ``timm`` as timm's EfficientNet.
+    ``arch_args`` (``channel_multiplier``, ``depth_multiplier``) rebuild a ``tf_efficientnet_b0``
+    of another width and depth, as an imported Keras model may be
+    (:mod:`raycp.models.keras_import`; timm's ``_gen_efficientnet`` with Keras' padding and BN ε).
     Draws from torch's global RNG (seed it first for a reproducible model).
     """
     import timm
@@ -44,8 +50,19 @@ def create_model(arch: str = DEFAULT_ARCH, *, num_classes: int, in_chans: int = 
         raise InputError(f"architecture {arch!r} is not an EfficientNet",
                          fix="use efficientnet_b0 (the paper's), tf_efficientnet_b0 or efficientnet_lite0")
     try:
-        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                                  drop_rate=drop_rate)
+        if arch_args:
+            from timm.models.efficientnet import _gen_efficientnet
+
+            if arch != "tf_efficientnet_b0" or set(arch_args) - {"channel_multiplier", "depth_multiplier"}:
+                raise InputError(f"arch_args {arch_args} apply to tf_efficientnet_b0 only",
+                                 fix="give channel_multiplier / depth_multiplier with arch tf_efficientnet_b0")
+            model = _gen_efficientnet(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                      drop_rate=drop_rate, bn_eps=1e-3, pad_type="same",
+                                      channel_multiplier=float(arch_args.get("channel_multiplier", 1.0)),
+                                      depth_multiplier=float(arch_args.get("depth_multiplier", 1.0)))
+        else:
+            model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                      drop_rate=drop_rate)
     except RuntimeError as exc:
         raise InputError(f"unknown timm architecture {arch!r} ({exc})", fix="see timm.list_models('efficientnet*')") from None
     return init_classifier(model, head_init)
@@ -151,12 +168,15 @@ def load_imagenet_init(model: nn.Module, path: str | Path | dict[str, torch.Tens
 
 
 def resolve_layer(name: str) -> str:
-    """Keras layer names -> timm module paths: ``block6a_activation`` -> ``blocks.5.0.bn2``.
+    """Keras layer names -> timm module paths: ``block6a_activation`` -> ``blocks.5.0.bn2``,
+    ``pool5`` -> ``global_pool`` (N×1,280), ``top_activation`` -> ``bn2``.
 
     Keras ``blockNx_activation`` is the BN+activation after the depthwise conv (timm ``bn2``;
     ``bn1`` in the first stage, which has no expansion); ``blockNx_expand_activation`` is the
     one after the 1×1 expansion (timm ``bn1``). timm names pass through unchanged.
     """
+    if name in KERAS_HEAD_LAYERS:
+        return KERAS_HEAD_LAYERS[name]
     match = _KERAS_LAYER.match(name)
     if not match:
         return name

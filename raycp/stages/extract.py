@@ -27,6 +27,9 @@ def run_extract(ctx: Context) -> dict:
 def _science(cfg) -> dict:
     d = cfg.model_dump(mode="json", include={"features", "cellprofiler", "outputs", "imagenet_weights"})
     science = {k: d[k] for k in ("features", "cellprofiler", "outputs", "imagenet_weights")}
+    # options added later enter only when set, so that finished runs keep their fingerprint
+    science["features"] = [{k: v for k, v in f.items() if not (k == "channel_map" and v is None)}
+                           for f in science["features"]]
     if cfg.source_run:  # another run's crops (a sweep trial); runs of their own keep their fingerprint
         science["source_run"] = cfg.source_run
     return science

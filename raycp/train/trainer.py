@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ import pandas as pd
 from raycp.errors import ConfigError, InputError, RaycpError, StorageError
 from raycp.io import urls
 from raycp.layout import RunLayout
-from raycp.models.export import MODEL_FILE, MODEL_JSON
+from raycp.models.export import write_model
 from raycp.models.normalize import NORMALIZATION
 from raycp.train import data as D
 from raycp.train import sampling as S
@@ -395,14 +394,10 @@ def finish(cfg: TrainConfig, prep: Prepared, result, *, export: bool = True) -> 
 
 def export_model(state: dict, prep: Prepared, folder: str) -> dict:
     """``model.safetensors`` (float32 timm state dict) + ``model.json`` for the extraction stage."""
-    from safetensors.torch import save as save_safetensors
-
     from raycp import __version__
     from raycp.models.network import DEFAULT_LAYER
 
     cfg = prep.cfg
-    tensors = {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
-               for k, v in state["model"].items()}
     info = {
         "format": "raycp.train/1",
         "arch": cfg.model.arch,
@@ -427,6 +422,4 @@ def export_model(state: dict, prep: Prepared, folder: str) -> dict:
             if state["history"] and state["history"][-1].get(part)},
         "raycp_version": __version__,
     }
-    urls.atomic_write_bytes(urls.join(folder, MODEL_FILE), save_safetensors(tensors, metadata={"format": "pt"}))
-    urls.atomic_write_text(urls.join(folder, MODEL_JSON), json.dumps(info, indent=2))
-    return info
+    return write_model(folder, state["model"], info)
