@@ -94,10 +94,10 @@ class _EpochWatcher:
 
 
 def _science(cfg) -> dict:
-    from raycp.train.config import model_science
+    from raycp.train.config import train_science
 
     tree = cfg.train.model_dump(mode="json", exclude={"compute"})
-    return tree | {"model": model_science(tree["model"]), "imagenet_weights": cfg.imagenet_weights}
+    return train_science(tree) | {"imagenet_weights": cfg.imagenet_weights}
 
 
 STAGE = Stage("train", "CNN training (crops)", run_train, _science, expensive=True, section="train")

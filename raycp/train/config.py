@@ -46,13 +46,50 @@ class ModelSection(_Strict):
         "classifier init: keras = Glorot-uniform, zero bias (the paper's Keras Dense); timm = timm's "
         "U(±1/√classes), whose large initial logits (cross-entropy ≈ 6.8 vs chance 2.56 at 13 classes) "
         "cost a short run its first epochs"))
+    init: str | None = Field(None, description=(
+        "fine-tune from an exported model folder (model.safetensors + model.json: `raycp train`'s, or the "
+        "published Cell Painting CNN via `raycp model import-keras`): every layer but the classifier; its "
+        "architecture, channels (stem permuted to `channels`' order) and crop normalisation are kept"))
+    normalization: str | None = Field(None, description=(
+        "crop normalisation preset (raycp.models.normalize.PRESETS); default: the init model's, else "
+        "per_crop_channel_zscore"))
+
+    @model_validator(mode="after")
+    def _init(self) -> ModelSection:
+        if self.init and self.imagenet_weights:
+            raise ValueError("train.model.init and train.model.imagenet_weights are exclusive: a fine-tuned model "
+                             "starts from the init model's weights")
+        if self.normalization is not None:
+            from raycp.models.normalize import PRESETS
+
+            if self.normalization not in PRESETS:
+                raise ValueError(f"normalization {self.normalization!r} unknown; use one of {', '.join(PRESETS)}")
+        return self
+
+
+#: options added after runs were written: they enter fingerprints only when they differ from the
+#: behaviour those runs had, so that finished stages and checkpoints still match
+_LEGACY_DEFAULTS = {"head_init": "timm", "init": None, "normalization": None}
 
 
 def model_science(model: dict) -> dict:
-    """A dumped :class:`ModelSection` as it enters fingerprints: ``head_init: timm`` is left out, since
-    runs written before the option existed used it, so their checkpoints and finished stages still
-    match under ``head_init: timm``."""
-    return {k: v for k, v in model.items() if not (k == "head_init" and v == "timm")}
+    """A dumped :class:`ModelSection` as it enters fingerprints: ``head_init: timm`` (what runs written
+    before the option existed used), no ``init`` and no ``normalization`` are left out."""
+    return {k: v for k, v in model.items() if not (k in _LEGACY_DEFAULTS and v == _LEGACY_DEFAULTS[k])}
+
+
+def train_science(tree: dict) -> dict:
+    """A dumped train config as it enters fingerprints (:func:`model_science`; the formulation and
+    its section only when it is not plain classification)."""
+    out = dict(tree)
+    if "model" in out:
+        out["model"] = model_science(out["model"])
+    formulation = out.pop("formulation", "classification")
+    sections = {name: out.pop(name, None) for name in FORMULATIONS if name != "classification"}
+    if formulation != "classification":
+        out["formulation"] = formulation
+        out[formulation] = sections[formulation]
+    return out
 
 
 class OptimSection(_Strict):
@@ -69,6 +106,47 @@ class OptimSection(_Strict):
         "constant (the paper) or DeepProfiler's cosine: lr/(w−t) for t < w warm-up epochs, then ½(1+cos(πt/E))·lr"))
     warmup_epochs: int = Field(5, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+FORMULATIONS = ("classification", "ols", "mil", "grl")
+
+
+class OLSSection(_Strict):
+    """Online label smoothing (paper Methods, "Online label smoothing"; DeepProfiler
+    ``online_labels_crop_generator``): soft labels start as label-smoothed one-hots and after every
+    epoch move towards the network's predictions, ``L ← (1 − α)·L + α·P``."""
+
+    alpha: float = Field(0.03, gt=0, le=1, description="α of the update rule (paper: 0.03; DeepProfiler online_lambda)")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description=(
+        "initial labels: (1 − ls) on the class + ls/K everywhere (paper: 0.1; DeepProfiler online_label_smoothing)"))
+    labels: Literal["example", "class"] = Field("example", description=(
+        "example: one soft label per training cell (the paper's, DeepProfiler's; n_train × K floats on every "
+        "worker); class: one per class, updated with the class's mean prediction (K × K; Zhang et al. 2021's "
+        "granularity, for training sets too large for per-cell labels)"))
+
+
+class MILSection(_Strict):
+    """Multiple instance learning with attention (paper Methods; Ilse et al. 2018): bags of cells from
+    one well, the bag's label its treatment, an attention-weighted mean of the cells' pooled CNN
+    features classified. Profiles are still per cell (block6a)."""
+
+    bag_size: int = Field(8, ge=2, description="cells per bag, drawn from one well (with replacement from smaller wells)")
+    bags_per_step: int = Field(4, ge=1, description=(
+        "bags per worker and step (paper: 32 bags; cells per step = bags_per_step × bag_size)"))
+    attention_dim: int = Field(128, ge=1, description="hidden size L of the attention network (Ilse et al.: 128)")
+    gated: bool = Field(False, description="gated attention (tanh ⊙ sigmoid; Ilse et al.'s variant)")
+
+
+class GRLSection(_Strict):
+    """Gradient reversal (paper Methods; Ganin & Lempitsky 2015): a domain branch on the pooled CNN
+    features, behind a layer that reverses (and scales by λ) its gradient, learns to tell domains
+    apart while the backbone learns not to."""
+
+    domain: str = Field("Metadata_Plate", description="the domain column of the crops (paper: plates)")
+    hidden: list[int] = Field(default_factory=lambda: [1024, 512, 128], description="dense layers of the domain branch (paper)")
+    weight: float = Field(1.0, gt=0, description="λ: the reversed gradient's scale")
+    schedule: Literal["constant", "ganin"] = Field("constant", description=(
+        "constant λ, or Ganin's λ·(2/(1 + exp(−10 p)) − 1) over training progress p"))
 
 
 class AugmentSection(_Strict):
@@ -135,6 +213,12 @@ class TrainConfig(_Strict):
     resume_from: str | None = Field(None, description=(
         "a checkpoint folder (<output>/train/<name>/epoch_NNNN) to continue from when this run has no "
         "checkpoint of its own, e.g. a new name after the latest checkpoint of an old run was corrupt"))
+    formulation: Literal["classification", "ols", "mil", "grl"] = Field("classification", description=(
+        "classification (the paper's weakly supervised recipe), ols (online label smoothing), mil (multiple "
+        "instance learning with attention) or grl (gradient reversal against plates): Supplementary Figs. 1, 5"))
+    ols: OLSSection = Field(default_factory=OLSSection)
+    mil: MILSection = Field(default_factory=MILSection)
+    grl: GRLSection = Field(default_factory=GRLSection)
     model: ModelSection = Field(default_factory=ModelSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     augment: AugmentSection = Field(default_factory=AugmentSection)
@@ -154,5 +238,4 @@ class TrainConfig(_Strict):
         """The fields a resumed run must share with the run that wrote its checkpoints."""
         tree = self.model_dump(mode="json", exclude={"compute", "output", "name", "resume", "resume_from", "crops"})
         tree["optim"].pop("epochs")
-        tree["model"] = model_science(tree["model"])
-        return tree
+        return train_science(tree)

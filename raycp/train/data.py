@@ -378,6 +378,10 @@ class RankLoader:
             self._cache = (all_s, crops)
             return self._cache
 
+    def load(self, sids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(sorted unique sids, crops)`` covering ``sids``, through the cache (outside an epoch's plan)."""
+        return self._load(sids)
+
     def _fetch(self, key, sids: np.ndarray) -> Future:
         fut = self._pending.pop(key, None)
         if fut is None:

@@ -39,9 +39,10 @@ import torch.nn.functional as F
 
 from raycp.errors import ConfigError, InputError
 from raycp.models.network import create_model, load_imagenet_init
-from raycp.models.normalize import normalize
+from raycp.models.normalize import normalizer
 from raycp.train import augment as A
 from raycp.train import data as D
+from raycp.train import formulations as FM
 from raycp.train import metrics as M
 from raycp.train import sampling as S
 
@@ -98,12 +99,27 @@ def param_groups(model: torch.nn.Module, l2: float) -> list[dict]:
 
 @dataclass
 class Recipe:
-    """The paper's training recipe for one process (no Ray)."""
+    """The paper's training recipe for one process (no Ray), with the formulation of
+    ``cfg.formulation`` (:mod:`raycp.train.formulations`)."""
 
     cfg: object  # TrainConfig
     n_classes: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     world: int = 1
+    n_domains: int = 0  # grl: number of domains (plates)
+    arch_args: dict | None = None  # a fine-tuning init's timm multipliers (raycp.models.keras_import)
+    normalization: str | None = None  # crop normalisation preset (None: per_crop_channel_zscore)
+
+    def __post_init__(self) -> None:
+        self.normalize = normalizer(self.normalization)
+
+    @property
+    def formulation(self) -> str:
+        return getattr(self.cfg, "formulation", "classification")
+
+    @property
+    def bag_size(self) -> int | None:
+        return self.cfg.mil.bag_size if self.formulation == "mil" else None
 
     @property
     def amp(self) -> bool:
@@ -117,16 +133,50 @@ class Recipe:
         scale = self.world if self.cfg.optim.lr_scaling == "linear" else 1
         return self.cfg.optim.lr * scale
 
-    def model(self, imagenet: dict | str | None = None) -> torch.nn.Module:
+    def model(self, imagenet: dict | str | None = None, init: dict | None = None) -> torch.nn.Module:
+        """The timm network: random (seeded), from ImageNet weights, or from a fine-tuning ``init``
+        (every tensor but the classifier's, already in this network's channel order)."""
         torch.manual_seed(S.derive_seed(self.cfg.seed, S.STREAM_TORCH, 0xFFFF))
         m = create_model(self.cfg.model.arch, num_classes=self.n_classes, in_chans=len(self.cfg.channels),
-                         drop_rate=self.cfg.model.drop_rate, head_init=self.cfg.model.head_init)
+                         drop_rate=self.cfg.model.drop_rate, head_init=self.cfg.model.head_init,
+                         arch_args=self.arch_args)
         if imagenet is not None:
             load_imagenet_init(m, imagenet, stem=self.cfg.model.stem)
+        if init is not None:
+            missing, unexpected = m.load_state_dict(init, strict=False)
+            if unexpected or any(not k.startswith("classifier") for k in missing):
+                raise InputError(f"train.model.init {self.cfg.model.init}: its tensors do not fit "
+                                 f"{self.cfg.model.arch} (missing {missing[:3]}, unexpected {list(unexpected)[:3]})",
+                                 fix="set train.model.arch to the init model's arch")
         m = m.to(self.device)
         if self.channels_last:
             m = m.to(memory_format=torch.channels_last)
         return m
+
+    def train_net(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What the optimiser trains: ``model`` itself (classification, OLS) or a
+        :class:`~raycp.train.formulations.TrainNet` with the attention pool (MIL) or the domain
+        branch (GRL), whose heads are initialised from their own seeded stream."""
+        if self.formulation not in ("mil", "grl"):
+            return model
+        state = torch.random.get_rng_state()
+        torch.manual_seed(S.derive_seed(self.cfg.seed, S.STREAM_TORCH, 0xFFFE))
+        try:
+            width = model.num_features
+            if self.formulation == "mil":
+                mil = self.cfg.mil
+                net = FM.TrainNet(model, attention=FM.AttentionPool(width, mil.attention_dim, mil.gated))
+            else:
+                net = FM.TrainNet(model, domain=FM.DomainHead(width, max(self.n_domains, 2), self.cfg.grl.hidden))
+        finally:
+            torch.random.set_rng_state(state)
+        return net.to(self.device)
+
+    def grl_weight(self, epoch: int, step: int, steps: int) -> float:
+        g = self.cfg.grl
+        if g.schedule == "constant":
+            return g.weight
+        return FM.ganin_lambda((epoch * steps + step) / max(1, self.cfg.optim.epochs * steps), g.weight)
 
     def optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -147,18 +197,37 @@ class Recipe:
 
     def prepare(self, x_u8: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """uint8 batch -> normalised (and, with a generator, augmented) float batch."""
-        x = normalize(x_u8)
+        x = self.normalize(x_u8)
         if generator is not None and self.cfg.augment.enabled:
             x = A.apply_augment(x, A.draw_augment(x.shape[0], x.shape[1], x.shape[2], self.cfg.augment, generator))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def train_step(self, model, optimizer, x_u8, y, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, model, optimizer, x_u8, y, generator, *, soft: torch.Tensor | None = None,
+                   domains: torch.Tensor | None = None, weight: float = 1.0,
+                   domain_tally: Tally | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step; ``(loss, predicted class)``. MIL: one prediction per bag (``y`` is per
+        cell, bag-major; the bag's label is its first cell's). OLS: the loss is against ``soft``
+        (``B×K``). GRL: the domain branch's cross-entropy on ``domains`` is added (its gradient
+        reversed into the backbone); ``domain_tally`` counts its accuracy."""
         x = self.prepare(x_u8, generator)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.optim.label_smoothing)
+            if self.formulation in ("mil", "grl"):
+                logits, domain_logits, _ = model(x, bag_size=self.bag_size, weight=weight)
+            else:
+                logits, domain_logits = model(x), None
+        if self.bag_size:
+            y = y[:: self.bag_size]
+        if soft is not None:
+            loss = FM.soft_cross_entropy(logits, soft)
+        else:
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.optim.label_smoothing)
+        if domain_logits is not None:
+            domain_loss = F.cross_entropy(domain_logits.float(), domains)
+            if domain_tally is not None:
+                domain_tally.add(domains, domain_logits.detach().argmax(dim=1), domain_loss.detach() * len(domains))
+            loss = loss + domain_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -171,6 +240,14 @@ class Recipe:
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y, reduction="sum")
         return loss, logits.argmax(dim=1)
+
+    @torch.no_grad()
+    def predict(self, model, x_u8) -> torch.Tensor:
+        """Class probabilities (float32) in inference mode, no augmentation (OLS' end-of-epoch pass)."""
+        x = self.prepare(x_u8, None)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = model(x)
+        return torch.softmax(logits.float(), dim=1)
 
 
 class Tally:
@@ -289,6 +366,48 @@ class WorkerSpec:
     imagenet: dict | None = None
     resume_state: bytes | None = None  # ``resume_from``'s state.pt, when the run has no checkpoint
     inject_failure: dict | None = None
+    init: dict | None = None  # train.model.init's tensors (classifier left out, stem in `channels` order)
+    arch_args: dict | None = None
+    normalization: str | None = None
+    train_groups: np.ndarray | None = None  # mil: a well code per training cell
+    train_domains: np.ndarray | None = None  # grl: a domain code per training cell
+    n_domains: int = 0
+
+
+def _ols_epoch_update(recipe: Recipe, model, spec: WorkerSpec, labels: torch.Tensor, loader, *, rank: int,
+                      world: int) -> torch.Tensor:
+    """OLS' end-of-epoch pass: this rank predicts its share of the training cells (inference mode,
+    no augmentation), the shares are summed over ranks, and the soft labels move towards them."""
+    cfg = recipe.cfg
+    own = np.arange(len(spec.train_sids))[rank::world]
+    n_classes = recipe.n_classes
+    step = max(cfg.optim.batch_size * 4, 1)
+    if cfg.ols.labels == "example":
+        table = torch.zeros((len(spec.train_sids), n_classes), dtype=torch.float32, device=recipe.device)
+    else:
+        sums = torch.zeros((n_classes, n_classes), dtype=torch.float64, device=recipe.device)
+        counts = torch.zeros(n_classes, dtype=torch.float64, device=recipe.device)
+    for lo in range(0, len(own), step):
+        rows = own[lo:lo + step]
+        sids = spec.train_sids[rows]
+        uniq, crops = loader.load(sids)
+        x, y = recipe.to_device(crops[np.searchsorted(uniq, sids)], spec.train_codes[rows].astype(np.int64))
+        probs = recipe.predict(model, x)
+        if cfg.ols.labels == "example":
+            table[torch.from_numpy(rows).to(recipe.device)] = probs
+        else:
+            s_, c_ = FM.class_mean_predictions(probs, y, n_classes)
+            sums += s_
+            counts += c_
+    parts = [table] if cfg.ols.labels == "example" else [sums, counts]
+    if world > 1:
+        import torch.distributed as dist
+
+        for part in parts:
+            dist.all_reduce(part)
+    if cfg.ols.labels == "example":
+        return FM.ols_update(labels, table.cpu(), cfg.ols.alpha)
+    return FM.ols_class_update(labels, sums.cpu(), counts.cpu(), cfg.ols.alpha)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -310,7 +429,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     configure_torch(cfg.compute, device)
     n_classes = len(spec.classes)
-    recipe = Recipe(cfg, n_classes, device=device, world=world)
+    recipe = Recipe(cfg, n_classes, device=device, world=world, n_domains=spec.n_domains, arch_args=spec.arch_args,
+                    normalization=spec.normalization)
+    formulation = cfg.formulation
+
+    def plan(e: int) -> S.EpochPlan:
+        if formulation == "mil":
+            return FM.plan_bags(spec.train_sids, spec.train_codes, spec.train_groups, n_classes, seed=cfg.seed, epoch=e,
+                                rank=rank, world=world, bags_per_step=cfg.mil.bags_per_step, bag_size=cfg.mil.bag_size,
+                                max_steps=cfg.compute.max_steps_per_epoch)
+        return S.plan_epoch(spec.train_sids, spec.train_codes, n_classes, seed=cfg.seed, epoch=e, rank=rank,
+                            world=world, batch=cfg.optim.batch_size, max_steps=cfg.compute.max_steps_per_epoch)
 
     checkpoint = ray.train.get_checkpoint()
     trace(f"checkpoint rank={rank} {checkpoint}")
@@ -328,24 +457,31 @@ def train_loop_per_worker(loop_config: dict) -> None:
         raise ConfigError(f"checkpoint {where} was written by a run with another recipe "
                           "(model, optimiser, augmentation, split, classes or seed differ)",
                           fix="restore that config, or train into a new output/name")
-    model = recipe.model(None if state is not None else spec.imagenet)
+    model = recipe.model(None if state is not None else spec.imagenet, None if state is not None else spec.init)
+    net = recipe.train_net(model)  # model itself, or model + the formulation's heads
     if state is not None:
         model.load_state_dict(state["model"])
-    optimizer = recipe.optimizer(model)
+        if net is not model:
+            net.load_heads(state.get("heads") or {})
+    optimizer = recipe.optimizer(net)
     scheduler = recipe.scheduler(optimizer)
+    ols = None
+    if formulation == "ols":
+        if state is not None and "ols" not in state:
+            raise InputError(f"checkpoint {where} has no online soft labels", fix="train into a new output/name")
+        ols = state["ols"] if state is not None else FM.ols_init(
+            spec.train_codes if cfg.ols.labels == "example" else np.arange(n_classes), n_classes, cfg.ols.label_smoothing)
     start, history = 0, []
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, history = int(state["epoch"]) + 1, list(state["history"])  # the NEXT epoch (ray#46814)
-        check = S.plan_epoch(spec.train_sids, spec.train_codes, n_classes, seed=cfg.seed, epoch=int(state["epoch"]),
-                             rank=rank, world=world, batch=cfg.optim.batch_size,
-                             max_steps=cfg.compute.max_steps_per_epoch)
+        check = plan(int(state["epoch"]))
         if state["sampler"]["digest"] != check.digest:
             raise InputError(f"checkpoint {where}: the crop shards changed since it was written "
                              "(the epoch's balanced draw differs)", fix="train into a new output/name")
     trace(f"model rank={rank}")
-    ddp = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    ddp = ray.train.torch.prepare_model(net, move_to_device=False) if world > 1 else net
     trace(f"ddp rank={rank}")
 
     loader = D.RankLoader(spec.source, max_cached=cfg.compute.max_cached_crops)
@@ -354,17 +490,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     val_cache = None
     epochs = cfg.optim.epochs
 
-    def plan(e: int) -> S.EpochPlan:
-        return S.plan_epoch(spec.train_sids, spec.train_codes, n_classes, seed=cfg.seed, epoch=e, rank=rank,
-                            world=world, batch=cfg.optim.batch_size, max_steps=cfg.compute.max_steps_per_epoch)
-
+    n_domains = max(spec.n_domains, 2)
     try:
         current = plan(start) if start < epochs else None
         for epoch in range(start, epochs):
             nxt = plan(epoch + 1) if epoch + 1 < epochs else None
             torch.manual_seed(S.derive_seed(cfg.seed, S.STREAM_TORCH, epoch, rank))
-            model.train()
+            net.train()
             train_tally = Tally(n_classes, device)
+            domain_tally = Tally(n_domains, device) if formulation == "grl" else None
             lr = optimizer.param_groups[0]["lr"]
             t0 = time.perf_counter()
             for step, (crops, labels) in enumerate(loader.batches(current, nxt)):
@@ -373,8 +507,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     _maybe_fail(spec.inject_failure, epoch, rank)
                 x, y = recipe.to_device(crops, labels)
                 gen = A.augment_generator(cfg.seed, epoch, rank, step)
-                loss, pred = recipe.train_step(ddp, optimizer, x, y, gen)
-                train_tally.add(y, pred, loss * y.shape[0])
+                soft = domains = None
+                if formulation in ("ols", "grl"):
+                    rows = np.searchsorted(spec.train_sids, current.sids[step * current.batch:(step + 1) * current.batch])
+                    if ols is not None:
+                        soft = (ols[rows] if cfg.ols.labels == "example" else ols[labels]).to(device)
+                    if formulation == "grl":
+                        domains = torch.from_numpy(spec.train_domains[rows].astype(np.int64)).to(device)
+                loss, pred = recipe.train_step(ddp, optimizer, x, y, gen, soft=soft, domains=domains,
+                                               weight=recipe.grl_weight(epoch, step, current.steps) if domains is not None else 1.0,
+                                               domain_tally=domain_tally)
+                y_seen = y[:: recipe.bag_size] if recipe.bag_size else y
+                train_tally.add(y_seen, pred, loss * y_seen.shape[0])
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
@@ -394,7 +538,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     loss, pred = recipe.eval_batch(model, x, y)
                     val_tally.add(y, pred, loss)
             trace(f"validated {epoch} rank={rank}")
-            packed = torch.cat([train_tally.packed(), val_tally.packed()])
+            if ols is not None:
+                ols = _ols_epoch_update(recipe, model, spec, ols, loader, rank=rank, world=world)
+            packed = torch.cat([train_tally.packed(), val_tally.packed(),
+                                *([domain_tally.packed()] if domain_tally is not None else [])])
             if world > 1:
                 import torch.distributed as dist
 
@@ -405,7 +552,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                      "samples": int(current.steps * current.batch * world),
                      "samples_per_s": round(current.steps * current.batch * world / max(seconds, 1e-9), 2),
                      "train": Tally.unpack(vec[:half], n_classes),
-                     "val": Tally.unpack(vec[half:], n_classes, chance=True) if len(spec.val_sids) else None}
+                     "val": Tally.unpack(vec[half:2 * half], n_classes, chance=True) if len(spec.val_sids) else None}
+            if domain_tally is not None:  # the domain branch's own accuracy on the training batches
+                entry["domain"] = Tally.unpack(vec[2 * half:], n_domains)
             history.append(entry)
             sampler = {"seed": cfg.seed, "epoch": epoch, "next_epoch": epoch + 1, **current.state()}
             with tempfile.TemporaryDirectory() as tmp:
@@ -415,6 +564,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             "classes": spec.classes, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "sampler": sampler, "history": history, "config": spec.cfg}
+                    if net is not model:
+                        blob["heads"] = net.heads_state()
+                    if ols is not None:
+                        blob["ols"] = ols.clone()
                 _save_checkpoint(Path(tmp), rank=rank, state=blob)
                 ray.train.report(M.scalar_metrics(entry), checkpoint=Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"epoch_{epoch:04d}")

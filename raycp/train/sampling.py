@@ -65,7 +65,8 @@ def encode_labels(meta: pd.DataFrame, label: str, classes: list[str] | None) -> 
 # --------------------------------------------------------------------------------- splits
 
 
-def _wells(meta: pd.DataFrame) -> pd.Series:
+def wells_of(meta: pd.DataFrame) -> pd.Series:
+    """``plate/well`` per crop (:class:`InputError` without the columns)."""
     for col in (PLATE, WELL):
         if col not in meta.columns:
             raise InputError(f"crop shards have no {col} column", fix="crop a screen index with plate and well metadata")
@@ -74,7 +75,7 @@ def _wells(meta: pd.DataFrame) -> pd.Series:
 
 def split_leave_cells_out(meta: pd.DataFrame, *, train_fraction: float, seed: int) -> np.ndarray:
     """``is_val`` per crop: in every well a random ``1 − train_fraction`` of its cells (paper: ~40 %)."""
-    wells = _wells(meta)
+    wells = wells_of(meta)
     key = np.random.default_rng(derive_seed(seed, STREAM_SPLIT)).random(len(meta))
     order = pd.Series(key).groupby(wells.to_numpy()).rank(method="first").to_numpy() - 1
     sizes = wells.map(wells.value_counts()).to_numpy()
@@ -87,7 +88,7 @@ def split_leave_plates_out(meta: pd.DataFrame, codes: np.ndarray, classes: list[
                            val_plates: list[str] | None, min_val_wells: int, seed: int) -> np.ndarray:
     """``is_val`` per crop: whole plates held out, chosen so that every class keeps at least
     ``min_val_wells`` wells in validation and at least one well in training (paper Fig. 2A)."""
-    wells = _wells(meta)
+    wells = wells_of(meta)
     plates = meta[PLATE].astype(str).to_numpy()
     table = pd.DataFrame({"plate": plates, "well": wells.to_numpy(), "cls": codes}).drop_duplicates()
     per_plate = {p: np.bincount(g["cls"].to_numpy(), minlength=len(classes)) for p, g in table.groupby("plate")}

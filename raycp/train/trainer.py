@@ -34,7 +34,7 @@ from raycp.errors import ConfigError, InputError, RaycpError, StorageError
 from raycp.io import urls
 from raycp.layout import RunLayout
 from raycp.models.export import write_model
-from raycp.models.normalize import NORMALIZATION
+from raycp.models.normalize import PRESETS
 from raycp.train import data as D
 from raycp.train import sampling as S
 from raycp.train.config import TrainConfig
@@ -55,6 +55,9 @@ class Prepared:
     is_val: np.ndarray
     keep: np.ndarray  # crops used (border filter)
     controls: set[str] = field(default_factory=set)
+    groups: np.ndarray | None = None  # mil: a well code per crop
+    domains: np.ndarray | None = None  # grl: a domain code per crop
+    n_domains: int = 0
 
     @property
     def train_sids(self) -> np.ndarray:
@@ -94,8 +97,9 @@ def train_dir(cfg: TrainConfig) -> str:
 
 def prepare(cfg: TrainConfig) -> Prepared:
     """Read metadata, encode classes, split; every input error surfaces here as one line."""
-    crops = D.read_crop_metadata(cfg.crops, label=cfg.label, crop_column=cfg.crop_column,
-                                 extra=(cfg.split.column,) if cfg.split.strategy == "column" else ())
+    extra = ((cfg.split.column,) if cfg.split.strategy == "column" else ()) + \
+        ((cfg.grl.domain,) if cfg.formulation == "grl" else ())
+    crops = D.read_crop_metadata(cfg.crops, label=cfg.label, crop_column=cfg.crop_column, extra=extra)
     meta = crops.meta
     channels, size = crops.shape[0], crops.shape[1]
     if channels != len(cfg.channels):
@@ -121,10 +125,27 @@ def prepare(cfg: TrainConfig) -> Prepared:
     prep = Prepared(cfg, crops, classes, codes, is_val, keep, controls)
     world = cfg.compute.num_workers
     epoch = prep.summary()["epoch_samples"]
-    if S.steps_per_epoch(epoch, world, cfg.optim.batch_size) == 0:
+    if cfg.formulation == "mil":
+        prep.groups = pd.Categorical(S.wells_of(meta)).codes.astype(np.int64)
+        bags = max(1, prep.summary()["per_class_draw"] // cfg.mil.bag_size) * len(classes)
+        if S.steps_per_epoch(bags, world, cfg.mil.bags_per_step) == 0:
+            raise InputError(f"an epoch has {bags} bags of {cfg.mil.bag_size} cells: fewer than mil.bags_per_step × "
+                             f"workers ({cfg.mil.bags_per_step} × {world})",
+                             fix="lower mil.bags_per_step, mil.bag_size or compute.num_workers")
+    elif S.steps_per_epoch(epoch, world, cfg.optim.batch_size) == 0:
         raise InputError(f"a balanced epoch has {epoch} crops: fewer than batch_size × workers "
                          f"({cfg.optim.batch_size} × {world}), so not one step can run",
                          fix="lower optim.batch_size or compute.num_workers, or crop more cells")
+    if cfg.formulation == "grl":
+        column = cfg.grl.domain
+        if column not in meta.columns or meta.loc[keep, column].isna().any():
+            raise InputError(f"{cfg.crops}: grl.domain column {column!r} is missing or empty in the crop shards",
+                             fix="set grl.domain to a Metadata_ column every crop has (paper: Metadata_Plate)")
+        prep.domains = pd.Categorical(meta[column].astype(str)).codes.astype(np.int64)
+        prep.n_domains = int(len(np.unique(prep.domains[prep.train_sids])))
+        if prep.n_domains < 2:
+            raise InputError(f"grl: the training cells come from {prep.n_domains} {column} value(s)",
+                             fix="gradient reversal needs at least 2 domains (plates)")
     return prep
 
 
@@ -209,6 +230,41 @@ def _resume_state(cfg: TrainConfig, latest: str | None) -> bytes | None:
 
 
 # ---------------------------------------------------------------------------------- fit
+
+
+def init_model(cfg: TrainConfig, *, tensors: bool) -> tuple[dict | None, dict | None]:
+    """``(model.json, tensors)`` of ``train.model.init`` (``(None, None)`` without one): the tensors
+    without the classifier, the stem's input channels permuted from the init's order to
+    ``cfg.channels``. Raises :class:`InputError` / :class:`ConfigError` when the init does not
+    fit the run (another arch, other channels)."""
+    if not cfg.model.init:
+        return None, None
+    from raycp.models.export import load_model, read_model_json
+
+    info = read_model_json(cfg.model.init)
+    if info.get("arch") != cfg.model.arch:
+        raise ConfigError(f"train.model.init {cfg.model.init} is a {info.get('arch')}, train.model.arch is {cfg.model.arch}",
+                          fix=f"set train.model.arch={info.get('arch')}")
+    chans = list(info.get("channels") or [])
+    if sorted(chans) != sorted(cfg.channels):
+        raise InputError(f"train.model.init {cfg.model.init} takes channels {chans}, the crops hold {list(cfg.channels)}",
+                         fix="train on crops of the init model's channels (names must match)")
+    if not tensors:
+        return info, None
+    model, info = load_model(cfg.model.init)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier")}
+    state["conv_stem.weight"] = state["conv_stem.weight"][:, [chans.index(c) for c in cfg.channels]].contiguous()
+    return info, state
+
+
+def resolved_normalization(cfg: TrainConfig, init_info: dict | None) -> str:
+    """The crop normalisation preset a run trains with: ``train.model.normalization``, else the
+    init model's, else raycp's z-score."""
+    from raycp.models.normalize import preset_name
+
+    if cfg.model.normalization:
+        return cfg.model.normalization
+    return preset_name(init_info.get("normalization")) if init_info else preset_name(None)
 
 
 def _imagenet(cfg: TrainConfig, n_classes: int) -> dict | None:
@@ -315,7 +371,9 @@ def build_trainer(cfg: TrainConfig, run_config=None, *, prep: Prepared | None = 
     urls.ensure_writable(out)
     latest = _check_latest_checkpoint(cfg)
     resume_state = _resume_state(cfg, latest)
-    imagenet = _imagenet(cfg, len(prep.classes)) if latest is None and resume_state is None else None
+    fresh = latest is None and resume_state is None
+    imagenet = _imagenet(cfg, len(prep.classes)) if fresh else None
+    init_info, init = init_model(cfg, tensors=fresh)
     ray = runtime.connection()
     use_gpu = uses_gpu(cfg)
     _check_resources(cfg, use_gpu)
@@ -331,7 +389,12 @@ def build_trainer(cfg: TrainConfig, run_config=None, *, prep: Prepared | None = 
     spec = WorkerSpec(cfg=cfg.model_dump(mode="json"), classes=prep.classes, source=source,
                       train_sids=prep.train_sids, train_codes=prep.codes[prep.train_sids],
                       val_sids=val, val_codes=prep.codes[val], fingerprint=fingerprint(cfg.science()),
-                      imagenet=imagenet, resume_state=resume_state, inject_failure=inject_failure)
+                      imagenet=imagenet, resume_state=resume_state, inject_failure=inject_failure,
+                      init=init, arch_args=(init_info or {}).get("arch_args") or None,
+                      normalization=resolved_normalization(cfg, init_info),
+                      train_groups=None if prep.groups is None else prep.groups[prep.train_sids],
+                      train_domains=None if prep.domains is None else prep.domains[prep.train_sids],
+                      n_domains=prep.n_domains)
     resources = {"CPU": cfg.compute.cpus_per_worker, **cfg.compute.resources}
     if use_gpu:
         resources["GPU"] = 1
@@ -398,6 +461,8 @@ def export_model(state: dict, prep: Prepared, folder: str) -> dict:
     from raycp.models.network import DEFAULT_LAYER
 
     cfg = prep.cfg
+    init_info, _ = init_model(cfg, tensors=False)
+    norm = resolved_normalization(cfg, init_info)
     info = {
         "format": "raycp.train/1",
         "arch": cfg.model.arch,
@@ -408,13 +473,14 @@ def export_model(state: dict, prep: Prepared, folder: str) -> dict:
         "channels": list(cfg.channels),
         "in_chans": len(cfg.channels),
         "crop_size": int(prep.crops.shape[1]),
-        "normalization": NORMALIZATION,
+        "normalization": PRESETS[norm],
         "feature_layer": DEFAULT_LAYER,
         "epochs_trained": int(state["epoch"]) + 1,
         "split": cfg.split.strategy,
         "seed": cfg.seed,
         "imagenet_init": bool(cfg.model.imagenet_weights),
         "stem": cfg.model.stem,
+        **({"formulation": cfg.formulation} if cfg.formulation != "classification" else {}),
         "final_metrics": {k: v for k, v in (state["history"][-1] if state["history"] else {}).items()
                           if k in ("epoch", "lr")} | {
             f"{part}_{key}": (state["history"][-1][part] or {}).get(key)
@@ -422,4 +488,8 @@ def export_model(state: dict, prep: Prepared, folder: str) -> dict:
             if state["history"] and state["history"][-1].get(part)},
         "raycp_version": __version__,
     }
+    if init_info:
+        info["init"] = {"path": cfg.model.init, "source": init_info.get("source")}
+        if init_info.get("arch_args"):
+            info["arch_args"] = init_info["arch_args"]
     return write_model(folder, state["model"], info)

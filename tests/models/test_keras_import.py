@@ -234,3 +234,4 @@ def test_raycp_extract_profiles_a_screen_with_the_imported_model(site_5ch, impor
     assert np.abs(feats - expected["block6a_activation"]).max() <= TOLERANCE
     written = json.loads((tmp_path / "run" / "features" / "cpcnn" / "model.json").read_text())
     assert written["channels"] == MODEL_ORDER and written["normalization"]["name"] == "per_crop_channel_min_over_max"
+
