@@ -7,7 +7,10 @@ Prints JSON lines:
 - ``ray_train`` with 1 worker: samples/s of the steady-state epochs (``ratio_vs_bare``, target ≥ 0.8:
   what Ray Train + DDP + Ray Data reading + checkpointing cost);
 - ``ray_train`` with 2 workers (``scaling_vs_1_worker``; on one 2-core CPU box the two workers share
-  the cores, so < 2 is expected there: the number that matters is on GPUs).
+  the cores, so < 2 is expected there: the number that matters is on GPUs);
+- with ``--formulations ols,mil,grl``: 1 worker of each of the paper's other formulations
+  (``ratio_vs_classification`` of the samples/s of the training steps; ``epoch_wall_s`` also counts
+  OLS' end-of-epoch prediction pass over every training cell).
 
 On a GPU machine (``--device cuda``) the Ray Train runs also sample ``nvidia-smi`` utilisation.
 
@@ -80,11 +83,12 @@ class GpuSampler:
                 "gpu_util_samples": int(len(self.samples))}
 
 
-def make_config(crops: str, output: str, args, workers: int):
+def make_config(crops: str, output: str, args, workers: int, formulation: str = "classification"):
     from raycp.train.config import TrainConfig
 
     return TrainConfig.model_validate({
-        "crops": crops, "output": output,
+        "crops": crops, "output": output, "formulation": formulation,
+        "mil": {"bags_per_step": max(1, args.batch // 8), "bag_size": 8},
         "model": {"arch": args.arch},
         "optim": {"epochs": args.epochs, "batch_size": args.batch},
         "split": {"val_max_cells": args.val_cells},
@@ -147,7 +151,8 @@ def ray_loop(cfg, args) -> dict:
     rates = [e["samples_per_s"] for e in res.history]
     steady = rates[1:] or rates
     out = {"samples_per_s": round(float(np.median(steady)), 2), "epoch_samples_per_s": rates,
-           "epoch_seconds": [e["seconds"] for e in res.history], "wall_s": round(wall, 1)}
+           "epoch_seconds": [e["seconds"] for e in res.history], "wall_s": round(wall, 1),
+           "epoch_wall_s": round(wall / max(1, len(res.history)), 2)}
     if sampler:
         out.update(sampler.summary())
     return out
@@ -171,6 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=128, help="crop size when making crops")
     ap.add_argument("--cells", type=int, default=48, help="cells per control well when making crops (treatments: half)")
     ap.add_argument("--site", help="the real site folder, or its 8-bit .npy (default: ../shared/data/...)")
+    ap.add_argument("--formulations", default="", help="also time these formulations (ols, mil, grl) with 1 worker")
     args = ap.parse_args(argv)
 
     import torch
@@ -214,6 +220,12 @@ def main(argv=None) -> int:
             base = rec["samples_per_s"]
         elif base:
             rec["scaling_vs_1_worker"] = round(rec["samples_per_s"] / base, 3)
+        emit(rec)
+    for name in [v for v in args.formulations.split(",") if v]:
+        rec = ray_loop(make_config(crops, str(work / f"ray-{name}"), args, 1, name), args)
+        rec = {**common, "mode": "ray_train", "formulation": name, "workers": 1, **rec}
+        if base:
+            rec["ratio_vs_classification"] = round(rec["samples_per_s"] / base, 3)
         emit(rec)
     runtime.shutdown()
     return 0

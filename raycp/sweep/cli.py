@@ -146,10 +146,13 @@ def subsets_cmd(
     from raycp import runtime
     from raycp.config import apply_overrides, parse_value
     from raycp.errors import ConfigError
+    from raycp.io import urls
     from raycp.layout import RunLayout
     from raycp.sweep.subsets import check_key, parse_axis
     from raycp.sweep.writers import write_subset_sweep
 
+    run = urls.input_url(run)  # trials do not run in this folder
+    output = urls.input_url(output) if output else None
     base = _run_config(run)
     names = [s.strip() for s in subsets.split(",") if s.strip()]
     if search not in ("grid", "random"):
@@ -215,11 +218,23 @@ def subsets_cmd(
 
 
 def _run_config(run: str):
-    """The resolved config of a finished raycp run (``<run>/config.yaml``)."""
+    """The resolved config of a finished raycp run (``<run>/config.yaml``), its local paths made
+    absolute: trials run in Ray Tune's trial folders, not in the folder the run was started from."""
     from raycp.io import urls
     from raycp.run import load
 
     path = urls.join(run, "config.yaml")
     if not urls.exists(path):
         raise InputError(f"{path}: not found (is {run} a raycp run folder?)", fix="pass the run's output folder")
-    return load(path)
+    cfg = load(path)
+    local = {"data.index": cfg.data.index, "data.output": cfg.data.output, "source_run": cfg.source_run,
+             "imagenet_weights": cfg.imagenet_weights, "train.model.init": cfg.train.model.init,
+             "train.model.imagenet_weights": cfg.train.model.imagenet_weights}
+    fixed = {k: urls.input_url(v) for k, v in local.items() if v and "://" not in v and not v.startswith("/")}
+    features = [m.model_dump(mode="json") for m in cfg.features]
+    for f in features:
+        if f.get("path") and "://" not in f["path"] and not f["path"].startswith("/"):
+            f["path"] = urls.input_url(f["path"])
+    from raycp.config import apply_overrides
+
+    return apply_overrides(cfg, {**fixed, "features": features})

@@ -95,3 +95,23 @@ def test_asha_compares_a_trial_only_with_trials_of_its_own_subset():
     assert asha.on_trial_result(None, a, {**report, "val_loss": 1.0}) == TrialScheduler.CONTINUE
     assert asha.on_trial_result(None, b, {**report, "val_loss": 100.0}) == TrialScheduler.CONTINUE
     assert asha.on_trial_result(None, c, {**report, "val_loss": 300.0}) == TrialScheduler.STOP   # worse than b
+
+
+def test_a_run_started_from_another_folder_gives_trials_absolute_paths(tmp_path, monkeypatch):
+    """`raycp run` saves the paths as given (`runs/demo/run`); trials run in Ray Tune's trial folders,
+    so the sweep resolves the run's local paths against the folder it is started from."""
+    from raycp.config import build_config, save_resolved
+    from raycp.run.config import PipelineConfig
+    from raycp.sweep.cli import _run_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config(PipelineConfig, None, ["data.index=runs/demo/screen/index/sites.parquet", "data.output=runs/demo/run",
+                                              "imagenet_weights=weights/lite0.pth", "train.model.init=models/cpcnn",
+                                              "train.model.arch=tf_efficientnet_b0",
+                                              "features=[{kind: trained, path: models/cpcnn, name: cpcnn}]"])
+    save_resolved(cfg, str(tmp_path / "runs" / "demo" / "run"))
+    got = _run_config("runs/demo/run")
+    assert got.data.index == str(tmp_path / "runs/demo/screen/index/sites.parquet")
+    assert got.data.output == str(tmp_path / "runs/demo/run")
+    assert got.imagenet_weights == str(tmp_path / "weights/lite0.pth")
+    assert got.train.model.init == got.features[0].path == str(tmp_path / "models/cpcnn")
