@@ -159,3 +159,41 @@ def load_model_info(folder: str) -> dict:
     from raycp.models.export import load_model
 
     return load_model(folder)[1]
+
+
+def test_the_end_of_epoch_pass_moves_per_cell_and_per_class_labels_alike(crops64, tmp_path):
+    """OLS' end-of-epoch pass (no Ray): per cell, L1 = (1 − α)·L0 + α·P with P the network's
+    inference-mode probabilities; per class, each class's label moves by its cells' mean of the
+    same P."""
+    from raycp.train import data as D
+    from raycp.train.loop import Recipe, WorkerSpec, _ols_epoch_update
+
+    cfg = train_cfg(crops64, tmp_path, formulation="ols")
+    prep = trainer.prepare(cfg)
+    n = len(prep.classes)
+    source = D.CropSource(prep.crops.files, prep.crops.crop_column, prep.crops.shape, prep.crops.locations(),
+                          reader="local")
+    spec = WorkerSpec(cfg={}, classes=prep.classes, source=source, train_sids=prep.train_sids,
+                      train_codes=prep.codes[prep.train_sids], val_sids=prep.val_sids, val_codes=prep.codes[prep.val_sids],
+                      fingerprint="")
+    recipe = Recipe(cfg, n)
+    model = recipe.model().eval()
+
+    class Loader:
+        def load(self, sids):
+            return source.load(sids)
+
+    l0 = FM.ols_init(spec.train_codes, n, 0.1)
+    l1 = _ols_epoch_update(recipe, model, spec, l0, Loader(), rank=0, world=1)
+    alpha = cfg.ols.alpha
+    probs = (l1 - (1 - alpha) * l0) / alpha
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(len(probs)), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(l1, l0)
+
+    per_class = cfg.model_copy(update={"ols": cfg.ols.model_copy(update={"labels": "class"})})
+    c0 = FM.ols_init(np.arange(n), n, 0.1)
+    c1 = _ols_epoch_update(Recipe(per_class, n), model, spec, c0, Loader(), rank=0, world=1)
+    codes = torch.from_numpy(spec.train_codes.astype(np.int64))
+    for c in range(n):
+        mean = probs[codes == c].mean(dim=0)
+        torch.testing.assert_close(c1[c], (1 - alpha) * c0[c] + alpha * mean, rtol=1e-4, atol=1e-5)
