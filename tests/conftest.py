@@ -140,3 +140,25 @@ def tiny_screen(shared_data, ray_cluster, tmp_path_factory) -> Path:
     cfg = load_screen_config("mini", TINY_SCREEN, overrides=[f"source.folders=['{shared_data / PEDIATRIC}']"])
     build_screen(cfg, str(out))
     return out
+
+
+# -- the committed Keras Cell Painting CNN fixture (tests/models/keras_reference.py, make keras-fixture)
+KERAS_TINY = REPO / "tests" / "models" / "data" / "keras_tiny"
+
+
+@pytest.fixture(scope="session")
+def keras_expected() -> dict:
+    """Keras' outputs of the width-0.125 fixture model on 6 real crops (channels DNA, RNA, ER, AGP, Mito)."""
+    import numpy as np
+
+    return dict(np.load(KERAS_TINY / "expected.npz"))
+
+
+@pytest.fixture(scope="session")
+def keras_imported(tmp_path_factory) -> Path:
+    """The fixture's weights.h5 converted by `raycp model import-keras` (preset cell_painting_cnn_v1)."""
+    from raycp.models.export import import_keras
+
+    folder = tmp_path_factory.mktemp("imported") / "cpcnn"
+    import_keras(str(KERAS_TINY / "weights.h5"), str(folder))
+    return folder

@@ -172,44 +172,37 @@ def infer_geometry(weights: KerasWeights) -> Geometry:
     return Geometry(in_chans, pick[0], pick[1], tuple(repeats), classes, dense[0] if dense else None)
 
 
+#: a block's Keras layers -> timm modules: block1 (no expansion: timm DepthwiseSeparableConv) and the
+#: others (InvertedResidual)
+_FIRST_STAGE = (("dwconv", "conv_dw"), ("bn", "bn1"), ("se_reduce", "se.conv_reduce"), ("se_expand", "se.conv_expand"),
+                ("project_conv", "conv_pw"), ("project_bn", "bn2"))
+_OTHER_STAGES = (("expand_conv", "conv_pw"), ("expand_bn", "bn1"), ("dwconv", "conv_dw"), ("bn", "bn2"),
+                 ("se_reduce", "se.conv_reduce"), ("se_expand", "se.conv_expand"), ("project_conv", "conv_pwl"),
+                 ("project_bn", "bn3"))
+
+
+def _layer_tensors(layer: str, target: str) -> list[tuple[str, str, str]]:
+    """``(keras layer, variable, timm tensor)`` of one layer, by its kind (read off its name)."""
+    if layer.endswith("bn"):
+        return [(layer, k, f"{target}.{v}") for k, v in _BN.items()]
+    if layer.endswith("dwconv"):
+        return [(layer, "depthwise_kernel", f"{target}.weight")]
+    out = [(layer, "kernel", f"{target}.weight")]
+    if "_se_" in layer:
+        out.append((layer, "bias", f"{target}.bias"))
+    return out
+
+
 def keras_to_timm_names(geometry: Geometry) -> list[tuple[str, str, str]]:
     """``(keras layer, keras variable, timm tensor)`` for every tensor of the network, in order."""
-    out: list[tuple[str, str, str]] = []
-
-    def conv(layer, target, var="kernel", bias=False):
-        out.append((layer, var, f"{target}.weight"))
-        if bias:
-            out.append((layer, "bias", f"{target}.bias"))
-
-    def bn(layer, target):
-        out.extend((layer, k, f"{target}.{v}") for k, v in _BN.items())
-
-    conv("stem_conv", "conv_stem")
-    bn("stem_bn", "bn1")
+    out = _layer_tensors("stem_conv", "conv_stem") + _layer_tensors("stem_bn", "bn1")
     for s, count in enumerate(geometry.repeats):
         for i in range(count):
-            k, t = f"block{s + 1}{chr(ord('a') + i)}", f"blocks.{s}.{i}"
-            if s == 0:  # no expansion: DepthwiseSeparableConv
-                conv(f"{k}_dwconv", f"{t}.conv_dw", "depthwise_kernel")
-                bn(f"{k}_bn", f"{t}.bn1")
-                conv(f"{k}_se_reduce", f"{t}.se.conv_reduce", bias=True)
-                conv(f"{k}_se_expand", f"{t}.se.conv_expand", bias=True)
-                conv(f"{k}_project_conv", f"{t}.conv_pw")
-                bn(f"{k}_project_bn", f"{t}.bn2")
-            else:
-                conv(f"{k}_expand_conv", f"{t}.conv_pw")
-                bn(f"{k}_expand_bn", f"{t}.bn1")
-                conv(f"{k}_dwconv", f"{t}.conv_dw", "depthwise_kernel")
-                bn(f"{k}_bn", f"{t}.bn2")
-                conv(f"{k}_se_reduce", f"{t}.se.conv_reduce", bias=True)
-                conv(f"{k}_se_expand", f"{t}.se.conv_expand", bias=True)
-                conv(f"{k}_project_conv", f"{t}.conv_pwl")
-                bn(f"{k}_project_bn", f"{t}.bn3")
-    conv("top_conv", "conv_head")
-    bn("top_bn", "bn2")
+            for keras, timm in _FIRST_STAGE if s == 0 else _OTHER_STAGES:
+                out += _layer_tensors(f"block{s + 1}{chr(ord('a') + i)}_{keras}", f"blocks.{s}.{i}.{timm}")
+    out += _layer_tensors("top_conv", "conv_head") + _layer_tensors("top_bn", "bn2")
     if geometry.head_layer:
-        out.append((geometry.head_layer, "kernel", "classifier.weight"))
-        out.append((geometry.head_layer, "bias", "classifier.bias"))
+        out += [(geometry.head_layer, "kernel", "classifier.weight"), (geometry.head_layer, "bias", "classifier.bias")]
     return out
 
 

@@ -141,8 +141,10 @@ def prepare(cfg: TrainConfig) -> Prepared:
         if column not in meta.columns or meta.loc[keep, column].isna().any():
             raise InputError(f"{cfg.crops}: grl.domain column {column!r} is missing or empty in the crop shards",
                              fix="set grl.domain to a Metadata_ column every crop has (paper: Metadata_Plate)")
-        prep.domains = pd.Categorical(meta[column].astype(str)).codes.astype(np.int64)
-        prep.n_domains = int(len(np.unique(prep.domains[prep.train_sids])))
+        values = meta[column].astype(str)
+        seen = sorted(values.iloc[prep.train_sids].unique())  # domains of the training cells (leave-plates-out
+        prep.domains = pd.Categorical(values, categories=seen).codes.astype(np.int64)  # holds some out: -1)
+        prep.n_domains = len(seen)
         if prep.n_domains < 2:
             raise InputError(f"grl: the training cells come from {prep.n_domains} {column} value(s)",
                              fix="gradient reversal needs at least 2 domains (plates)")

@@ -37,17 +37,6 @@ MODEL_ORDER = ["DNA", "RNA", "ER", "AGP", "Mito"]
 TOLERANCE = 1e-4  # the issue's bound on max |Keras - raycp|
 
 
-@pytest.fixture(scope="module")
-def expected():
-    return dict(np.load(TINY / "expected.npz"))
-
-
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("imported") / "cpcnn"
-    import_keras(str(TINY / "weights.h5"), str(folder))
-    return folder
-
 
 def _features(folder: Path, crops: np.ndarray, layer: str, channels=MODEL_ORDER, **kw) -> np.ndarray:
     ex = load_extractor(ModelConfig(kind="trained", path=str(folder), layer=layer, **kw), list(channels),
@@ -57,9 +46,9 @@ def _features(folder: Path, crops: np.ndarray, layer: str, channels=MODEL_ORDER,
 
 
 @pytest.mark.parametrize("layer", ["block6a_activation", "pool5"])
-def test_the_converted_model_gives_keras_features(imported, expected, layer):
-    feats = _features(imported, expected["crops"], layer)
-    keras = expected[layer]
+def test_the_converted_model_gives_keras_features(keras_imported, keras_expected, layer):
+    feats = _features(keras_imported, keras_expected["crops"], layer)
+    keras = keras_expected[layer]
     assert feats.shape == keras.shape and feats.dtype == np.float32
     diff = np.abs(feats - keras).max()
     print(f"{layer}: max |raycp - keras| = {diff:.2e} on |features| <= {np.abs(keras).max():.2f}")
@@ -67,16 +56,16 @@ def test_the_converted_model_gives_keras_features(imported, expected, layer):
     assert np.abs(keras).max() > 0.1 and keras.std(axis=0).max() > 1e-3  # real signal, differing between cells
 
 
-def test_the_converted_classifier_gives_keras_probabilities(imported, expected):
-    model, info = load_model(str(imported))
-    x = normalizer(info["normalization"])(torch.from_numpy(expected["crops"]))
+def test_the_converted_classifier_gives_keras_probabilities(keras_imported, keras_expected):
+    model, info = load_model(str(keras_imported))
+    x = normalizer(info["normalization"])(torch.from_numpy(keras_expected["crops"]))
     with torch.inference_mode():
         probs = torch.softmax(model(x), dim=1).numpy()
-    np.testing.assert_allclose(probs, expected["ClassProb"], atol=1e-6)
+    np.testing.assert_allclose(probs, keras_expected["ClassProb"], atol=1e-6)
 
 
-def test_model_json_records_the_papers_settings(imported):
-    _, info = load_model(str(imported))
+def test_model_json_records_the_papers_settings(keras_imported):
+    _, info = load_model(str(keras_imported))
     assert info["channels"] == MODEL_ORDER and info["in_chans"] == 5 and info["crop_size"] == 128
     assert info["normalization"]["name"] == "per_crop_channel_min_over_max"
     assert info["arch"] == "tf_efficientnet_b0" and info["arch_args"]["channel_multiplier"] == 0.125
@@ -84,17 +73,17 @@ def test_model_json_records_the_papers_settings(imported):
     assert len(info["source"]["sha256"]) == 64
 
 
-def test_a_screen_with_other_channel_names_maps_them(imported, expected):
+def test_a_screen_with_other_channel_names_maps_them(keras_imported, keras_expected):
     """model.channel_map: the model's names -> the screen's; crops arrive in the model's order."""
     mapping = {"DNA": "Hoechst", "RNA": "SYTO14", "ER": "ConA", "AGP": "WGA", "Mito": "MitoTracker"}
     screen = ["Hoechst", "ConA", "SYTO14", "WGA", "MitoTracker"]
-    ex = load_extractor(ModelConfig(kind="trained", path=str(imported), channel_map=mapping), screen, run="unused")
+    ex = load_extractor(ModelConfig(kind="trained", path=str(keras_imported), channel_map=mapping), screen, run="unused")
     assert ex.info.channels == [mapping[c] for c in MODEL_ORDER]
-    assert np.abs(ex.features(expected["crops"]) - expected["block6a_activation"]).max() <= TOLERANCE
+    assert np.abs(ex.features(keras_expected["crops"]) - keras_expected["block6a_activation"]).max() <= TOLERANCE
     with pytest.raises(InputError, match="channel_map"):  # unmapped: the names differ
-        load_extractor(ModelConfig(kind="trained", path=str(imported)), screen, run="unused")
+        load_extractor(ModelConfig(kind="trained", path=str(keras_imported)), screen, run="unused")
     with pytest.raises(InputError, match=r"names \['Actin'\]"):
-        load_extractor(ModelConfig(kind="trained", path=str(imported), channel_map={"Actin": "WGA"}), screen, run="unused")
+        load_extractor(ModelConfig(kind="trained", path=str(keras_imported), channel_map={"Actin": "WGA"}), screen, run="unused")
 
 
 def _broken(tmp_path: Path, edit) -> str:
@@ -140,7 +129,7 @@ def test_settings_that_do_not_fit_the_file_are_refused(tmp_path):
     with pytest.raises(InputError, match="normalization 'unit' unknown"):
         import_keras(str(TINY / "weights.h5"), str(tmp_path / "b"), normalization="unit")
     with pytest.raises(InputError, match="not an HDF5 file"):
-        import_keras(str(TINY / "expected.npz"), str(tmp_path / "c"))
+        import_keras(str(TINY / "keras_expected.npz"), str(tmp_path / "c"))
 
 
 def test_the_cli_converts_and_refuses_in_one_line(tmp_path):
@@ -149,10 +138,10 @@ def test_the_cli_converts_and_refuses_in_one_line(tmp_path):
                          "--channels", "raycp"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert load_model(str(tmp_path / "m"))[1]["channels"] == ["DNA", "ER", "RNA", "AGP", "Mito"]
-    bad = subprocess.run([*raycp, "model", "import-keras", str(TINY / "expected.npz"), "-o", str(tmp_path / "n")],
+    bad = subprocess.run([*raycp, "model", "import-keras", str(TINY / "keras_expected.npz"), "-o", str(tmp_path / "n")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
-    assert "expected.npz: not an HDF5 file" in bad.stderr
+    assert "keras_expected.npz: not an HDF5 file" in bad.stderr
 
 
 @pytest.mark.slow
@@ -167,11 +156,11 @@ def test_full_size_cell_painting_cnn_matches_keras(real_crops_model_order, tmp_p
     subprocess.run([str(KERAS_PY), str(HERE / "keras_reference.py"), str(crops), str(tmp_path / "keras"),
                     "--classes", "490"], check=True, env=env)
     import_keras(str(tmp_path / "keras" / "weights.h5"), str(tmp_path / "cpcnn"))
-    expected = dict(np.load(tmp_path / "keras" / "expected.npz"))
+    keras_expected = dict(np.load(tmp_path / "keras" / "keras_expected.npz"))
     for layer, dim in (("block6a_activation", 672), ("pool5", 1280)):
-        feats = _features(tmp_path / "cpcnn", expected["crops"], layer)
+        feats = _features(tmp_path / "cpcnn", keras_expected["crops"], layer)
         assert feats.shape == (len(real_crops_model_order), dim)
-        diff = np.abs(feats - expected[layer]).max()
+        diff = np.abs(feats - keras_expected[layer]).max()
         print(f"B0 {layer}: {len(feats)} cells, max |raycp - keras| = {diff:.2e}")
         assert diff <= TOLERANCE
 
@@ -210,7 +199,7 @@ def test_normalization_presets_follow_deepprofilers_formulas():
         normalizer("x/255")
 
 
-def test_raycp_extract_profiles_a_screen_with_the_imported_model(site_5ch, imported, expected, ray_cluster, tmp_path):
+def test_raycp_extract_profiles_a_screen_with_the_imported_model(site_5ch, keras_imported, keras_expected, ray_cluster, tmp_path):
     """`raycp extract` (Ray actors, crops shards in raycp's channel order DNA, ER, RNA, AGP, Mito)
     with the imported model: per-cell features equal Keras' to 1e-4, the preset recorded."""
     import json
@@ -221,17 +210,17 @@ def test_raycp_extract_profiles_a_screen_with_the_imported_model(site_5ch, impor
     from tests.extract.conftest import CHANNELS, PLATE, RAY, real_index, save_index, site_crops, write_crops_shards
 
     table, _ = site_crops(site_5ch)
-    crops = expected["crops"][:, [MODEL_ORDER.index(c) for c in CHANNELS]]  # the shards' order
+    crops = keras_expected["crops"][:, [MODEL_ORDER.index(c) for c in CHANNELS]]  # the shards' order
     index = real_index(site_5ch)
     write_crops_shards(tmp_path / "run", index, table.iloc[: len(crops)], crops)
-    cfg = load_extract_config(None, [*RAY, "model.kind=trained", f"model.path={imported}", "model.name=cpcnn",
+    cfg = load_extract_config(None, [*RAY, "model.kind=trained", f"model.path={keras_imported}", "model.name=cpcnn",
                                      "inference.batch_size=4"], index=save_index(index, tmp_path),
                               output=str(tmp_path / "run"))
     result = run_extract(cfg)
     assert result.summary["processed"] == 1 and result.summary["quarantined"] == 0
     _, feats, names = read_cells(str(tmp_path / "run" / "features" / "cpcnn" / "cells" / PLATE / "C03_3.parquet"))
-    assert feats.shape == expected["block6a_activation"].shape
-    assert np.abs(feats - expected["block6a_activation"]).max() <= TOLERANCE
+    assert feats.shape == keras_expected["block6a_activation"].shape
+    assert np.abs(feats - keras_expected["block6a_activation"]).max() <= TOLERANCE
     written = json.loads((tmp_path / "run" / "features" / "cpcnn" / "model.json").read_text())
     assert written["channels"] == MODEL_ORDER and written["normalization"]["name"] == "per_crop_channel_min_over_max"
 

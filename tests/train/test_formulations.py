@@ -197,3 +197,16 @@ def test_the_end_of_epoch_pass_moves_per_cell_and_per_class_labels_alike(crops64
     for c in range(n):
         mean = probs[codes == c].mean(dim=0)
         torch.testing.assert_close(c1[c], (1 - alpha) * c0[c] + alpha * mean, rtol=1e-4, atol=1e-5)
+
+
+def test_domains_are_the_training_cells_plates(crops64, tmp_path):
+    """GRL's domains are the plates the training cells come from: a held-out plate is no domain, and
+    one plate left is a one-line error (nothing to reverse)."""
+    from raycp.errors import InputError
+
+    prep = trainer.prepare(train_cfg(crops64, tmp_path, formulation="grl"))
+    assert prep.n_domains == 2 and set(prep.domains[prep.train_sids]) == {0, 1}
+    with pytest.raises(InputError, match="at least 2 domains"):
+        trainer.prepare(train_cfg(crops64, tmp_path, formulation="grl", split={"strategy": "leave_plates_out"}))
+    with pytest.raises(InputError, match="grl.domain column 'Metadata_Batch'"):
+        trainer.prepare(train_cfg(crops64, tmp_path, formulation="grl", grl={"domain": "Metadata_Batch"}))

@@ -3,33 +3,18 @@ CNN's Keras weights (the committed width-0.125 fixture of tests/models) as the s
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from crops_helper import train_cfg
 
-from raycp.models.export import import_keras, load_model
+from raycp.models.export import load_model
 
-TINY = Path(__file__).parents[1] / "models" / "data" / "keras_tiny"
 MODEL_ORDER = ["DNA", "RNA", "ER", "AGP", "Mito"]
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def expected():
-    return dict(np.load(TINY / "expected.npz"))
-
-
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("imported") / "cpcnn"
-    import_keras(str(TINY / "weights.h5"), str(folder))
-    return folder
-
-
-def test_the_imported_model_initialises_fine_tuning(imported, expected, crops64, ray_cluster, tmp_path):
+def test_the_imported_model_initialises_fine_tuning(keras_imported, keras_expected, crops64, ray_cluster, tmp_path):
     """train.model.init: the imported network, stem permuted to the crops' channel order (DNA, ER,
     RNA, AGP, Mito), its normalisation kept: before any step it gives the imported model's
     features; `raycp train` fine-tunes it and exports a model that records where it came from."""
@@ -37,22 +22,22 @@ def test_the_imported_model_initialises_fine_tuning(imported, expected, crops64,
     from raycp.train import trainer
     from raycp.train.loop import Recipe
 
-    cfg = train_cfg(crops64, tmp_path / "ft", model={"arch": "tf_efficientnet_b0", "init": str(imported)},
+    cfg = train_cfg(crops64, tmp_path / "ft", model={"arch": "tf_efficientnet_b0", "init": str(keras_imported)},
                     optim={"epochs": 1}, compute={"num_workers": 1, "cpus_per_worker": 1, "max_steps_per_epoch": 2})
     info, tensors = trainer.init_model(cfg, tensors=True)
     assert trainer.resolved_normalization(cfg, info) == "per_crop_channel_min_over_max"
     recipe = Recipe(cfg, 6, arch_args=info["arch_args"], normalization="per_crop_channel_min_over_max")
     start = recipe.model(init=tensors).eval()
     raycp_order = ["DNA", "ER", "RNA", "AGP", "Mito"]
-    crops = torch.from_numpy(expected["crops"][:, [MODEL_ORDER.index(c) for c in raycp_order]])
+    crops = torch.from_numpy(keras_expected["crops"][:, [MODEL_ORDER.index(c) for c in raycp_order]])
     with torch.inference_mode():
         feats = FeatureModel(start)(recipe.normalize(crops)).numpy()
-    assert np.abs(feats - expected["block6a_activation"]).max() <= TOLERANCE
+    assert np.abs(feats - keras_expected["block6a_activation"]).max() <= TOLERANCE
 
     res = trainer.fit(cfg)
     model, exported = load_model(res.model_dir)
     assert exported["normalization"]["name"] == "per_crop_channel_min_over_max"
-    assert exported["arch_args"] == info["arch_args"] and exported["init"]["path"] == str(imported)
+    assert exported["arch_args"] == info["arch_args"] and exported["init"]["path"] == str(keras_imported)
     assert exported["num_classes"] == len(res.classes) == 6
     with pytest.raises(Exception, match="set train.model.arch=tf_efficientnet_b0"):
-        trainer.init_model(train_cfg(crops64, tmp_path / "x", model={"init": str(imported)}), tensors=False)
+        trainer.init_model(train_cfg(crops64, tmp_path / "x", model={"init": str(keras_imported)}), tensors=False)
