@@ -56,14 +56,19 @@ def train(
     result = trainer.fit(cfg)
     from rich.table import Table
 
-    table = Table(title=f"{cfg.model.arch} · {cfg.compute.num_workers} worker(s)", title_justify="left")
-    for col in ("epoch", "lr", "train loss", "train F1", "val loss", "val acc", "val F1", "samples/s"):
+    kind = "" if cfg.formulation == "classification" else f" · {cfg.formulation}"
+    table = Table(title=f"{cfg.model.arch}{kind} · {cfg.compute.num_workers} worker(s)", title_justify="left")
+    domain = cfg.formulation == "grl"
+    for col in ("epoch", "lr", "train loss", "train F1", "val loss", "val acc", "val F1",
+                *(["domain acc"] if domain else []), "samples/s"):
         table.add_column(col, justify="right")
     for e in result.history:
         val = e.get("val") or {}
         table.add_row(str(e["epoch"] + 1), f"{e['lr']:.4g}", f"{e['train']['loss']:.3f}", f"{e['train']['macro_f1']:.3f}",
                       f"{val.get('loss', float('nan')):.3f}", f"{val.get('accuracy', float('nan')):.3f}",
-                      f"{val.get('macro_f1', float('nan')):.3f}", f"{e['samples_per_s']:.1f}")
+                      f"{val.get('macro_f1', float('nan')):.3f}",
+                      *([f"{(e.get('domain') or {}).get('accuracy', float('nan')):.3f}"] if domain else []),
+                      f"{e['samples_per_s']:.1f}")
     con.print(table)
     con.print(f"model: {result.model_dir} · learning curve: {result.reports['learning_curve']} · "
               f"per class: {result.reports['per_class']}", markup=False, soft_wrap=True)
