@@ -60,13 +60,20 @@ SUBSET_COLOURS = {"weakest": "tab:blue", "median": "tab:orange", "strongest": "t
 def plot_subset_map(table: pd.DataFrame, path: str | os.PathLike, metric: str = "map_paper",
                     baseline: float | None = None, title: str | None = None) -> Path:
     """One horizontal bar per evaluated trial of a subset sweep (paper Fig. 3C): ``metric`` of the
-    model trained on that subset, coloured by subset; ``baseline`` (e.g. the run's own CNN) as a
-    dashed line. ``table``: ``subset``, ``label`` (the bar's name) and ``metric``."""
+    model trained on that subset, coloured by subset, and ``<metric>_none`` (no correction) in grey
+    beside it when the table has it; ``baseline`` (e.g. the run's own CNN) as a dashed line.
+    ``table``: ``subset``, ``label`` (the bar's name) and ``metric``."""
     plt = _plt()
     rows = table[table[metric].notna()].iloc[::-1]
-    fig, ax = plt.subplots(figsize=(6, 0.45 * max(len(rows), 2) + 1.2))
-    ax.barh(range(len(rows)), rows[metric], color=[SUBSET_COLOURS.get(s, "tab:gray") for s in rows["subset"]])
-    ax.set_yticks(range(len(rows)), rows["label"])
+    none = f"{metric}_none"
+    fig, ax = plt.subplots(figsize=(6.5, 0.55 * max(len(rows), 2) + 1.4))
+    y = np.arange(len(rows), dtype=float)
+    if none in rows.columns and rows[none].notna().any():  # without correction beside it (Supplementary Fig. 1)
+        ax.barh(y - 0.2, rows[metric], height=0.4, color=[SUBSET_COLOURS.get(s, "tab:gray") for s in rows["subset"]])
+        ax.barh(y + 0.2, rows[none].astype(float), height=0.4, color="lightgray")
+    else:
+        ax.barh(y, rows[metric], color=[SUBSET_COLOURS.get(s, "tab:gray") for s in rows["subset"]])
+    ax.set_yticks(y, rows["label"])
     if baseline is not None and np.isfinite(baseline):
         ax.axvline(baseline, color="k", linestyle="--", linewidth=1)
     ax.set_xlabel(metric + ("   (dashed: the run's own CNN)" if baseline is not None and np.isfinite(baseline) else ""))

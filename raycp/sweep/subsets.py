@@ -161,12 +161,24 @@ def trial_label(subset: str, overrides: dict) -> str:
                                  for k, v in overrides.items())])
 
 
-def results_table(rows: list[dict], axes: list[str]) -> pd.DataFrame:
-    """One row per trial, in Fig. 3C's order (subset, then the axes' values)."""
+def results_table(rows: list[dict], axes: list[str], values: dict[str, list] | None = None) -> pd.DataFrame:
+    """One row per trial, in Fig. 3C's order (subset, then the axes' values: in the order they were
+    listed where ``values`` gives them, e.g. ``train.formulation=classification,ols,mil,grl``, else sorted)."""
     table = pd.DataFrame(rows)
     if table.empty:
         return table
     order = {name: i for i, name in enumerate(SUBSETS)}
-    table["_order"] = table["subset"].map(order)
-    keys = ["_order", *[a for a in axes if a in table.columns], "trial_id"]
-    return table.sort_values(keys, kind="stable").drop(columns="_order").reset_index(drop=True)
+    helpers = {"_order": table["subset"].map(order)}
+    keys = ["_order"]
+    for a in axes:
+        if a not in table.columns:
+            continue
+        listed = (values or {}).get(a)
+        if listed:
+            positions = {str(v): i for i, v in enumerate(listed)}
+            helpers[f"_{a}"] = table[a].astype(str).map(positions).fillna(len(listed))
+            keys.append(f"_{a}")
+        keys.append(a)
+    table = table.assign(**helpers)
+    keys.append("trial_id")
+    return table.sort_values(keys, kind="stable").drop(columns=list(helpers)).reset_index(drop=True)

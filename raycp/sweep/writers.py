@@ -135,7 +135,7 @@ def write_subset_sweep(run: str, output: str, *, base, subsets: list[str], fract
     result = run_subset_sweep(plan, list(subsets), axes, search=search, num_samples=num_samples, seed=seed, asha=asha,
                               max_concurrent=concurrent, trial_cpus=trial_cpus, resume=resume, echo=echo)
     keys = [a.key for a in axes]
-    table = results_table(result.rows, keys)
+    table = results_table(result.rows, keys, {a.key: a.values for a in axes if a.values})
     for col in ("classes", "cells_trained", "epochs", "epochs_reported", "queries_unseen", "treatments_evaluated"):
         if col in table.columns:
             table[col] = table[col].astype("Int64")
@@ -144,7 +144,8 @@ def write_subset_sweep(run: str, output: str, *, base, subsets: list[str], fract
     write_parquet(table, urls.join(output, "subsets.parquet"))
     if len(table) and table["map_paper"].notna().any():
         lam = table["sphere_lambda"].dropna()
-        title = f"map_paper (sphered, λ={lam.iloc[0]:g}) of CNNs trained on each subset" if len(lam) else None
+        title = f"map_paper of the CNN trained on each subset\n(sphered at λ = {lam.iloc[0]:g}; grey: no correction)" \
+            if len(lam) else None
         # the run's own CNN is a reference only for trials trained with its recipe
         same_recipe = not any(k.startswith(("train.", "crops.")) for k in [*fixed, *keys])
         baseline = _run_map_paper(run) if same_recipe else None

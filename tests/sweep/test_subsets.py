@@ -115,3 +115,14 @@ def test_a_run_started_from_another_folder_gives_trials_absolute_paths(tmp_path,
     assert got.data.output == str(tmp_path / "runs/demo/run")
     assert got.imagenet_weights == str(tmp_path / "weights/lite0.pth")
     assert got.train.model.init == got.features[0].path == str(tmp_path / "models/cpcnn")
+
+
+def test_trials_are_listed_in_the_order_the_axis_gave_its_values():
+    """`--param train.formulation=classification,ols,mil,grl`: the table (and the bar plot) keep
+    that order, as Supplementary Fig. 1 does, not the alphabet's."""
+    from raycp.sweep.subsets import results_table
+
+    rows = [{"subset": "all", "train.formulation": f, "trial_id": f"t{i}"} for i, f in enumerate(["grl", "ols", "classification", "mil"])]
+    table = results_table(rows, ["train.formulation"], {"train.formulation": ["classification", "ols", "mil", "grl"]})
+    assert table["train.formulation"].tolist() == ["classification", "ols", "mil", "grl"]
+    assert results_table(rows, ["train.formulation"])["train.formulation"].tolist() == ["classification", "grl", "mil", "ols"]
