@@ -129,7 +129,7 @@ def test_settings_that_do_not_fit_the_file_are_refused(tmp_path):
     with pytest.raises(InputError, match="normalization 'unit' unknown"):
         import_keras(str(TINY / "weights.h5"), str(tmp_path / "b"), normalization="unit")
     with pytest.raises(InputError, match="not an HDF5 file"):
-        import_keras(str(TINY / "keras_expected.npz"), str(tmp_path / "c"))
+        import_keras(str(TINY / "expected.npz"), str(tmp_path / "c"))
 
 
 def test_the_cli_converts_and_refuses_in_one_line(tmp_path):
@@ -138,10 +138,10 @@ def test_the_cli_converts_and_refuses_in_one_line(tmp_path):
                          "--channels", "raycp"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert load_model(str(tmp_path / "m"))[1]["channels"] == ["DNA", "ER", "RNA", "AGP", "Mito"]
-    bad = subprocess.run([*raycp, "model", "import-keras", str(TINY / "keras_expected.npz"), "-o", str(tmp_path / "n")],
+    bad = subprocess.run([*raycp, "model", "import-keras", str(TINY / "expected.npz"), "-o", str(tmp_path / "n")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
-    assert "keras_expected.npz: not an HDF5 file" in bad.stderr
+    assert "expected.npz: not an HDF5 file" in bad.stderr
 
 
 @pytest.mark.slow
@@ -156,7 +156,7 @@ def test_full_size_cell_painting_cnn_matches_keras(real_crops_model_order, tmp_p
     subprocess.run([str(KERAS_PY), str(HERE / "keras_reference.py"), str(crops), str(tmp_path / "keras"),
                     "--classes", "490"], check=True, env=env)
     import_keras(str(tmp_path / "keras" / "weights.h5"), str(tmp_path / "cpcnn"))
-    keras_expected = dict(np.load(tmp_path / "keras" / "keras_expected.npz"))
+    keras_expected = dict(np.load(tmp_path / "keras" / "expected.npz"))
     for layer, dim in (("block6a_activation", 672), ("pool5", 1280)):
         feats = _features(tmp_path / "cpcnn", keras_expected["crops"], layer)
         assert feats.shape == (len(real_crops_model_order), dim)
