@@ -120,7 +120,7 @@ class PipelineConfig(RunConfig):
     def train_config(self) -> TrainConfig:
         """``raycp train``'s config for this run (crops from the crops stage, output = the run)."""
         tree = self.train.model_dump(mode="json", exclude={"enabled"})
-        if tree["model"].get("imagenet_weights") is None and self.imagenet_weights:
+        if tree["model"].get("imagenet_weights") is None and self.imagenet_weights and not tree["model"].get("init"):
             tree["model"]["imagenet_weights"] = self.imagenet_weights
         from raycp.layout import RunLayout
 

@@ -41,3 +41,17 @@ def test_the_imported_model_initialises_fine_tuning(keras_imported, keras_expect
     assert exported["num_classes"] == len(res.classes) == 6
     with pytest.raises(Exception, match="set train.model.arch=tf_efficientnet_b0"):
         trainer.init_model(train_cfg(crops64, tmp_path / "x", model={"init": str(keras_imported)}), tensors=False)
+
+
+def test_a_run_fine_tunes_its_init_rather_than_imagenet(keras_imported):
+    """`raycp run` passes its ImageNet file to training unless the CNN starts from train.model.init
+    (both at once are refused by the train config)."""
+    from raycp.config import build_config
+    from raycp.run.config import PipelineConfig
+
+    cfg = build_config(PipelineConfig, None, ["data.index=x/sites.parquet", "data.output=x", "imagenet_weights=w.pth",
+                                              "train.model.arch=tf_efficientnet_b0", f"train.model.init={keras_imported}"])
+    tcfg = cfg.train_config()
+    assert tcfg.model.init == str(keras_imported) and tcfg.model.imagenet_weights is None
+    plain = build_config(PipelineConfig, None, ["data.index=x/sites.parquet", "data.output=x", "imagenet_weights=w.pth"])
+    assert plain.train_config().model.imagenet_weights == "w.pth"
