@@ -124,18 +124,25 @@ def _trained(model_cfg, channels: list[str], run: str):
         raise InputError(f"{folder}: model.json lists {len(want)} channels {want} for {in_chans} inputs",
                          fix="re-export the model with `raycp train`")
     mapping = dict(model_cfg.channel_map or {})
+    key = "channel_map (model.channel_map; features[].channel_map in a run config)"
     unknown = sorted(set(mapping) - set(want)) if want else []
     if unknown:
-        raise InputError(f"model.channel_map names {unknown}, which are not channels of the model {want}",
-                         fix="map the model's channel names (keys) to the screen's (values)")
+        raise InputError(f"{key} names {unknown}, which are not channels of the model {want}",
+                         fix="map the model's channel names (keys) to the screen's (values), e.g. {DNA: Hoechst}")
+    model_names = list(want)
     want = [mapping.get(c, c) for c in want] if want else list(channels)
+    twice = sorted({c for c in want if want.count(c) > 1})
+    if twice:
+        raise InputError(f"{key} {mapping} gives the model's channels {model_names} the screen names {want}: "
+                         f"{twice} twice", fix="map each model channel to a different screen channel")
     if in_chans != len(channels) or sorted(want) != sorted(channels):
-        hint = f"set data.channels to {want} (the index must hold them)"
-        if mapping or set(want) != set(channels):
-            hint += (", or map the model's channels to the screen's with model.channel_map, e.g. "
-                     "{DNA: Hoechst, RNA: Syto14, ...}")
-        raise InputError(f"{folder}: the checkpoint takes {in_chans} input channels {want} but data.channels "
-                         f"has {len(channels)}: {list(channels)}", fix=hint + ", or use a checkpoint trained on these channels")
+        mapped = f" (screen names after {key}: {want})" if mapping else ""
+        missing = [m for m, w in zip(model_names, want) if w not in channels]
+        hint = (f"map the model's channels to the screen's with {key}, e.g. "
+                f"{{{', '.join(f'{m}: <screen name>' for m in missing[:2])}}}" if missing else
+                f"set data.channels to {want} (the index must hold them)")
+        raise InputError(f"{folder}: the model takes {in_chans} input channels {model_names}{mapped} but data.channels "
+                         f"has {len(channels)}: {list(channels)}", fix=hint + ", or use a model trained on these channels")
     layer = model_cfg.layer
     features = FeatureModel(model.eval(), layer)
     details = {"arch": info.get("arch"), "layer": layer, "path": folder,

@@ -32,7 +32,8 @@ def import_keras(
     info = run_import(file, output, preset=None if preset == "none" else preset, channels=channels,
                       normalization=normalization, crop_size=crop_size)
     size = "" if not info["arch_args"] else f" {info['arch_args']}"
+    classes = f"{info['num_classes']} classes" if info["num_classes"] else "no classifier in the file (features only)"
     console().print(f"{output}: {info['arch']}{size} · {info['in_chans']} channels {','.join(info['channels'])} · "
-                    f"{info['num_classes']} classes · crops {info['crop_size']} px · normalization "
+                    f"{classes} · crops {info['crop_size']} px · normalization "
                     f"{info['normalization']['name']} · features block6a_activation and pool5 · "
                     f"sha256 {info['source']['sha256'][:12]}", markup=False, soft_wrap=True)

@@ -100,6 +100,7 @@ def import_keras(path: str, folder: str, *, preset: str | None = "cell_painting_
     norm = normalization or base.get("normalization") or "per_crop_channel_zscore"
     if norm not in PRESETS:
         raise InputError(f"crop normalization {norm!r} unknown", fix=f"use one of {', '.join(PRESETS)}")
+    urls.ensure_writable(folder)  # before the (large) file is read
     weights = read_keras_weights(path)
     model, geometry = convert(weights)
     if len(chans) != geometry.in_chans or len(set(chans)) != len(chans):

@@ -81,12 +81,15 @@ def read_keras_weights(path: str | Path) -> KerasWeights:
     import h5py
 
     path = str(path)
+    if Path(path).is_dir():
+        raise InputError(f"{path}: is a folder, not a weights file", fix="pass the Keras weights file, e.g. Cell_Painting_CNN_v1.hdf5")
     if not Path(path).is_file():
         raise InputError(f"{path}: file not found", fix="pass the Keras weights file, e.g. Cell_Painting_CNN_v1.hdf5")
     try:
         handle = h5py.File(path, "r")
     except OSError:
-        raise InputError(f"{path}: not an HDF5 file", fix="pass a Keras weights file written by save_weights (.h5/.hdf5)") from None
+        raise InputError(f"{path}: not a readable HDF5 file (not HDF5, or truncated)",
+                         fix="pass a complete Keras weights file written by save_weights (.h5/.hdf5)") from None
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     out = KerasWeights(path=path, sha256=digest)
     with handle:
@@ -99,7 +102,16 @@ def read_keras_weights(path: str | Path) -> KerasWeights:
             variables = {}
             for wname in (_text(n) for n in group.attrs.get("weight_names", [])):
                 var = wname.rsplit("/", 1)[-1].split(":")[0]
-                variables[var] = np.asarray(group[wname], dtype=np.float32)
+                try:
+                    value = np.asarray(group[wname], dtype=np.float32)
+                except (KeyError, OSError):
+                    raise InputError(f"{path}: layer {layer} variable {var} cannot be read (the file is damaged)",
+                                     fix="download or save the weights file again") from None
+                bad = int(np.size(value) - np.isfinite(value).sum())
+                if bad:
+                    raise InputError(f"{path}: layer {layer} variable {var} has {bad} NaN or infinite values",
+                                     fix="use a weights file saved from a model that trained without diverging")
+                variables[var] = value
             if variables:
                 out.layers[layer] = variables
     return out
@@ -216,6 +228,17 @@ def _to_torch_layout(var: str, value: np.ndarray) -> np.ndarray:
     return value
 
 
+def _keras_shape(var: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A timm tensor's shape in Keras' layout (the inverse of :func:`_to_torch_layout`)."""
+    if var == "depthwise_kernel":
+        return (shape[2], shape[3], shape[0], shape[1])
+    if var == "kernel" and len(shape) == 4:
+        return (shape[2], shape[3], shape[1], shape[0])
+    if var == "kernel" and len(shape) == 2:
+        return (shape[1], shape[0])
+    return tuple(shape)
+
+
 def convert(weights: KerasWeights, geometry: Geometry | None = None):
     """``(timm model in eval mode, geometry)`` holding the file's weights exactly.
 
@@ -240,7 +263,7 @@ def convert(weights: KerasWeights, geometry: Geometry | None = None):
         tensor = _to_torch_layout(var, value)
         if tuple(tensor.shape) != tuple(target[name].shape):
             raise InputError(f"{weights.path}: layer {layer} variable {var} has shape {tuple(value.shape)}, "
-                             f"{geometry.arch} expects {tuple(target[name].shape)} ({name})",
+                             f"{geometry.arch} expects {_keras_shape(var, tuple(target[name].shape))} (Keras layout)",
                              fix="pass the weights of DeepProfiler's EfficientNet (PyPI efficientnet 1.1.1)")
         state[name] = torch.from_numpy(tensor.copy())
         used.add((layer, var))

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from raycp.config import save_resolved
-from raycp.errors import ConfigError, InputError
+from raycp.errors import ConfigError, InputError, RaycpError
 from raycp.io import urls
 from raycp.layout import RunLayout
 from raycp.run.config import PipelineConfig
 from raycp.stages import REGISTRY, Context, Stage, read_status, write_status
+from raycp.stages.base import status_url
 
 Registry = Mapping[str, Stage]
 
@@ -104,6 +105,20 @@ def preflight(cfg: PipelineConfig, chosen: list[str], registry: Registry = REGIS
     return prints
 
 
+def _forget_start(cfg: PipelineConfig, stage: str, folder: str) -> None:
+    """A stage that never ran before and refused its input (a user's mistake, exit 2) before
+    writing anything leaves no trace: its ``status.json`` would otherwise lock the folder to the
+    refused config, and the corrected run would be refused as "started with another config"."""
+    status = status_url(cfg, stage)
+    fs, root = urls.filesystem(folder)
+    try:
+        written = [p for p in fs.find(root) if not p.endswith("/status.json")]
+    except (FileNotFoundError, OSError):
+        return
+    if not written:
+        fs.rm(urls.filesystem(status)[1])
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -136,7 +151,12 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, stop: str | N
         started = _now()
         write_status(cfg, stage, state="running", fingerprint=prints[stage], started=started)
         t0 = time.perf_counter()
-        summary = registry[stage].run(ctx)
+        try:
+            summary = registry[stage].run(ctx)
+        except RaycpError as exc:
+            if st is None and exc.exit_code == 2:
+                _forget_start(cfg, stage, folder)
+            raise
         seconds = time.perf_counter() - t0
         save_resolved(cfg, folder)
         write_status(cfg, stage, state="complete", fingerprint=prints[stage], started=started, finished=_now(),

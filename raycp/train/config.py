@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from raycp.config import check_ray_resources
 from raycp.io.index import DEFAULT_CHANNELS
@@ -54,17 +54,22 @@ class ModelSection(_Strict):
         "crop normalisation preset (raycp.models.normalize.PRESETS); default: the init model's, else "
         "per_crop_channel_zscore"))
 
-    @model_validator(mode="after")
-    def _init(self) -> ModelSection:
-        if self.init and self.imagenet_weights:
-            raise ValueError("train.model.init and train.model.imagenet_weights are exclusive: a fine-tuned model "
-                             "starts from the init model's weights")
-        if self.normalization is not None:
-            from raycp.models.normalize import PRESETS
+    @field_validator("init")
+    @classmethod
+    def _init(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value and info.data.get("imagenet_weights"):
+            raise ValueError("cannot be combined with model.imagenet_weights (exclusive): a fine-tuned model starts "
+                             "from the init model's weights; unset model.imagenet_weights")
+        return value
 
-            if self.normalization not in PRESETS:
-                raise ValueError(f"normalization {self.normalization!r} unknown; use one of {', '.join(PRESETS)}")
-        return self
+    @field_validator("normalization")
+    @classmethod
+    def _normalization(cls, value: str | None) -> str | None:
+        from raycp.models.normalize import PRESETS
+
+        if value is not None and value not in PRESETS:
+            raise ValueError(f"normalization {value!r} unknown; use one of {', '.join(PRESETS)}")
+        return value
 
 
 #: options added after runs were written: they enter fingerprints only when they differ from the

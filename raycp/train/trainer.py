@@ -148,6 +148,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         if prep.n_domains < 2:
             raise InputError(f"grl: the training cells come from {prep.n_domains} {column} value(s)",
                              fix="gradient reversal needs at least 2 domains (plates)")
+    init_model(cfg, tensors=False)  # a fine-tuning init that does not fit is an input error too (also --dry-run)
     return prep
 
 

@@ -84,6 +84,14 @@ def test_a_screen_with_other_channel_names_maps_them(keras_imported, keras_expec
         load_extractor(ModelConfig(kind="trained", path=str(keras_imported)), screen, run="unused")
     with pytest.raises(InputError, match=r"names \['Actin'\]"):
         load_extractor(ModelConfig(kind="trained", path=str(keras_imported), channel_map={"Actin": "WGA"}), screen, run="unused")
+    with pytest.raises(InputError, match=r"\['ConA'\] twice"):  # two model channels onto one screen channel
+        load_extractor(ModelConfig(kind="trained", path=str(keras_imported), channel_map={**mapping, "DNA": "ConA"}),
+                       screen, run="unused")
+    with pytest.raises(InputError, match=r"takes 5 input channels \['DNA', 'RNA', 'ER', 'AGP', 'Mito'\] \(screen names "
+                                         r"after channel_map .*fix: map .* e\.g\. \{RNA: <screen name>\}"):
+        load_extractor(ModelConfig(kind="trained", path=str(keras_imported), channel_map={"DNA": "Hoechst", "ER": "ConA",
+                                                                                          "AGP": "WGA", "Mito": "MitoTracker"}),
+                       screen, run="unused")
 
 
 def _broken(tmp_path: Path, edit) -> str:
@@ -111,10 +119,22 @@ def _reshape(layer, var):
     return edit
 
 
+def _nan(layer, var):
+    def edit(f):
+        ds = f[f"{layer}/{layer}/{var}:0"]
+        value = ds[()]
+        value.flat[3] = np.nan
+        ds[...] = value
+    return edit
+
+
 @pytest.mark.parametrize(("edit", "message"), [
     (_drop_layer("block3a_dwconv"), "layer block3a_dwconv has no variable 'depthwise_kernel'"),
-    (_reshape("block6a_project_conv", "kernel"), "layer block6a_project_conv variable kernel has shape"),
+    (_reshape("block6a_project_conv", "kernel"), r"layer block6a_project_conv variable kernel has shape \(1, 1, 96, 23\), "
+                                                 r"tf_efficientnet_b0 expects \(1, 1, 96, 24\) \(Keras layout\)"),
+    (_reshape("ClassProb", "bias"), r"ClassProb variable bias has shape \(4,\), tf_efficientnet_b0 expects \(5,\)"),
     (_drop_layer("stem_conv"), "layer stem_conv not found"),
+    (_nan("block5b_bn", "moving_variance"), "layer block5b_bn variable moving_variance has 1 NaN or infinite"),
 ])
 def test_a_file_that_does_not_fit_is_refused_naming_the_first_mismatching_layer(tmp_path, edit, message):
     with pytest.raises(InputError, match=message) as err:
@@ -128,8 +148,17 @@ def test_settings_that_do_not_fit_the_file_are_refused(tmp_path):
         import_keras(str(TINY / "weights.h5"), str(tmp_path / "a"), channels="DNA,RNA,ER")
     with pytest.raises(InputError, match="normalization 'unit' unknown"):
         import_keras(str(TINY / "weights.h5"), str(tmp_path / "b"), normalization="unit")
-    with pytest.raises(InputError, match="not an HDF5 file"):
+    with pytest.raises(InputError, match="not a readable HDF5 file"):
         import_keras(str(TINY / "expected.npz"), str(tmp_path / "c"))
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes((TINY / "weights.h5").read_bytes()[:100_000])
+    with pytest.raises(InputError, match="not a readable HDF5 file|damaged"):
+        import_keras(str(truncated), str(tmp_path / "d"))
+    with pytest.raises(InputError, match="is a folder, not a weights file"):
+        import_keras(str(TINY), str(tmp_path / "e"))
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(InputError, match="output location is not writable"):
+        import_keras(str(TINY / "weights.h5"), str(tmp_path / "a-file" / "out"))
 
 
 def test_the_cli_converts_and_refuses_in_one_line(tmp_path):
@@ -141,7 +170,7 @@ def test_the_cli_converts_and_refuses_in_one_line(tmp_path):
     bad = subprocess.run([*raycp, "model", "import-keras", str(TINY / "expected.npz"), "-o", str(tmp_path / "n")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
-    assert "expected.npz: not an HDF5 file" in bad.stderr
+    assert "expected.npz: not a readable HDF5 file" in bad.stderr
 
 
 @pytest.mark.slow

@@ -171,6 +171,44 @@ def test_a_new_stage_is_one_module_and_one_registration(tiny_run):
     assert {r.stage: r.state for r in again.records}["well_count"] == "skipped"
 
 
+def test_a_stage_that_refuses_its_input_before_writing_does_not_lock_the_folder(tiny_run):
+    """A first attempt refused as a user's mistake (exit 2) before any output leaves no status, so
+    the corrected config runs; one refused after writing keeps it (its outputs are of that config)."""
+    from raycp.errors import InputError
+    from raycp.stages import REGISTRY, Stage, make_registry
+
+    out, _, sets = tiny_run
+    mode = {"value": "wrong channels", "write": False}
+
+    def checked(ctx) -> dict:
+        if mode["write"]:
+            (Path(ctx.folder("checked")) / "part.txt").write_text("half")
+        if mode["value"] != "fixed":
+            raise InputError(f"{mode['value']}: refused", fix="fix the config")
+        return {"total": 1, "processed": 1, "quarantined": 0, "reasons": {}}
+
+    stage = Stage("checked", "an expensive stage that checks its input", checked, lambda cfg: dict(mode), expensive=True)
+    registry = make_registry(*REGISTRY.values(), stage)
+
+    def attempt():
+        return run(load(TINY_RUN, sets), echo=lambda line: None, registry=registry, start="checked", stop="checked")
+
+    with pytest.raises(InputError, match="wrong channels: refused"):
+        attempt()
+    assert not (out / "checked" / "status.json").exists()
+    mode["value"] = "fixed"
+    assert attempt().records[0].state == "complete"
+
+    (out / "checked" / "status.json").unlink()  # a fresh stage again, this time failing after writing
+    mode.update(value="bad after writing", write=True)
+    with pytest.raises(InputError):
+        attempt()
+    assert _status(out, "checked")["state"] == "running"
+    mode.update(value="fixed", write=False)
+    with pytest.raises(ConfigError, match="stage 'checked' .* was started with another config"):
+        attempt()
+
+
 def test_a_lambda_sweep_of_the_run_equals_its_curve_and_joins_the_report(tiny_run):
     """``raycp sweep lambda --run RUN``: every feature set of the run, its profiles settings; the Tune
     trials give the evaluate stage's own λ curve, and the rebuilt report shows the sweep."""

@@ -55,3 +55,25 @@ def test_a_run_fine_tunes_its_init_rather_than_imagenet(keras_imported):
     assert tcfg.model.init == str(keras_imported) and tcfg.model.imagenet_weights is None
     plain = build_config(PipelineConfig, None, ["data.index=x/sites.parquet", "data.output=x", "imagenet_weights=w.pth"])
     assert plain.train_config().model.imagenet_weights == "w.pth"
+
+
+def test_init_mistakes_name_their_key_and_are_caught_by_a_dry_run(keras_imported, crops64, tmp_path):
+    """Config errors name model.init / model.normalization (not the whole section), and an init that
+    does not fit is refused by `prepare` (what `raycp train --dry-run` runs), before any training."""
+    from raycp.config import build_config
+    from raycp.errors import ConfigError, InputError
+    from raycp.train import trainer
+    from raycp.train.config import TrainConfig
+
+    base = [f"crops={crops64}", f"output={tmp_path}"]
+    with pytest.raises(ConfigError, match=r"model\.init.*exclusive") as err:
+        build_config(TrainConfig, None, [*base, f"model.init={keras_imported}", "model.imagenet_weights=w.pth"])
+    assert "--set model=" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"model\.normalization.*'bogus' unknown") as err:
+        build_config(TrainConfig, None, [*base, "model.normalization=bogus"])
+    assert "--set model=" not in str(err.value)
+    with pytest.raises(ConfigError, match="set train.model.arch=tf_efficientnet_b0"):
+        trainer.prepare(train_cfg(crops64, tmp_path, model={"init": str(keras_imported)}))
+    with pytest.raises(InputError, match="no model.json"):
+        trainer.prepare(train_cfg(crops64, tmp_path, model={"init": str(tmp_path / "nope"),
+                                                             "arch": "tf_efficientnet_b0"}))
