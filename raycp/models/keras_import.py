@@ -98,7 +98,10 @@ def read_keras_weights(path: str | Path) -> KerasWeights:
         if not names:
             raise InputError(f"{path}: no Keras layers in the file", fix="pass a file written by Keras save_weights")
         for layer in names:
-            group = root[layer]
+            group = root.get(layer)
+            if group is None:
+                raise InputError(f"{path}: layer {layer} is listed but missing (the file is damaged)",
+                                 fix="download or save the weights file again")
             variables = {}
             for wname in (_text(n) for n in group.attrs.get("weight_names", [])):
                 var = wname.rsplit("/", 1)[-1].split(":")[0]
@@ -153,6 +156,9 @@ def infer_geometry(weights: KerasWeights) -> Geometry:
         raise InputError(f"{where}: layer stem_conv not found (first layer with weights: {first})",
                          fix="pass the weights of a Keras EfficientNet (PyPI efficientnet / DeepProfiler), saved with save_weights")
     stem = layers["stem_conv"]["kernel"]
+    if stem.ndim != 4:
+        raise InputError(f"{where}: layer stem_conv has a kernel of shape {tuple(stem.shape)}, not a 2-D convolution's",
+                         fix="pass the weights of a Keras EfficientNet (PyPI efficientnet / DeepProfiler)")
     in_chans, stem_out = int(stem.shape[2]), int(stem.shape[3])
     repeats = []
     for stage in range(1, 8):
