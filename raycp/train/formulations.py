@@ -144,13 +144,12 @@ def plan_bags(train_sids: np.ndarray, train_codes: np.ndarray, train_groups: np.
     """One rank's bags for one epoch, as an :class:`~raycp.train.sampling.EpochPlan` whose batches
     are ``bags_per_step`` whole bags of ``bag_size`` cells (bag-major).
 
-    Every class gets the same number of bags, ``max(1, median cells per class // bag_size)`` (the
-    balanced epoch's cells, in bags; paper: "for each treatment class we generate the same number
-    of bags"); each bag is the cells of one well (``train_groups``: a well code per training cell)
-    picked at random among the class's wells, drawn without replacement when the well has
-    ``bag_size`` cells, with replacement otherwise. A pure function of ``(seed, epoch)``."""
-    counts, per_class = S.balanced_counts(train_codes, n_classes)
-    bags_per_class = max(1, per_class // bag_size)
+    Every class gets the same number of bags (:func:`~raycp.train.sampling.bags_per_class`); each
+    bag is the cells of one well (``train_groups``: a well code per training cell) picked at random
+    among the class's wells, drawn without replacement when the well has ``bag_size`` cells, with
+    replacement otherwise. A pure function of ``(seed, epoch)``."""
+    _, per_class = S.balanced_counts(train_codes, n_classes)
+    per_bag_class = S.bags_per_class(per_class, bag_size)
     rng = np.random.default_rng(S.derive_seed(seed, STREAM_BAGS, epoch))
     by_group: dict[int, np.ndarray] = {}
     order = np.argsort(train_groups, kind="stable")
@@ -161,7 +160,7 @@ def plan_bags(train_sids: np.ndarray, train_codes: np.ndarray, train_groups: np.
     class_groups = [np.unique(train_groups[train_codes == c]) for c in range(n_classes)]
     bags, labels = [], []
     for c in range(n_classes):
-        for g in rng.choice(class_groups[c], size=bags_per_class, replace=True):
+        for g in rng.choice(class_groups[c], size=per_bag_class, replace=True):
             members = by_group[int(g)]
             members = members[train_codes[members] == c]
             pick = rng.choice(len(members), size=bag_size, replace=len(members) < bag_size)

@@ -115,11 +115,16 @@ class Recipe:
 
     @property
     def formulation(self) -> str:
-        return getattr(self.cfg, "formulation", "classification")
+        return self.cfg.formulation
 
     @property
     def bag_size(self) -> int | None:
         return self.cfg.mil.bag_size if self.formulation == "mil" else None
+
+    def scored_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """The labels a step's predictions are scored against: one per bag for MIL (``y`` is per
+        cell, bag-major; a bag's label is its first cell's), else ``y``."""
+        return y[:: self.bag_size] if self.bag_size else y
 
     @property
     def amp(self) -> bool:
@@ -167,7 +172,7 @@ class Recipe:
                 mil = self.cfg.mil
                 net = FM.TrainNet(model, attention=FM.AttentionPool(width, mil.attention_dim, mil.gated))
             else:
-                net = FM.TrainNet(model, domain=FM.DomainHead(width, max(self.n_domains, 2), self.cfg.grl.hidden))
+                net = FM.TrainNet(model, domain=FM.DomainHead(width, self.n_domains, self.cfg.grl.hidden))
         finally:
             torch.random.set_rng_state(state)
         return net.to(self.device)
@@ -217,8 +222,7 @@ class Recipe:
                 logits, domain_logits, _ = model(x, bag_size=self.bag_size, weight=weight)
             else:
                 logits, domain_logits = model(x), None
-        if self.bag_size:
-            y = y[:: self.bag_size]
+        y = self.scored_labels(y)
         if soft is not None:
             loss = FM.soft_cross_entropy(logits, soft)
         else:
@@ -234,20 +238,19 @@ class Recipe:
         return loss.detach(), logits.detach().argmax(dim=1)
 
     @torch.no_grad()
-    def eval_batch(self, model, x_u8, y) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits(self, model, x_u8) -> torch.Tensor:
+        """float32 logits of uint8 crops, no augmentation (the model's mode is the caller's)."""
         x = self.prepare(x_u8, None)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, reduction="sum")
-        return loss, logits.argmax(dim=1)
+            return model(x).float()
 
-    @torch.no_grad()
+    def eval_batch(self, model, x_u8, y) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.logits(model, x_u8)
+        return F.cross_entropy(logits, y, reduction="sum"), logits.argmax(dim=1)
+
     def predict(self, model, x_u8) -> torch.Tensor:
         """Class probabilities (float32) in inference mode, no augmentation (OLS' end-of-epoch pass)."""
-        x = self.prepare(x_u8, None)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = model(x)
-        return torch.softmax(logits.float(), dim=1)
+        return torch.softmax(self.logits(model, x_u8), dim=1)
 
 
 class Tally:
@@ -490,7 +493,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     val_cache = None
     epochs = cfg.optim.epochs
 
-    n_domains = max(spec.n_domains, 2)
     try:
         current = plan(start) if start < epochs else None
         for epoch in range(start, epochs):
@@ -498,7 +500,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             torch.manual_seed(S.derive_seed(cfg.seed, S.STREAM_TORCH, epoch, rank))
             net.train()
             train_tally = Tally(n_classes, device)
-            domain_tally = Tally(n_domains, device) if formulation == "grl" else None
+            domain_tally = Tally(spec.n_domains, device) if formulation == "grl" else None
             lr = optimizer.param_groups[0]["lr"]
             t0 = time.perf_counter()
             for step, (crops, labels) in enumerate(loader.batches(current, nxt)):
@@ -517,7 +519,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 loss, pred = recipe.train_step(ddp, optimizer, x, y, gen, soft=soft, domains=domains,
                                                weight=recipe.grl_weight(epoch, step, current.steps) if domains is not None else 1.0,
                                                domain_tally=domain_tally)
-                y_seen = y[:: recipe.bag_size] if recipe.bag_size else y
+                y_seen = recipe.scored_labels(y)
                 train_tally.add(y_seen, pred, loss * y_seen.shape[0])
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -554,7 +556,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                      "train": Tally.unpack(vec[:half], n_classes),
                      "val": Tally.unpack(vec[half:2 * half], n_classes, chance=True) if len(spec.val_sids) else None}
             if domain_tally is not None:  # the domain branch's own accuracy on the training batches
-                entry["domain"] = Tally.unpack(vec[2 * half:], n_domains)
+                entry["domain"] = Tally.unpack(vec[2 * half:], spec.n_domains)
             history.append(entry)
             sampler = {"seed": cfg.seed, "epoch": epoch, "next_epoch": epoch + 1, **current.state()}
             with tempfile.TemporaryDirectory() as tmp:

@@ -171,6 +171,12 @@ def balanced_counts(codes: np.ndarray, n_classes: int) -> tuple[np.ndarray, int]
     return counts, max(1, int(np.median(counts)))
 
 
+def bags_per_class(per_class: int, bag_size: int) -> int:
+    """MIL bags drawn per class and epoch: the balanced epoch's cells per class (``per_class``, the
+    median) in bags, at least one (paper: "for each treatment class we generate the same number of bags")."""
+    return max(1, per_class // bag_size)
+
+
 def balanced_epoch(codes: np.ndarray, n_classes: int, *, seed: int, epoch: int) -> np.ndarray:
     """Indices into ``codes`` for one epoch: per class the median count (without replacement for
     classes at or above it, with replacement below), globally shuffled; a pure function of

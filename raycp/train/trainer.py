@@ -58,6 +58,7 @@ class Prepared:
     groups: np.ndarray | None = None  # mil: a well code per crop
     domains: np.ndarray | None = None  # grl: a domain code per crop
     n_domains: int = 0
+    init_info: dict | None = None  # train.model.init's model.json (checked against the run)
 
     @property
     def train_sids(self) -> np.ndarray:
@@ -127,7 +128,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     epoch = prep.summary()["epoch_samples"]
     if cfg.formulation == "mil":
         prep.groups = pd.Categorical(S.wells_of(meta)).codes.astype(np.int64)
-        bags = max(1, prep.summary()["per_class_draw"] // cfg.mil.bag_size) * len(classes)
+        bags = S.bags_per_class(prep.summary()["per_class_draw"], cfg.mil.bag_size) * len(classes)
         if S.steps_per_epoch(bags, world, cfg.mil.bags_per_step) == 0:
             raise InputError(f"an epoch has {bags} bags of {cfg.mil.bag_size} cells: fewer than mil.bags_per_step × "
                              f"workers ({cfg.mil.bags_per_step} × {world})",
@@ -148,7 +149,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         if prep.n_domains < 2:
             raise InputError(f"grl: the training cells come from {prep.n_domains} {column} value(s)",
                              fix="gradient reversal needs at least 2 domains (plates)")
-    init_model(cfg, tensors=False)  # a fine-tuning init that does not fit is an input error too (also --dry-run)
+    prep.init_info = check_init(cfg)  # a fine-tuning init that does not fit is an input error too (also --dry-run)
     return prep
 
 
@@ -235,14 +236,12 @@ def _resume_state(cfg: TrainConfig, latest: str | None) -> bytes | None:
 # ---------------------------------------------------------------------------------- fit
 
 
-def init_model(cfg: TrainConfig, *, tensors: bool) -> tuple[dict | None, dict | None]:
-    """``(model.json, tensors)`` of ``train.model.init`` (``(None, None)`` without one): the tensors
-    without the classifier, the stem's input channels permuted from the init's order to
-    ``cfg.channels``. Raises :class:`InputError` / :class:`ConfigError` when the init does not
-    fit the run (another arch, other channels)."""
+def check_init(cfg: TrainConfig) -> dict | None:
+    """The ``model.json`` of ``train.model.init`` (None without one). Raises :class:`InputError` /
+    :class:`ConfigError` when the init does not fit the run (another arch, other channels)."""
     if not cfg.model.init:
-        return None, None
-    from raycp.models.export import load_model, read_model_json
+        return None
+    from raycp.models.export import read_model_json
 
     info = read_model_json(cfg.model.init)
     if info.get("arch") != cfg.model.arch:
@@ -252,12 +251,19 @@ def init_model(cfg: TrainConfig, *, tensors: bool) -> tuple[dict | None, dict | 
     if sorted(chans) != sorted(cfg.channels):
         raise InputError(f"train.model.init {cfg.model.init} takes channels {chans}, the crops hold {list(cfg.channels)}",
                          fix="train on crops of the init model's channels (names must match)")
-    if not tensors:
-        return info, None
-    model, info = load_model(cfg.model.init)
+    return info
+
+
+def init_tensors(cfg: TrainConfig, info: dict) -> dict:
+    """The tensors of ``train.model.init`` (``info``: its :func:`check_init`) without the classifier,
+    the stem's input channels permuted from the init's order to ``cfg.channels``."""
+    from raycp.models.export import load_model
+
+    model, _ = load_model(cfg.model.init)
+    chans = list(info["channels"])
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier")}
     state["conv_stem.weight"] = state["conv_stem.weight"][:, [chans.index(c) for c in cfg.channels]].contiguous()
-    return info, state
+    return state
 
 
 def resolved_normalization(cfg: TrainConfig, init_info: dict | None) -> str:
@@ -376,7 +382,7 @@ def build_trainer(cfg: TrainConfig, run_config=None, *, prep: Prepared | None = 
     resume_state = _resume_state(cfg, latest)
     fresh = latest is None and resume_state is None
     imagenet = _imagenet(cfg, len(prep.classes)) if fresh else None
-    init_info, init = init_model(cfg, tensors=fresh)
+    init = init_tensors(cfg, prep.init_info) if fresh and prep.init_info else None
     ray = runtime.connection()
     use_gpu = uses_gpu(cfg)
     _check_resources(cfg, use_gpu)
@@ -393,8 +399,8 @@ def build_trainer(cfg: TrainConfig, run_config=None, *, prep: Prepared | None = 
                       train_sids=prep.train_sids, train_codes=prep.codes[prep.train_sids],
                       val_sids=val, val_codes=prep.codes[val], fingerprint=fingerprint(cfg.science()),
                       imagenet=imagenet, resume_state=resume_state, inject_failure=inject_failure,
-                      init=init, arch_args=(init_info or {}).get("arch_args") or None,
-                      normalization=resolved_normalization(cfg, init_info),
+                      init=init, arch_args=(prep.init_info or {}).get("arch_args") or None,
+                      normalization=resolved_normalization(cfg, prep.init_info),
                       train_groups=None if prep.groups is None else prep.groups[prep.train_sids],
                       train_domains=None if prep.domains is None else prep.domains[prep.train_sids],
                       n_domains=prep.n_domains)
@@ -463,8 +469,7 @@ def export_model(state: dict, prep: Prepared, folder: str) -> dict:
     from raycp import __version__
     from raycp.models.network import DEFAULT_LAYER
 
-    cfg = prep.cfg
-    init_info, _ = init_model(cfg, tensors=False)
+    cfg, init_info = prep.cfg, prep.init_info
     norm = resolved_normalization(cfg, init_info)
     info = {
         "format": "raycp.train/1",

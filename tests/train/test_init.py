@@ -24,7 +24,8 @@ def test_the_imported_model_initialises_fine_tuning(keras_imported, keras_expect
 
     cfg = train_cfg(crops64, tmp_path / "ft", model={"arch": "tf_efficientnet_b0", "init": str(keras_imported)},
                     optim={"epochs": 1}, compute={"num_workers": 1, "cpus_per_worker": 1, "max_steps_per_epoch": 2})
-    info, tensors = trainer.init_model(cfg, tensors=True)
+    info = trainer.check_init(cfg)
+    tensors = trainer.init_tensors(cfg, info)
     assert trainer.resolved_normalization(cfg, info) == "per_crop_channel_min_over_max"
     recipe = Recipe(cfg, 6, arch_args=info["arch_args"], normalization="per_crop_channel_min_over_max")
     start = recipe.model(init=tensors).eval()
@@ -40,7 +41,7 @@ def test_the_imported_model_initialises_fine_tuning(keras_imported, keras_expect
     assert exported["arch_args"] == info["arch_args"] and exported["init"]["path"] == str(keras_imported)
     assert exported["num_classes"] == len(res.classes) == 6
     with pytest.raises(Exception, match="set train.model.arch=tf_efficientnet_b0"):
-        trainer.init_model(train_cfg(crops64, tmp_path / "x", model={"init": str(keras_imported)}), tensors=False)
+        trainer.check_init(train_cfg(crops64, tmp_path / "x", model={"init": str(keras_imported)}))
 
 
 def test_a_run_fine_tunes_its_init_rather_than_imagenet(keras_imported):
