@@ -227,14 +227,17 @@ def _run_config(run: str):
     if not urls.exists(path):
         raise InputError(f"{path}: not found (is {run} a raycp run folder?)", fix="pass the run's output folder")
     cfg = load(path)
-    local = {"data.index": cfg.data.index, "data.output": cfg.data.output, "source_run": cfg.source_run,
-             "imagenet_weights": cfg.imagenet_weights, "train.model.init": cfg.train.model.init,
-             "train.model.imagenet_weights": cfg.train.model.imagenet_weights}
-    fixed = {k: urls.input_url(v) for k, v in local.items() if v and "://" not in v and not v.startswith("/")}
+
+    def absolute(value: str | None) -> str | None:
+        return urls.input_url(value) if value and "://" not in value and not value.startswith("/") else value
+
+    fixed = {k: absolute(v) for k, v in {
+        "data.index": cfg.data.index, "data.output": cfg.data.output, "source_run": cfg.source_run,
+        "imagenet_weights": cfg.imagenet_weights, "train.model.init": cfg.train.model.init,
+        "train.model.imagenet_weights": cfg.train.model.imagenet_weights}.items() if v}
     features = [m.model_dump(mode="json") for m in cfg.features]
     for f in features:
-        if f.get("path") and "://" not in f["path"] and not f["path"].startswith("/"):
-            f["path"] = urls.input_url(f["path"])
+        f["path"] = absolute(f["path"])
     from raycp.config import apply_overrides
 
     return apply_overrides(cfg, {**fixed, "features": features})
