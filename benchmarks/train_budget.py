@@ -32,14 +32,13 @@ def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
-def profile_maps(cfg, model, prep, crops: np.ndarray, batch: int = 256) -> dict:
+def profile_maps(cfg, model, prep, crops: np.ndarray, normalize, batch: int = 256) -> dict:
     """map_paper of the model's block6a profiles, without correction and sphered (the run's λ)."""
     import pandas as pd
     import torch
 
     from raycp.evaluate import evaluate
     from raycp.models.network import FeatureModel
-    from raycp.models.normalize import normalize
     from raycp.profiles.aggregate import aggregate, aggregate_wells
     from raycp.stages.profiles import sphere_scope
 
@@ -77,6 +76,9 @@ def train_variant(name: str, cfg, *, map_every: int, threads: int | None) -> dic
     if tcfg.compute.num_workers != 1:
         raise SystemExit(f"{name}: train.compute.num_workers is {tcfg.compute.num_workers}; this loop is one "
                          "worker (set train.compute.num_workers=1)")
+    if tcfg.formulation != "classification" or tcfg.model.init:
+        raise SystemExit(f"{name}: this loop trains the paper's classification from random or ImageNet weights; "
+                         "time other formulations and fine-tuning with benchmarks/train.py --formulations")
     configure_torch(tcfg.compute, torch.device("cpu"))  # the worker's threads
     if threads:
         torch.set_num_threads(threads)
@@ -118,7 +120,7 @@ def train_variant(name: str, cfg, *, map_every: int, threads: int | None) -> dic
                 "val_loss": round(va["loss"], 4), "val_macro_f1": round(va["macro_f1"], 4),
                 "val_chance_macro_f1": round(va["chance_macro_f1"], 4), "val_chance_p": round(va["chance_p"], 4)}
         if (map_every and (epoch + 1) % map_every == 0) or epoch + 1 == tcfg.optim.epochs:
-            last |= profile_maps(cfg, model, prep, crops)
+            last |= profile_maps(cfg, model, prep, crops, recipe.normalize)
         emit(last)
     return last
 

@@ -108,10 +108,11 @@ class Recipe:
     world: int = 1
     n_domains: int = 0  # grl: number of domains (plates)
     arch_args: dict | None = None  # a fine-tuning init's timm multipliers (raycp.models.keras_import)
-    normalization: str | None = None  # crop normalisation preset (None: per_crop_channel_zscore)
+    normalization: str | None = None  # crop normalisation preset (trainer.resolved_normalization; None: the
+    # config's model.normalization, else per_crop_channel_zscore)
 
     def __post_init__(self) -> None:
-        self.normalize = normalizer(self.normalization)
+        self.normalize = normalizer(self.normalization or self.cfg.model.normalization)
 
     @property
     def formulation(self) -> str:
