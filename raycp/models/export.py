@@ -8,6 +8,7 @@ import json
 
 from raycp.errors import InputError
 from raycp.io import urls
+from raycp.io.index import DEFAULT_CHANNELS
 
 MODEL_FILE, MODEL_JSON = "model.safetensors", "model.json"
 
@@ -15,8 +16,8 @@ MODEL_FILE, MODEL_JSON = "model.safetensors", "model.json"
 CHANNEL_PRESETS = {
     # the paper's DeepProfiler configs (BBBC022, CDRP, TA-ORF, Cell Painting CNN v1): images.channels
     "deepprofiler": ["DNA", "RNA", "ER", "AGP", "Mito"],
-    # raycp's index order (raycp.io.index.DEFAULT_CHANNELS)
-    "raycp": ["DNA", "ER", "RNA", "AGP", "Mito"],
+    # raycp's index order
+    "raycp": list(DEFAULT_CHANNELS),
 }
 
 #: what ``raycp model import-keras`` records for a known published model
@@ -84,8 +85,8 @@ def import_keras(path: str, folder: str, *, preset: str | None = "cell_painting_
     settings that do not fit it."""
     from raycp import __version__
     from raycp.models.keras_import import convert, read_keras_weights
-    from raycp.models.network import DEFAULT_LAYER
-    from raycp.models.normalize import PRESETS
+    from raycp.models.network import DEFAULT_LAYER, resolve_layer
+    from raycp.models.normalize import PRESETS, normalizer
 
     if preset is not None and preset not in MODEL_PRESETS:
         raise InputError(f"model preset {preset!r} unknown", fix=f"use one of {', '.join(MODEL_PRESETS)} or none")
@@ -98,8 +99,7 @@ def import_keras(path: str, folder: str, *, preset: str | None = "cell_painting_
             chans = CHANNEL_PRESETS[chans]
     chans = list(chans)
     norm = normalization or base.get("normalization") or "per_crop_channel_zscore"
-    if norm not in PRESETS:
-        raise InputError(f"crop normalization {norm!r} unknown", fix=f"use one of {', '.join(PRESETS)}")
+    normalizer(norm)  # an unknown preset is an InputError, before the file is read
     urls.ensure_writable(folder)  # before the (large) file is read
     weights = read_keras_weights(path)
     model, geometry = convert(weights)
@@ -117,7 +117,7 @@ def import_keras(path: str, folder: str, *, preset: str | None = "cell_painting_
         "crop_size": int(crop_size or base.get("crop_size") or 128),
         "normalization": PRESETS[norm],
         "feature_layer": DEFAULT_LAYER,
-        "feature_layers": {"block6a_activation": "blocks.5.0.bn2", "pool5": "global_pool"},
+        "feature_layers": {name: resolve_layer(name) for name in (DEFAULT_LAYER, "pool5")},
         "preset": preset,
         "source": {"file": path.rsplit("/", 1)[-1], "sha256": weights.sha256, "format": "keras save_weights HDF5",
                    "network": "PyPI efficientnet 1.1.1 + pool5 + ClassProb (DeepProfiler)",

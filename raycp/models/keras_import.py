@@ -224,25 +224,26 @@ def keras_to_timm_names(geometry: Geometry) -> list[tuple[str, str, str]]:
     return out
 
 
-def _to_torch_layout(var: str, value: np.ndarray) -> np.ndarray:
+def _axes(var: str, ndim: int) -> tuple[int, ...] | None:
+    """The transpose from Keras' layout to torch's, or None where they agree (biases, BN vectors)."""
     if var == "depthwise_kernel":  # (kh, kw, C, 1) -> (C, 1, kh, kw)
-        return np.ascontiguousarray(value.transpose(2, 3, 0, 1))
-    if var == "kernel" and value.ndim == 4:  # (kh, kw, in, out) -> (out, in, kh, kw)
-        return np.ascontiguousarray(value.transpose(3, 2, 0, 1))
-    if var == "kernel" and value.ndim == 2:  # Dense (in, out) -> Linear (out, in)
-        return np.ascontiguousarray(value.T)
-    return value
+        return (2, 3, 0, 1)
+    if var == "kernel" and ndim == 4:  # (kh, kw, in, out) -> (out, in, kh, kw)
+        return (3, 2, 0, 1)
+    if var == "kernel" and ndim == 2:  # Dense (in, out) -> Linear (out, in)
+        return (1, 0)
+    return None
+
+
+def _to_torch_layout(var: str, value: np.ndarray) -> np.ndarray:
+    axes = _axes(var, value.ndim)
+    return value if axes is None else np.ascontiguousarray(value.transpose(axes))
 
 
 def _keras_shape(var: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """A timm tensor's shape in Keras' layout (the inverse of :func:`_to_torch_layout`)."""
-    if var == "depthwise_kernel":
-        return (shape[2], shape[3], shape[0], shape[1])
-    if var == "kernel" and len(shape) == 4:
-        return (shape[2], shape[3], shape[1], shape[0])
-    if var == "kernel" and len(shape) == 2:
-        return (shape[1], shape[0])
-    return tuple(shape)
+    axes = _axes(var, len(shape))
+    return tuple(shape) if axes is None else tuple(shape[i] for i in np.argsort(axes))
 
 
 def convert(weights: KerasWeights, geometry: Geometry | None = None):
