@@ -67,7 +67,7 @@ def _min_over_max(x):
 
     x = x.to(torch.float32)
     lo, hi = x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
-    return torch.where(hi > 0, (x - lo) / torch.where(hi > 0, hi, 1.0), 0.0)
+    return (x - lo) / torch.where(hi > 0, hi, 1.0)  # max 0: the channel is all 0, and so is x - min
 
 
 def _min_max(x):
