@@ -201,3 +201,29 @@ def write_html(out_dir: str | os.PathLike, images: Sequence[str | os.PathLike], 
     path = out_dir / "plots.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def plot_map_pvalue(tables: dict, path: str | os.PathLike, threshold: float = 0.05) -> Path:
+    """The JUMP papers' retrieval plot: mAP against −log10(p-value) per group, one panel per metric
+    (``tables``: name → copairs mAP table), retrieved (corrected p < ``threshold``) in colour."""
+    plt = _plt()
+    names = [k for k, v in tables.items() if v is not None and len(v)]
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.2 * max(len(names), 1), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        t = tables[name]
+        logp = -np.log10(t["p_value"].to_numpy(dtype=np.float64))
+        hit = t["below_corrected_p"].to_numpy(dtype=bool)
+        ax.scatter(t["mean_average_precision"][~hit], logp[~hit], s=10, color="0.6", label="not retrieved")
+        ax.scatter(t["mean_average_precision"][hit], logp[hit], s=10, color="C3",
+                   label=f"retrieved ({hit.mean():.0%})")
+        ax.axhline(-np.log10(threshold), color="0.3", lw=0.8, ls="--")
+        ax.set_xlabel("mAP")
+        ax.set_ylabel("−log10 p-value")
+        ax.set_title(name.replace("_", " "), fontsize=10)
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -234,3 +234,61 @@ def effect_cmd(
     _warn_dropped(acct["features_dropped_na"], na_cutoff, "wells")
     typer.echo(json.dumps(jsonable({"treatments": len(res.treatments), **acct["subset_sizes"],
                                     "features_dropped_na": acct["features_dropped_na"]})))
+
+
+@app.command("recipe")
+def recipe_cmd(
+    config: str = typer.Argument(..., help="Recipe YAML, or a preset: jump_compound, jump_orf, jump_crispr."),
+    wells: Path = typer.Argument(..., help="Well-level profiles: CSV, CSV.GZ or Parquet."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder: one Parquet per step, recipe.json, config.yaml."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a recipe key, e.g. --set negcon=\"Metadata_pert_type == 'control'\"."),
+) -> None:
+    """Run a profile recipe (the JUMP chain or your own list of steps) on a wells table."""
+    from raycp.profiles.recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(config, overrides)
+    res = run_recipe(recipe, wells, output)
+    for s in res["steps"]:
+        typer.echo(json.dumps(jsonable({k: s[k] for k in ("step", "op", "rows_out", "rows_quarantined", "features_in",
+                                                           "features_out", "reused")})))
+    typer.echo(json.dumps(jsonable({"output": str(output / res["output"]), **res["accounting"]})))
+
+
+@app.command("map")
+def map_cmd(
+    wells: Path = typer.Argument(..., help="Well-level profiles: CSV, CSV.GZ or Parquet (e.g. a recipe's last step)."),
+    pert_col: str = typer.Option(..., "--pert-col", help="Perturbation column (replicate wells share its value)."),
+    control_query: Optional[str] = typer.Option(None, "--control-query", help="pandas query of the negative-control wells: phenotypic activity."),
+    plate_col: str = typer.Option("Metadata_Plate", "--plate-col", help="Plate column: activity ranks replicates against the controls of the same plate."),
+    target_col: Optional[str] = typer.Option(None, "--target-col", help="Target/MoA column: phenotypic consistency of the perturbations' consensus profiles."),
+    target_sep: str = typer.Option("|", "--target-sep", help="Separator of several targets in one cell."),
+    consistency_on: str = typer.Option("active", "--consistency-on", help="active (phenotypically active perturbations, as JUMP) or all."),
+    null_size: int = typer.Option(10_000, "--null-size", help="copairs' null size per configuration (JUMP recipe: 10000)."),
+    threshold: float = typer.Option(0.05, "--threshold", help="p-value threshold of below_p / below_corrected_p."),
+    seed: int = typer.Option(0, "--seed", help="copairs' null seed."),
+    output: Path = typer.Option(Path("map"), "-o", "--output", help="Output folder."),
+) -> None:
+    """copairs' mAP and p-values: phenotypic activity, phenotypic consistency and the fraction retrieved."""
+    from raycp.evaluate.copairs_map import retrieval_of_wells
+    from raycp.evaluate.plots import plot_map_pvalue
+
+    df = _read_wells(wells)
+    res = retrieval_of_wells(df, pert_col=pert_col, control_query=control_query, plate_col=plate_col,
+                             target_col=target_col, target_sep=target_sep or None, consistency_on=consistency_on,
+                             null_size=null_size, threshold=threshold, seed=seed, source=str(wells))
+    make_local_folder(output)
+    summary = {"input": str(wells), "pert_col": pert_col, "control_query": control_query, "plate_col": plate_col,
+               "target_col": target_col, "consistency_on": consistency_on, "accounting": res.accounting}
+    tables = {}
+    for name, r in (("phenotypic_activity", res.activity), ("phenotypic_consistency", res.consistency)):
+        if r is None:
+            continue
+        short = name.split("_")[1]
+        write_parquet(r.ap, output / f"{short}_ap.parquet")
+        write_parquet(r.map, output / f"{short}_map.parquet")
+        summary[name] = r.summary
+        tables[name] = r.map
+        typer.echo(json.dumps(jsonable({k: r.summary[k] for k in ("metric", "groups", "fraction_retrieved",
+                                                                   "mean_average_precision")})))
+    plot_map_pvalue(tables, output / "map_pvalue.png", threshold)
+    write_json(output / "map.json", summary)

@@ -1,0 +1,240 @@
+"""Profile recipes: a YAML list of operations (:mod:`raycp.profiles.ops`) run in order on a wells
+table, each step's output written as Parquet with the step's parameters and decisions.
+
+A recipe names its negative-control query once (``negcon``); a step's ``samples: negcon`` means
+those rows, ``samples: all`` every row, anything else is a pandas query. The JUMP chains of
+broadinstitute/jump-profiling-recipe ship as presets (``raycp/profiles/recipes/*.yaml``):
+
+* ``jump_compound``: var → mad (negcon) → int → featselect → harmony
+  (``profiles_var_mad_int_featselect_harmony``, ``use_mad_negcon: true``);
+* ``jump_orf`` / ``jump_crispr``: wellpos → cc → var → mad (all) → outlier → featselect →
+  sphering (ZCA-cor on negcon) → harmony (``profiles_wellpos_cc_var_mad_outlier_featselect_sphering_harmony``;
+  CRISPR's chromosome-arm correction and PCA need gene annotations and are not part of the preset).
+
+Outputs in ``-o OUT``: ``NN_<op>.parquet`` per step (``Metadata_*`` unchanged, features float32),
+``recipe.json`` (per step: parameters, decisions, rows and features in/out, rows quarantined with
+reasons, a fingerprint), ``config.yaml`` (the resolved recipe). A step whose Parquet exists with the
+same fingerprint (input bytes + every step up to it) is read back instead of recomputed, so a
+re-run gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from raycp.errors import ConfigError, InputError
+
+PRESETS = ("jump_compound", "jump_orf", "jump_crispr")
+
+
+class _Step(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VariantFeaturesStep(_Step):
+    op: Literal["variant_features"]
+    by: str = "Metadata_Plate"
+    samples: str = "all"
+    min_abs_coef_var: float = 1e-3
+
+
+class NormalizeStep(_Step):
+    op: Literal["normalize"]
+    method: Literal["standardize", "robustize", "mad_robustize"] = "mad_robustize"
+    samples: str = "all"
+    by: str | None = "Metadata_Plate"
+    mad_scale: Literal["normal", "raw"] = "normal"
+    epsilon: float | None = None
+
+
+class RankIntStep(_Step):
+    op: Literal["rank_int"]
+    c: float = 3.0 / 8.0
+    seed: int = 0
+
+
+class FeatureSelectStep(_Step):
+    op: Literal["feature_select"]
+    operations: list[Literal["variance_threshold", "frequency_threshold", "correlation_threshold", "drop_na_columns",
+                             "blocklist", "drop_outliers", "drop_na"]] = Field(default_factory=lambda: ["variance_threshold"])
+    samples: str = "all"
+    min_variance: float = 1e-6
+    freq_cut: float = 0.05
+    unique_cut: float = 0.01
+    corr_threshold: float = 0.9
+    corr_method: Literal["pearson", "spearman"] = "pearson"
+    na_cutoff: float = 0.05
+    blocklist: list[str] | None = None
+    outlier_cutoff: float = 500.0
+
+
+class OutlierStep(_Step):
+    op: Literal["outlier_features"]
+    threshold: float = 100.0
+    quantile: float = 0.99
+    clip: bool = True
+
+
+class SpherizeStep(_Step):
+    op: Literal["spherize"]
+    method: Literal["paper", "ZCA", "ZCA-cor", "PCA", "PCA-cor"] = "ZCA-cor"
+    samples: str = "all"
+    epsilon: float = 1e-6
+    lam: float = 1e-2
+    by: str | None = None
+    center: bool = True
+
+
+class HarmonyStep(_Step):
+    op: Literal["harmony"]
+    batch: str = "Metadata_Batch"
+    n_clusters: int | None = None
+    n_components: int | None = None
+    theta: float = 2.0
+    max_iter: int = 10
+    seed: int = 0
+
+
+class WellPositionStep(_Step):
+    op: Literal["well_position"]
+    well_col: str = "Metadata_Well"
+
+
+class CellCountStep(_Step):
+    op: Literal["cell_count"]
+    count_col: str = "Metadata_n_cells"
+    min_unique: int = 100
+
+
+Step = Annotated[VariantFeaturesStep | NormalizeStep | RankIntStep | FeatureSelectStep | OutlierStep | SpherizeStep | HarmonyStep | WellPositionStep | CellCountStep, Field(discriminator="op")]
+
+
+class RecipeConfig(BaseModel):
+    """A profile recipe: ``negcon`` (pandas query of the negative-control wells, what ``samples:
+    negcon`` means) and ``steps`` (operations in order)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "recipe"
+    negcon: str | None = None
+    steps: list[Step] = Field(min_length=1)
+
+
+def preset_path(name: str) -> Path:
+    return Path(str(resources.files("raycp.profiles").joinpath(f"recipes/{name}.yaml")))
+
+
+def load_recipe(config: str, overrides: list[str] | None = None) -> RecipeConfig:
+    """A recipe from a preset name (``jump_compound``, ``jump_orf``, ``jump_crispr``) or a YAML
+    file, with ``--set key=value`` overrides (``negcon``, ``name``). Raises :class:`ConfigError`."""
+    from raycp.config import build_config
+
+    path = str(preset_path(config)) if config in PRESETS else config
+    if config not in PRESETS and not Path(config).exists():
+        raise ConfigError(f"{config}: recipe not found (neither a file nor a preset)", fix=f"pass a YAML file or one of {list(PRESETS)}")
+    return build_config(RecipeConfig, path, overrides, source=config)
+
+
+def _samples(step_samples: str, recipe: RecipeConfig, i: int) -> str:
+    if step_samples != "negcon":
+        return step_samples
+    if not recipe.negcon:
+        raise ConfigError(f"step {i} ({'samples: negcon'}) but the recipe has no negcon query",
+                          fix="set negcon: \"Metadata_pert_type == 'negcon'\" in the recipe or --set negcon=...")
+    return recipe.negcon
+
+
+def run_step(wells: pd.DataFrame, step: _Step, recipe: RecipeConfig, i: int = 0, source: str = "wells"):
+    """Run one step on a wells table; returns :class:`raycp.profiles.ops.OpResult`."""
+    from raycp.profiles import ops
+
+    params = step.model_dump(exclude={"op"})
+    if "samples" in params:
+        params["samples"] = _samples(params["samples"], recipe, i)
+    fn = {"variant_features": ops.variant_features, "normalize": ops.normalize, "rank_int": ops.rank_int,
+          "feature_select": ops.feature_select, "outlier_features": ops.outlier_features, "spherize": ops.spherize,
+          "harmony": ops.harmony_op, "well_position": ops.well_position, "cell_count": ops.cell_count}[step.op]
+    return fn(wells, **params, source=source)
+
+
+def check_columns(recipe: RecipeConfig, wells: pd.DataFrame, source: str) -> None:
+    """Refuse, before any step runs, a step naming a metadata column the table does not have."""
+    for i, step in enumerate(recipe.steps, start=1):
+        for key in ("by", "batch", "well_col", "count_col"):
+            col = getattr(step, key, None)
+            if col is not None and col not in wells.columns:
+                meta = [c for c in wells.columns if str(c).startswith("Metadata_")]
+                raise InputError(f"{source}: recipe step {i} ({step.op}) needs column {col!r} ({key}), which the table lacks",
+                                 fix=f"set {key} in the recipe to one of {meta[:10]}, or drop the step")
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file, or of a folder's files (names and bytes, sorted)."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def run_recipe(recipe: RecipeConfig, wells_path: str | Path, output: str | Path) -> dict:
+    """Run ``recipe`` on the wells table at ``wells_path``, writing into ``output`` (see the module
+    docstring). Returns the ``recipe.json`` payload."""
+    from raycp.config import save_resolved
+    from raycp.io.outputs import jsonable, read_parquet, write_json, write_parquet
+    from raycp.io.urls import make_local_folder
+    from raycp.profiles.io import feature_columns, read_table
+
+    out = Path(output)
+    make_local_folder(out)
+    previous = {}
+    record_path = out / "recipe.json"
+    if record_path.exists():
+        try:
+            previous = {s["file"]: s for s in json.loads(record_path.read_text()).get("steps", [])}
+        except (ValueError, KeyError, TypeError):
+            previous = {}
+    wells = read_table(wells_path)
+    source = str(wells_path)
+    check_columns(recipe, wells, source)
+    n_input = len(wells)
+    features_in = len(feature_columns(wells, source))
+    chain = file_digest(wells_path)
+    steps = []
+    for i, step in enumerate(recipe.steps, start=1):
+        spec = step.model_dump(mode="json")
+        chain = hashlib.sha256((chain + json.dumps({"negcon": recipe.negcon, **spec}, sort_keys=True)).encode()).hexdigest()
+        name = f"{i:02d}_{step.op}.parquet"
+        target = out / name
+        done = previous.get(name)
+        rows_in, feats_in = len(wells), len(feature_columns(wells, source))
+        if done and done.get("fingerprint") == chain and target.exists():
+            wells = read_parquet(str(target))
+            info, reused = done.get("info", {}), True
+        else:
+            res = run_step(wells, step, recipe, i, source=f"{source} (step {i}: {step.op})")
+            wells, info, reused = res.wells, res.info, False
+            write_parquet(wells, str(target))
+        quarantined = info.get("rows_quarantined", {}).get("rows", 0) if isinstance(info.get("rows_quarantined"), dict) else 0
+        steps.append({"step": i, "op": step.op, "file": name, "params": spec, "fingerprint": chain, "reused": reused,
+                      "rows_in": rows_in, "rows_out": len(wells), "rows_quarantined": quarantined,
+                      "features_in": feats_in, "features_out": len(feature_columns(wells, source)), "info": info})
+    quarantined_total = sum(s["rows_quarantined"] for s in steps)
+    payload = {"recipe": recipe.name, "input": str(wells_path), "steps": steps, "output": steps[-1]["file"],
+               "accounting": {"rows_input": n_input, "rows_output": len(wells), "rows_quarantined": quarantined_total,
+                              "features_input": features_in, "features_output": steps[-1]["features_out"]}}
+    if payload["accounting"]["rows_output"] + quarantined_total != n_input:
+        raise RuntimeError("recipe accounting does not add up")  # an operation dropped rows without saying so
+    write_json(str(record_path), jsonable(payload))
+    save_resolved(recipe, str(out))
+    return payload
