@@ -25,6 +25,21 @@ alone ~17 min on 2 cores). Measured on the 2-core / 24 GiB dev box (shared, load
 100,000 × 10,000: raycp 58 s (sphere 10.0, aggregate 0.9, evaluate 47.3) vs pycytominer 204 s +
 copairs 1051 s → 21.6×; peak extra RSS 0.5 GB vs 4.1 GB. 30,000 × 3,000 (lighter load): raycp
 2.2 s vs peers 72.9 s → 32.5×.
+
+``--suite jump`` times the JUMP chain instead, side by side in one process on ``--wells`` wells
+(384 per plate, 10% negative controls, ``--treatments`` perturbations, one in ten annotated with a
+target shared by five):
+
+* raycp: ``variant_features`` (negcon) → ``normalize`` (raw MAD, negcon, per plate) → ``rank_int`` →
+  ``feature_select`` (frequency, correlation, blocklist, drop_na) → ``spherize`` (ZCA-cor, negcon),
+  then ``phenotypic_activity`` and ``phenotypic_consistency`` (active annotated perturbations,
+  multilabel off) with ``--null-size`` (10,000, the JUMP recipe's);
+* peers: pycytominer ``normalize`` (mad_robustize, negcon) plate by plate, ``feature_select`` (the
+  same operations), ``normalize`` (spherize ZCA-cor, negcon); copairs ``average_precision`` +
+  ``mean_average_precision`` with the JUMP recipe's negcon rules and the consistency rules on the
+  same consensus profiles (cache in a temporary folder).
+
+    python benchmarks/profiles.py --suite jump --wells 250000 --treatments 50000   # the issue's size
 """
 
 from __future__ import annotations
@@ -81,7 +96,7 @@ def measured(record: dict, name: str):
     record[name] = {"seconds": time.perf_counter() - t0, "peak_extra_rss_mb": peak.stop() / 2**20}
 
 
-def make_wells(n_wells: int, n_treatments: int, seed: int = 0) -> tuple[pd.DataFrame, list[str]]:
+def make_wells(n_wells: int, n_treatments: int, seed: int = 0, effect: float = 0.12) -> tuple[pd.DataFrame, list[str]]:
     """Seeded well profiles: 10% control wells, treated wells spread evenly over the treatments."""
     rng = np.random.default_rng(seed)
     n_ctrl = n_wells // 10
@@ -96,8 +111,8 @@ def make_wells(n_wells: int, n_treatments: int, seed: int = 0) -> tuple[pd.DataF
     mix = (rng.standard_normal((N_FEATURES, N_FEATURES), dtype=np.float32) / np.sqrt(N_FEATURES)).astype(np.float32)
     X = X @ mix  # correlated features, as real profiles are
     X += 2.0 * rng.standard_normal((n_plates, N_FEATURES), dtype=np.float32)[plate]  # plate effect
-    moa_c = 0.12 * rng.standard_normal((n_moa, N_FEATURES), dtype=np.float32)
-    trt_c = 0.12 * rng.standard_normal((n_treatments, N_FEATURES), dtype=np.float32)
+    moa_c = effect * rng.standard_normal((n_moa, N_FEATURES), dtype=np.float32)
+    trt_c = effect * rng.standard_normal((n_treatments, N_FEATURES), dtype=np.float32)
     t = treatment >= 0
     X[t] += moa_c[moa[t]] + trt_c[treatment[t]]
     feats = [f"f{i:03d}" for i in range(N_FEATURES)]
@@ -110,6 +125,116 @@ def make_wells(n_wells: int, n_treatments: int, seed: int = 0) -> tuple[pd.DataF
         }
     )
     return pd.concat([meta, pd.DataFrame(X, columns=feats)], axis=1), feats
+
+
+def make_jump_wells(n_wells: int, n_treatments: int, seed: int = 0) -> tuple[pd.DataFrame, list[str]]:
+    """:func:`make_wells` with JUMP's metadata: ``Metadata_JCP2022``, ``Metadata_pert_type``
+    (negcon / trt), ``Metadata_Well`` and ``Metadata_target`` (one perturbation in ten annotated, the
+    MoA as target; the rest None)."""
+    wells, feats = make_wells(n_wells, n_treatments, seed, effect=0.3)
+    ctrl = wells.pop("Metadata_control").to_numpy()
+    trt_id = wells.pop("Metadata_treatment")
+    moa = wells.pop("Metadata_moa")
+    n = len(wells)
+    rows = np.array(list("ABCDEFGHIJKLMNOP"))
+    pos = np.arange(n) % 384
+    num = np.char.zfill((pos % 24 + 1).astype(str), 2)
+    annotated = (trt_id.str[1:].where(~ctrl, "-1").astype(int) // 5) % 10 == 0  # whole MoAs (5 perturbations each)
+    meta = pd.DataFrame({
+        "Metadata_Plate": wells.pop("Metadata_Plate").astype(str).radd("P"),
+        "Metadata_Well": np.char.add(rows[pos // 24], num),
+        "Metadata_JCP2022": np.where(ctrl, "DMSO", trt_id),
+        "Metadata_pert_type": np.where(ctrl, "negcon", "trt"),
+        "Metadata_target": np.where(annotated & ~ctrl, moa, None),
+    })
+    return pd.concat([meta, wells], axis=1), feats
+
+
+def jump_suite(args) -> None:
+    """The JUMP chain and its metrics, raycp vs pycytominer + copairs (see the module docstring)."""
+    import tempfile
+
+    from raycp.evaluate import copairs_map as cm
+    from raycp.profiles import ops
+
+    wells, feats = make_jump_wells(args.wells, args.treatments)
+    _warm_up()
+    neg = "Metadata_pert_type == 'negcon'"
+    ctrl = (wells["Metadata_pert_type"] == "negcon").to_numpy()
+    size = {"suite": "jump", "wells": args.wells, "perturbations": args.treatments, "features": N_FEATURES,
+            "plates": int(wells["Metadata_Plate"].nunique()), "null_size": args.null_size}
+    t: dict = {}
+    chain = ["frequency_threshold", "correlation_threshold", "blocklist", "drop_na"]
+
+    def emit(name, **extra):
+        print(json.dumps({"figure": name, **size, **{m: round(v, 3) for m, v in t[name].items()}, **extra}), flush=True)
+
+    with measured(t, "raycp_recipe"):
+        w = ops.variant_features(wells, samples=neg).wells
+        w = ops.normalize(w, method="mad_robustize", mad_scale="raw", samples=neg).wells
+        w = ops.rank_int(w).wells
+        w = ops.feature_select(w, operations=chain).wells
+        w = ops.spherize(w, method="ZCA-cor", samples=neg, epsilon=1e-2).wells
+    feats_out = [c for c in w.columns if not c.startswith("Metadata_")]
+    emit("raycp_recipe", features_out=len(feats_out))
+    X = w[feats_out].to_numpy()  # both sides score the recipe's profiles, as JUMP scores its processed profiles
+    meta = w[[c for c in w.columns if c.startswith("Metadata_")]]
+    del w
+    with measured(t, "raycp_metrics"):
+        act = cm.phenotypic_activity(meta, X, "Metadata_JCP2022", ctrl, "Metadata_Plate", null_size=args.null_size)
+        active = set(act.map.loc[act.map["below_corrected_p"], "Metadata_JCP2022"])
+        treated = (~ctrl) & meta["Metadata_target"].notna().to_numpy() & meta["Metadata_JCP2022"].isin(active).to_numpy()
+        cmeta, cX = cm.consensus_profiles(meta[treated], X[treated], "Metadata_JCP2022", ["Metadata_target"])
+        con = cm.phenotypic_consistency(cmeta, cX, "Metadata_target", sep=None, null_size=args.null_size)
+    emit("raycp_metrics", activity_fraction_retrieved=round(act.summary["fraction_retrieved"], 4),
+         consistency_profiles=len(cmeta), consistency_fraction_retrieved=round(con.summary["fraction_retrieved"], 4))
+    if args.skip_peers:
+        return
+
+    import logging
+
+    import copairs.map as copairs_map
+    from pycytominer import feature_select, normalize
+
+    logging.getLogger("copairs").setLevel(logging.WARNING)
+    metas = [c for c in wells.columns if c.startswith("Metadata_")]
+    with measured(t, "pycytominer_ops"):
+        parts = [normalize(g, features=feats, meta_features=metas, samples=neg, method="mad_robustize")
+                 for _, g in wells.groupby("Metadata_Plate", sort=False)]
+        p = pd.concat(parts, ignore_index=True)
+        del parts
+        p = feature_select(p, features=[f for f in feats if f in p.columns],
+                           operation=["frequency_threshold", "correlation_threshold", "blocklist", "drop_na_columns"])
+        pf = [c for c in p.columns if not c.startswith("Metadata_")]
+        p = normalize(p, features=pf, meta_features=metas, samples=neg, method="spherize", spherize_method="ZCA-cor",
+                      spherize_epsilon=1e-2)
+    emit("pycytominer_ops")
+    del p
+    with measured(t, "copairs_metrics"), tempfile.TemporaryDirectory() as cache:
+        jm = meta.copy()
+        jm["Metadata_JCP2022"] = jm["Metadata_JCP2022"].astype(object)
+        jm.loc[ctrl, "Metadata_JCP2022"] = [f"negcon_{i}" for i in range(int(ctrl.sum()))]
+        ap = copairs_map.average_precision(jm, X, ["Metadata_JCP2022"], [], ["Metadata_Plate"],
+                                           ["Metadata_pert_type", "Metadata_JCP2022"], progress_bar=False)[~ctrl]
+        amap = copairs_map.mean_average_precision(ap, ["Metadata_JCP2022"], null_size=args.null_size, threshold=0.05,
+                                                  seed=0, progress_bar=False, cache_dir=cache)
+        cap = copairs_map.average_precision(cmeta, cX, ["Metadata_target"], [], [], ["Metadata_target"], progress_bar=False)
+        cmap = copairs_map.mean_average_precision(cap, ["Metadata_target"], null_size=args.null_size, threshold=0.05,
+                                                  seed=0, progress_bar=False, cache_dir=cache)
+    emit("copairs_metrics")
+    ours = t["raycp_recipe"]["seconds"] + t["raycp_metrics"]["seconds"]
+    theirs = t["pycytominer_ops"]["seconds"] + t["copairs_metrics"]["seconds"]
+    ours_mb = max(t["raycp_recipe"]["peak_extra_rss_mb"], t["raycp_metrics"]["peak_extra_rss_mb"])
+    theirs_mb = max(t["pycytominer_ops"]["peak_extra_rss_mb"], t["copairs_metrics"]["peak_extra_rss_mb"])
+    same = {
+        "activity_ap_identical": bool(np.array_equal(act.ap["average_precision"].to_numpy(), ap["average_precision"].to_numpy())),
+        "activity_map_p_identical": bool(all(np.array_equal(act.map[c].to_numpy(), amap[c].to_numpy()) for c in cm.MAP_COLUMNS)),
+        "consistency_map_p_identical": bool(all(np.array_equal(con.map[c].to_numpy(), cmap[c].to_numpy()) for c in cm.MAP_COLUMNS)),
+    }
+    print(json.dumps({"figure": "speedup_total", **size, "raycp_seconds": round(ours, 2), "peers_seconds": round(theirs, 2),
+                      "ratio": round(theirs / ours, 1), "raycp_peak_extra_rss_mb": round(ours_mb, 1),
+                      "peers_peak_extra_rss_mb": round(theirs_mb, 1), "memory_ratio": round(ours_mb / theirs_mb, 2), **same}),
+          flush=True)
 
 
 def _warm_up() -> None:
@@ -128,7 +253,12 @@ def main() -> None:
     ap.add_argument("--treatments", type=int, default=3_000, help="treatments (issue's size: 10000)")
     ap.add_argument("--lam", type=float, default=0.0, help="raycp's sphering λ (0: comparable with pycytominer's ZCA)")
     ap.add_argument("--skip-peers", action="store_true", help="time raycp only")
+    ap.add_argument("--suite", choices=("paper", "jump"), default="paper",
+                    help="paper: sphere + aggregate + evaluate; jump: the JUMP recipe + activity/consistency mAP")
+    ap.add_argument("--null-size", type=int, default=10_000, help="copairs null size (jump suite)")
     args = ap.parse_args()
+    if args.suite == "jump":
+        return jump_suite(args)
 
     from raycp.evaluate.metrics import evaluate_profiles
     from raycp.profiles.aggregate import group_codes, group_mean

@@ -113,7 +113,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 RUN_SECTIONS = ("data", "illumination", "compression", "nuclei", "crops", "compute", "imagenet_weights", "source_run", "train",
-                "features", "inference", "cellprofiler", "outputs", "profiles")
+                "features", "inference", "cellprofiler", "outputs", "profiles", "retrieval")
 """Every top-level section a ``raycp run`` YAML may hold. A command that needs fewer (``raycp
 preprocess``, ``raycp index summarize``) reads the same file and skips the sections of the other
 stages; a key in no section is still an error (a test keeps this list equal to the run config's)."""

@@ -93,7 +93,11 @@ def test_the_test_configs_are_valid_examples():
 
     conf = Path(__file__).resolve().parent / "conf"
     found = sorted(p.name for p in conf.glob("*.yaml"))
-    assert found == ["tiny_run.yaml", "tiny_screen.yaml"], found
+    assert found == ["recipe_lincs.yaml", "tiny_run.yaml", "tiny_screen.yaml"], found
+    from raycp.profiles.recipe import load_recipe
+
+    assert [s.op for s in load_recipe(str(conf / "recipe_lincs.yaml")).steps] == [
+        "variant_features", "normalize", "rank_int", "feature_select"]
     screen = load_screen_config("mini", str(conf / "tiny_screen.yaml"))
     assert (screen.layout.plates, screen.treatments.n, screen.image.size) == (2, 6, 160)
     run = load(str(conf / "tiny_run.yaml"), ["data.index=s3://b/index/sites.parquet", "data.output=s3://b/run"])

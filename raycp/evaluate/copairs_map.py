@@ -56,7 +56,6 @@ import pandas as pd
 
 from raycp.errors import InputError
 
-_FIRST = np.zeros(1, dtype=np.intp)
 NULL_SEED_HIGH = 8096  # copairs.compute.get_null_dists: rng.integers(8096, size=num_confs)
 DEFAULT_NULL_SIZE = 10_000  # jump-profiling-recipe DEFAULT_MAP_PARAMS
 DEFAULT_THRESHOLD = 0.05
@@ -182,26 +181,40 @@ def _rule_mask(codes: dict, same: Sequence[str], diff: Sequence[str], q: np.ndar
 # --------------------------------------------------------------------------------------------
 def _ap_rows(pos_keys: list[np.ndarray], neg_sorted: np.ndarray, n_neg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """AP, M and L per row from each row's positive keys and its sorted negative keys (first n_neg[r]
-    entries of row r of ``neg_sorted``), with copairs' tie rule (positives before equal negatives) and
-    its summation (pairwise over the rank list of length L)."""
+    entries of row r of ``neg_sorted``), with copairs' tie rule (positives before equal negatives)
+    and its arithmetic: the rank lists (precision at each positive, 0 at the negatives) laid end to
+    end and summed by ``np.add.reduceat``, as ``copairs.compute.ap_contiguous`` sums them.
+
+    Vectorised over rows: (row, key) pairs become one sortable 64-bit code, so one sort orders the
+    positives and one ``searchsorted`` counts the negatives ranked before each."""
+    from raycp.profiles.ops import sortable_bits
+
     B = len(pos_keys)
     M = np.array([len(p) for p in pos_keys], dtype=np.int64)
     L = M + n_neg
     ap = np.full(B, np.nan)
-    if B == 0:
+    if B == 0 or not M.any():
         return ap, M, L
-    ranks = np.zeros(int(L.max()) if L.size else 0, dtype=np.float64)
-    for r in range(B):
-        if M[r] == 0:
-            continue
-        p = np.sort(pos_keys[r])
-        negless = np.searchsorted(neg_sorted[r, :n_neg[r]], p, side="left")
-        m = np.arange(1, M[r] + 1)
-        k = m + negless
-        rank_list = ranks[:L[r]]  # precision at each rank, 0 at the negatives: copairs' pr_k · rel_k
-        rank_list[:] = 0.0
-        rank_list[k - 1] = m / k
-        ap[r] = np.add.reduceat(rank_list, _FIRST)[0] / M[r]  # copairs' summation (reduceat ≠ reduce in the last bit)
+    shift = np.uint64(32)
+    row = np.repeat(np.arange(B, dtype=np.uint64), M)
+    pos = np.sort((row << shift) | sortable_bits(np.concatenate(pos_keys)))
+    valid = np.arange(neg_sorted.shape[1])[None, :] < n_neg[:, None]
+    nrow = np.broadcast_to(np.arange(B, dtype=np.uint64)[:, None], neg_sorted.shape)[valid]
+    neg = (nrow << shift) | sortable_bits(neg_sorted[valid])  # row-major: already sorted
+    neg_start = np.concatenate([[0], np.cumsum(n_neg)[:-1]])
+    pos_start = np.concatenate([[0], np.cumsum(M)[:-1]])
+    r = (pos >> shift).astype(np.int64)
+    negless = np.searchsorted(neg, pos, side="left") - neg_start[r]
+    m = np.arange(len(pos)) - pos_start[r] + 1
+    k = m + negless
+    has = M > 0
+    lengths = L[has]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    start_of = np.zeros(B, dtype=np.int64)
+    start_of[has] = starts
+    ranks = np.zeros(int(lengths.sum()), dtype=np.float64)
+    ranks[start_of[r] + k - 1] = m / k
+    ap[has] = np.add.reduceat(ranks, starts) / M[has]
     return ap, M, L
 
 
@@ -228,26 +241,51 @@ def _members(group: np.ndarray) -> list[np.ndarray]:
 
 
 def _query_blocks(n: int, rules: PairRules, codes: dict, block_elements: int):
-    """Blocks of query rows with the candidate rows their pairs can reach."""
+    """Blocks of query rows, each with the candidate rows of its dense similarity block and, when
+    the positives are confined to small groups (``pos_sameby``) that the dense block does not
+    cover, the group members (``pos_members``, ``pos_g``) to score them pair by pair.
+
+    Activity (``neg_sameby=[plate]``): one block per plate, dense over the plate's wells (its
+    controls), positives pair by pair; consistency (no ``neg_sameby``): dense over every profile."""
     neg_g = _groups(codes, [c for c in rules.neg_sameby if c != rules.multilabel_col], n)
     pos_g = _groups(codes, [c for c in rules.pos_sameby if c != rules.multilabel_col], n)
     everyone = np.arange(n)
     if neg_g is None or pos_g is None:
         step = max(1, block_elements // max(n, 1))
         for lo in range(0, n, step):
-            yield everyone[lo:lo + step], everyone
+            yield everyone[lo:lo + step], everyone, None
         return
-    pos_members = _members(pos_g)
+    pos_members = (_members(pos_g), pos_g)
     for rows in _members(neg_g):
-        cand = np.unique(np.concatenate([rows, *[pos_members[g] for g in np.unique(pos_g[rows])]]))
-        step = max(1, block_elements // max(len(cand), 1))
+        step = max(1, block_elements // max(len(rows), 1))
         for lo in range(0, len(rows), step):
-            q = rows[lo:lo + step]
-            if lo or len(rows) > step:
-                cand_q = np.unique(np.concatenate([q, *[pos_members[g] for g in np.unique(pos_g[q])], rows]))
-            else:
-                cand_q = cand
-            yield q, cand_q
+            yield rows[lo:lo + step], rows, pos_members
+
+
+def _pair_keys(X: np.ndarray, norms: np.ndarray, codes: dict, rules: PairRules, q: np.ndarray, pos_members) -> list[np.ndarray]:
+    """Per query of ``q``, the sort keys of its positive pairs, scored pair by pair within its
+    ``pos_sameby`` group (the pair rules applied)."""
+    members, group = pos_members
+    parts = [members[group[i]] for i in q]
+    qi = np.repeat(q, [len(p) for p in parts])
+    cj = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    keep = _rule_mask_pairs(codes, rules.pos_sameby, rules.pos_diffby, qi, cj)
+    qi, cj = qi[keep], cj[keep]
+    rows, loc = np.unique(np.concatenate([qi, cj]), return_inverse=True)  # each row normalised once
+    U = X[rows].astype(np.float64) / norms[rows, None]
+    keys = np.float32(1.0) - np.einsum("ij,ij->i", U[loc[:len(qi)]], U[loc[len(qi):]]).astype(np.float32)
+    pos_of = np.searchsorted(q, qi) if np.all(q[:-1] <= q[1:]) else pd.Index(q).get_indexer(qi)
+    order = np.argsort(pos_of, kind="stable")
+    return np.split(keys[order], np.searchsorted(pos_of[order], np.arange(1, len(q))))
+
+
+def _rule_mask_pairs(codes: dict, same: Sequence[str], diff: Sequence[str], qi: np.ndarray, cj: np.ndarray) -> np.ndarray:
+    m = qi != cj
+    for col in same:
+        m &= codes[col][qi] == codes[col][cj]
+    for col in diff:
+        m &= codes[col][qi] != codes[col][cj]
+    return m
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,29 +315,63 @@ def average_precision(
     Raises :class:`InputError` for missing or empty pair columns, NaN/inf or all-zero profiles, and
     rules copairs refuses (an empty rule, a column both same and different)."""
     rules = PairRules(tuple(pos_sameby), tuple(pos_diffby), tuple(neg_sameby), tuple(neg_diffby), multilabel_col)
+    X, codes, norms = prepare(meta, X, rules, source)
+    if multilabel_col is not None:
+        return _average_precision_multilabel(meta, X, norms, rules, codes, multilabel_sep, block_elements, source)
+    q, ap, M, L = ap_part(X, norms, codes, rules, block_elements)
+    return ap_table(meta, q, ap, M, L)
+
+
+def prepare(meta: pd.DataFrame, X: np.ndarray, rules: PairRules, source: str = "profiles"):
+    """Checked inputs of :func:`ap_part`: ``X`` (n × d), the pair columns as integer codes, the row
+    norms (float64). Raises :class:`InputError` (see :func:`average_precision`)."""
     X = np.asarray(X)
     if len(X) != len(meta):
         raise ValueError(f"{len(meta)} metadata rows but {len(X)} profiles")
-    codes = _codes(meta, rules, source)
-    norms = _unit_rows(X, source)
-    n = len(meta)
-    if multilabel_col is not None:
-        return _average_precision_multilabel(meta, X, norms, rules, codes, multilabel_sep, block_elements, source)
-    ap = np.full(n, np.nan)
-    M = np.zeros(n, dtype=np.int64)
-    L = np.zeros(n, dtype=np.int64)
-    for q, cand in _query_blocks(n, rules, codes, block_elements):
+    return X, _codes(meta, rules, source), _unit_rows(X, source)
+
+
+def ap_part(X: np.ndarray, norms: np.ndarray, codes: dict, rules: PairRules, block_elements: int = 1 << 22,
+            part: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """AP of the queries of every ``part[1]``-th block starting at block ``part[0]`` (all blocks by
+    default): (query rows, AP, M, L). Blocks are computed independently, so any split of them gives
+    the same numbers (what the Ray adapter, :mod:`raycp.evaluate.copairs_ray`, relies on)."""
+    i, k = part
+    qs, aps, Ms, Ls = [], [], [], []
+    for b, (q, cand, pos_members) in enumerate(_query_blocks(len(X), rules, codes, block_elements)):
+        if b % k != i:
+            continue
         keys = _keys(X, norms, q, cand)
-        pos = _rule_mask(codes, rules.pos_sameby, rules.pos_diffby, q, cand)
         neg = _rule_mask(codes, rules.neg_sameby, rules.neg_diffby, q, cand)
         neg_sorted, n_neg = _sorted_masked(keys, neg)
-        pos_keys = [keys[r, pos[r]] for r in range(len(q))]
-        ap[q], M[q], L[q] = _ap_rows(pos_keys, neg_sorted, n_neg)
+        if pos_members is None:  # the dense block holds every candidate
+            pos = _rule_mask(codes, rules.pos_sameby, rules.pos_diffby, q, cand)
+            pos_keys = [keys[r, pos[r]] for r in range(len(q))]
+        else:
+            pos_keys = _pair_keys(X, norms, codes, rules, q, pos_members)
+        a, m, length = _ap_rows(pos_keys, neg_sorted, n_neg)
+        qs.append(q)
+        aps.append(a)
+        Ms.append(m)
+        Ls.append(length)
+    if not qs:
+        return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(qs), np.concatenate(aps), np.concatenate(Ms), np.concatenate(Ls)
+
+
+def ap_table(meta: pd.DataFrame, q: np.ndarray, ap: np.ndarray, M: np.ndarray, L: np.ndarray) -> pd.DataFrame:
+    """copairs' AP table from :func:`ap_part`'s results (any order, every row once)."""
+    n = len(meta)
+    full_ap = np.full(n, np.nan)
+    full_M = np.zeros(n, dtype=np.int64)
+    full_L = np.zeros(n, dtype=np.int64)
+    full_ap[q], full_M[q], full_L[q] = ap, M, L
     out = meta.reset_index(drop=True).copy()
-    out["n_pos_pairs"] = M
-    out["n_total_pairs"] = L
-    out["average_precision"] = np.where(L > 0, ap, np.nan)
-    out["normalized_average_precision"] = normalized_average_precision(out["average_precision"].to_numpy(), M, L - M)
+    out["n_pos_pairs"] = full_M
+    out["n_total_pairs"] = full_L
+    out["average_precision"] = np.where(full_L > 0, full_ap, np.nan)
+    out["normalized_average_precision"] = normalized_average_precision(out["average_precision"].to_numpy(), full_M,
+                                                                       full_L - full_M)
     return out
 
 
@@ -393,6 +465,10 @@ def null_distribution(num_pos: int, total: int, null_size: int, seed, chunk_byte
     return out
 
 
+def _local_nulls(jobs: list[tuple[int, int, int, int]]) -> list[np.ndarray]:
+    return [null_distribution(m, n, size, s) for m, n, size, s in jobs]
+
+
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     """Benjamini–Hochberg adjusted p-values with statsmodels' ``fdr_bh`` arithmetic (p_(i)·n/i as
     p_(i)/(i/n), running minimum from the top, capped at 1); NaN stays NaN."""
@@ -417,14 +493,16 @@ def mean_average_precision(
     null_size: int = DEFAULT_NULL_SIZE,
     threshold: float = DEFAULT_THRESHOLD,
     seed: int = DEFAULT_SEED,
+    null_fn=None,
 ) -> pd.DataFrame:
     """copairs' mAP per ``sameby`` group with p-values (``copairs.map.mean_average_precision``).
 
     ``ap_scores``: :func:`average_precision`'s table. Returns one row per group (sorted by the
     ``sameby`` values): the ``sameby`` columns, ``mean_average_precision``,
     ``mean_normalized_average_precision``, ``p_value``, ``corrected_p_value`` (float64),
-    ``below_p``, ``below_corrected_p`` (bool). Raises :class:`InputError` for a missing column or
-    ``null_size`` < 1."""
+    ``below_p``, ``below_corrected_p`` (bool). ``null_fn`` maps a list of (M, L, null_size, seed)
+    to their null distributions (default: here, one after the other; the Ray adapter spreads them).
+    Raises :class:`InputError` for a missing column or ``null_size`` < 1."""
     sameby = [sameby] if isinstance(sameby, str) else list(sameby)
     need = [*sameby, "average_precision", "normalized_average_precision", "n_pos_pairs", "n_total_pairs"]
     missing = [c for c in need if c not in ap_scores.columns]
@@ -439,9 +517,8 @@ def mean_average_precision(
     confs, rev_ix = np.unique(ap[["n_pos_pairs", "n_total_pairs"]].to_numpy(dtype=np.int64), axis=0, return_inverse=True)
     rev_ix = rev_ix.ravel()
     seeds = np.random.default_rng(seed).integers(NULL_SEED_HIGH, size=len(confs))
-    null_dists = np.empty((len(confs), int(null_size)), dtype=np.float32)
-    for i, (num_pos, total) in enumerate(confs):
-        null_dists[i] = null_distribution(int(num_pos), int(total), int(null_size), seeds[i])
+    jobs = [(int(num_pos), int(total), int(null_size), int(s)) for (num_pos, total), s in zip(confs, seeds)]
+    null_dists = np.stack((null_fn or _local_nulls)(jobs)).astype(np.float32, copy=False)
     grouped = ap.groupby(sameby, observed=True, sort=True)
     table = grouped[["average_precision", "normalized_average_precision"]].mean().reset_index()
     table.columns = [*sameby, "mean_average_precision", "mean_normalized_average_precision"]
@@ -450,9 +527,15 @@ def mean_average_precision(
     members = np.split(order, np.flatnonzero(np.diff(gid[order])) + 1)
     maps = table["mean_average_precision"].to_numpy()
     pvals = np.empty(len(table))
-    for g, idx in enumerate(members):
-        null = null_dists[rev_ix[idx]].mean(axis=0)
-        pvals[g] = ((null > maps[g]).sum() + 1) / (null_size + 1)
+    sizes = np.array([len(idx) for idx in members])
+    for size in np.unique(sizes):  # groups of one size at once; a group's null is the float32 mean of its members'
+        groups = np.flatnonzero(sizes == size)
+        chunk = max(1, (1 << 28) // (int(size) * int(null_size) * 4))
+        for lo in range(0, len(groups), chunk):
+            g = groups[lo:lo + chunk]
+            conf = rev_ix[np.stack([members[i] for i in g])]  # (groups, size)
+            null = null_dists[conf].mean(axis=1)  # the same float32 sums, in member order, as copairs' axis-0 mean
+            pvals[g] = ((null > maps[g, None]).sum(axis=1) + 1) / (null_size + 1)
     table["p_value"] = pvals
     table["corrected_p_value"] = benjamini_hochberg(pvals)
     table["below_p"] = table["p_value"] < threshold
@@ -494,6 +577,7 @@ def phenotypic_activity(
     threshold: float = DEFAULT_THRESHOLD,
     seed: int = DEFAULT_SEED,
     block_elements: int = 1 << 22,
+    backend=None,
     source: str = "profiles",
 ) -> Retrieval:
     """Phenotypic activity: each perturbation's replicate wells (positives: same ``pert_col``)
@@ -515,11 +599,12 @@ def phenotypic_activity(
     pert = pd.factorize(m[pert_col])[0].astype(np.int64)
     pert[ctrl] = pert.max(initial=0) + 1 + np.arange(int(ctrl.sum()))  # each control its own perturbation
     work = pd.DataFrame({"pert": pert, "plate": m[plate_col].to_numpy(), "negcon": ctrl})
-    ap = average_precision(work, X, ["pert"], [], ["plate"], ["negcon", "pert"], block_elements=block_elements,
-                           source=source)
+    b = _backend(backend)
+    ap = b.average_precision(work, X, ["pert"], [], ["plate"], ["negcon", "pert"], block_elements=block_elements,
+                             source=source)
     ap = pd.concat([m, ap[["n_pos_pairs", "n_total_pairs", "average_precision", "normalized_average_precision"]]],
                    axis=1)[~ctrl].reset_index(drop=True)
-    table = mean_average_precision(ap, [pert_col], null_size, threshold, seed)
+    table = b.mean_average_precision(ap, [pert_col], null_size, threshold, seed)
     return Retrieval(ap, table, _summary(table, ap, "phenotypic_activity", null_size, threshold, seed))
 
 
@@ -533,6 +618,7 @@ def phenotypic_consistency(
     threshold: float = DEFAULT_THRESHOLD,
     seed: int = DEFAULT_SEED,
     block_elements: int = 1 << 22,
+    backend=None,
     source: str = "profiles",
 ) -> Retrieval:
     """Phenotypic consistency: profiles (usually one consensus profile per active perturbation)
@@ -547,15 +633,21 @@ def phenotypic_consistency(
     m = meta[keep.to_numpy()].reset_index(drop=True)
     Xk = np.asarray(X)[keep.to_numpy()]
     multi = sep is not None and m[label_col].astype(str).str.contains(sep, regex=False).any()
-    if multi:
-        ap = average_precision(m, Xk, [label_col], [], [], [label_col], multilabel_col=label_col, multilabel_sep=sep,
-                               block_elements=block_elements, source=source)
-    else:
-        ap = average_precision(m, Xk, [label_col], [], [], [label_col], block_elements=block_elements, source=source)
-    table = mean_average_precision(ap, [label_col], null_size, threshold, seed)
+    b = _backend(backend)
+    ap = b.average_precision(m, Xk, [label_col], [], [], [label_col], multilabel_col=label_col if multi else None,
+                             multilabel_sep=sep if multi else None, block_elements=block_elements, source=source)
+    table = b.mean_average_precision(ap, [label_col], null_size, threshold, seed)
     summary = _summary(table, ap, "phenotypic_consistency", null_size, threshold, seed)
     summary["rows_without_label"] = int((~keep).sum())
     return Retrieval(ap, table, summary)
+
+
+def _backend(backend):
+    """``backend`` (a module with ``average_precision`` and ``mean_average_precision``, e.g.
+    :mod:`raycp.evaluate.copairs_ray`), or this module."""
+    import sys
+
+    return backend if backend is not None else sys.modules[__name__]
 
 
 def _summary(table: pd.DataFrame, ap: pd.DataFrame, metric: str, null_size: int, threshold: float, seed: int) -> dict:
@@ -613,6 +705,7 @@ def retrieval_of_wells(
     threshold: float = DEFAULT_THRESHOLD,
     seed: int = DEFAULT_SEED,
     block_elements: int = 1 << 22,
+    backend=None,
     source: str = "wells",
 ) -> WellsRetrieval:
     """Phenotypic activity of every perturbation (when ``control_query`` is given) and phenotypic
@@ -634,8 +727,9 @@ def retrieval_of_wells(
     ok = fm.ok
     acct = {"wells": int(len(wells)), "wells_used": int(ok.sum()), "wells_quarantined_nan": int((~ok).sum()),
             "features": len(fm.features), "features_dropped_na": fm.dropped_na}
-    w = wells[ok].reset_index(drop=True)
-    X = fm.X[ok]
+    meta_cols = [c for c in wells.columns if str(c).startswith("Metadata_")]
+    w = wells.loc[ok, meta_cols].reset_index(drop=True)  # metadata only: the features stay in X
+    X = fm.X if ok.all() else fm.X[ok]
     activity = consistency = None
     ctrl = None
     if control_query is not None:
@@ -645,7 +739,7 @@ def retrieval_of_wells(
             raise InputError(f"{source}: {int(empty.sum())} non-control well(s) have no {pert_col}",
                              fix="fill the perturbation column or mark those wells as controls")
         activity = phenotypic_activity(w, X, pert_col, ctrl, plate_col, null_size=null_size, threshold=threshold,
-                                       seed=seed, block_elements=block_elements, source=source)
+                                       seed=seed, block_elements=block_elements, backend=backend, source=source)
         acct["control_wells"] = int(ctrl.sum())
     if target_col is not None:
         if target_col not in w.columns:
@@ -662,9 +756,14 @@ def retrieval_of_wells(
             acct["perturbations_inactive"] = int((~keep).sum())
             cons_meta, cons_X = cons_meta[keep].reset_index(drop=True), cons_X[keep]
         acct["consistency_profiles"] = int(len(cons_meta))
-        if len(cons_meta) < 2:
-            raise InputError(f"{source}: fewer than 2 perturbations to test phenotypic consistency ({len(cons_meta)})",
-                             fix="use --consistency-on all, or check the activity results")
+        if len(cons_meta) < 2:  # nothing to rank: an empty result, said in the summary
+            empty_ap = cons_meta.assign(n_pos_pairs=0, n_total_pairs=0, average_precision=np.nan,
+                                        normalized_average_precision=np.nan)
+            table = mean_average_precision(empty_ap, [target_col], null_size, threshold, seed)  # empty: no null drawn
+            summary = _summary(table, empty_ap, "phenotypic_consistency", null_size, threshold, seed)
+            summary["note"] = f"{len(cons_meta)} {consistency_on} perturbation(s): consistency needs 2 or more"
+            return WellsRetrieval(activity, Retrieval(empty_ap, table, summary), acct)
         consistency = phenotypic_consistency(cons_meta, cons_X, target_col, sep=target_sep, null_size=null_size,
-                                             threshold=threshold, seed=seed, block_elements=block_elements, source=source)
+                                             threshold=threshold, seed=seed, block_elements=block_elements,
+                                             backend=backend, source=source)
     return WellsRetrieval(activity, consistency, acct)

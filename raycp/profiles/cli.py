@@ -266,16 +266,24 @@ def map_cmd(
     null_size: int = typer.Option(10_000, "--null-size", help="copairs' null size per configuration (JUMP recipe: 10000)."),
     threshold: float = typer.Option(0.05, "--threshold", help="p-value threshold of below_p / below_corrected_p."),
     seed: int = typer.Option(0, "--seed", help="copairs' null seed."),
+    use_ray: bool = typer.Option(False, "--ray", help="Split the plates / query blocks and the nulls across a Ray "
+                                                      "cluster (RAY_ADDRESS, else a local one); the same numbers."),
     output: Path = typer.Option(Path("map"), "-o", "--output", help="Output folder."),
 ) -> None:
     """copairs' mAP and p-values: phenotypic activity, phenotypic consistency and the fraction retrieved."""
     from raycp.evaluate.copairs_map import retrieval_of_wells
     from raycp.evaluate.plots import plot_map_pvalue
 
+    backend = None
+    if use_ray:
+        from raycp import runtime
+        from raycp.evaluate import copairs_ray as backend
+
+        runtime.use()
     df = _read_wells(wells)
     res = retrieval_of_wells(df, pert_col=pert_col, control_query=control_query, plate_col=plate_col,
                              target_col=target_col, target_sep=target_sep or None, consistency_on=consistency_on,
-                             null_size=null_size, threshold=threshold, seed=seed, source=str(wells))
+                             null_size=null_size, threshold=threshold, seed=seed, backend=backend, source=str(wells))
     make_local_folder(output)
     summary = {"input": str(wells), "pert_col": pert_col, "control_query": control_query, "plate_col": plate_col,
                "target_col": target_col, "consistency_on": consistency_on, "accounting": res.accounting}

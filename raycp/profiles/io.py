@@ -115,6 +115,23 @@ def feature_matrix(df: pd.DataFrame, features: Sequence[str]) -> np.ndarray:
     return X if X.flags.writeable else X.copy()  # never a read-only view of the frame
 
 
+def feature_view(df: pd.DataFrame, features: Sequence[str]) -> np.ndarray:
+    """The features of ``df`` (rows × features, the common float dtype as :func:`feature_matrix`),
+    read only, and without a copy when they are consecutive columns of one dtype (a table raycp
+    wrote); otherwise a copy. For operations that only read the features of a large table."""
+    features = list(features)
+    dtypes = {df.dtypes[c] for c in features}
+    dtype = np.float32 if dtypes == {np.dtype(np.float32)} else np.float64
+    loc = [df.columns.get_loc(c) for c in features]
+    if len(dtypes) == 1 and all(isinstance(i, int) for i in loc) and loc == list(range(loc[0], loc[0] + len(loc))):
+        X = df.iloc[:, loc[0]:loc[0] + len(loc)].to_numpy(dtype=dtype, copy=False)
+    else:
+        X = df[features].to_numpy(dtype=dtype)
+    X = X.view()
+    X.flags.writeable = False
+    return X
+
+
 def check_finite(X: np.ndarray, features: Sequence[str], source: str) -> None:
     """Raise an InputError naming the first feature column that holds ±inf."""
     bad = np.isinf(X).any(axis=0)

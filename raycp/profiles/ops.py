@@ -63,13 +63,14 @@ import numpy as np
 import pandas as pd
 
 from raycp.errors import InputError
-from raycp.profiles.io import feature_columns, metadata_columns
+from raycp.profiles.io import feature_columns, feature_matrix, feature_view, metadata_columns
 
 MAD_NORMAL_SCALE = 1.4826  # pycytominer RobustMAD: median_abs_deviation(..., scale=1 / 1.4826)
 BLOM_C = 3.0 / 8.0
 JUMP_MIN_ABS_COEF_VAR = 1e-3
 JUMP_OUTLIER_THRESHOLD = 100.0
 _ZERO_SCALE = 10 * np.finfo(np.float64).eps  # sklearn _handle_zeros_in_scale
+BLOCK_ROWS = 1 << 15  # rows converted to float64 at a time: memory stays ~ the table's own size
 
 
 @dataclass
@@ -84,16 +85,55 @@ class OpResult:
 # Table helpers
 # --------------------------------------------------------------------------------------------
 def _split(wells: pd.DataFrame, source: str) -> tuple[list[str], list[str], np.ndarray]:
+    """Metadata columns, feature columns and the features (float32 stays float32; read only: an
+    operation writes its result into a new array)."""
     feats = feature_columns(wells, source)
-    X = wells[feats].to_numpy(dtype=np.float64, copy=True)
-    return metadata_columns(wells), feats, X
+    return metadata_columns(wells), feats, feature_view(wells, feats)
+
+
+def _blocks(n: int):
+    for lo in range(0, n, BLOCK_ROWS):
+        yield slice(lo, min(n, lo + BLOCK_ROWS))
+
+
+def _finite_columns(X: np.ndarray) -> np.ndarray:
+    ok = np.ones(X.shape[1], dtype=bool)
+    for b in _blocks(len(X)):
+        ok &= np.isfinite(X[b]).all(axis=0)
+    return ok
+
+
+def _nan_counts(X: np.ndarray) -> np.ndarray:
+    out = np.zeros(X.shape[1], dtype=np.int64)
+    for b in _blocks(len(X)):
+        out += np.isnan(X[b]).sum(axis=0)
+    return out
+
+
+def _nan_mean_var(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and variance (ddof 0), NaN omitted, in float64, two passes over row blocks."""
+    total = np.zeros(X.shape[1])
+    count = np.zeros(X.shape[1])
+    for b in _blocks(len(X)):
+        blk = X[b].astype(np.float64)
+        total += np.nansum(blk, axis=0)
+        count += (~np.isnan(blk)).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / count
+    sq = np.zeros(X.shape[1])
+    for b in _blocks(len(X)):
+        sq += np.nansum((X[b].astype(np.float64) - mean) ** 2, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return mean, sq / count
 
 
 def _table(wells: pd.DataFrame, meta: list[str], feats: Sequence[str], X: np.ndarray) -> pd.DataFrame:
-    """``Metadata_*`` columns as they were, then the features as float32."""
-    out = wells[meta].reset_index(drop=True).copy()
-    feat = pd.DataFrame(np.asarray(X, dtype=np.float32), columns=list(feats))
-    return pd.concat([out, feat], axis=1)
+    """``Metadata_*`` columns as they were, then the features as float32 (``X`` is not copied when
+    it is float32 already: an operation hands over its own result array)."""
+    out = pd.DataFrame(np.asarray(X, dtype=np.float32), columns=list(feats), copy=False)
+    for i, c in enumerate(meta):
+        out.insert(i, c, wells[c].reset_index(drop=True))
+    return out
 
 
 def _keep(wells: pd.DataFrame, drop: Sequence[str], reason: str, info: dict | None = None) -> OpResult:
@@ -151,7 +191,7 @@ def variant_features(wells: pd.DataFrame, *, by: str = "Metadata_Plate", samples
                      min_abs_coef_var: float = JUMP_MIN_ABS_COEF_VAR, source: str = "wells") -> OpResult:
     """The JUMP recipe's variant-feature selection (see the module docstring)."""
     meta, feats, X = _split(wells, source)
-    finite = np.isfinite(X).all(axis=0)
+    finite = _finite_columns(X)
     nonfinite = [f for f, ok in zip(feats, finite) if not ok]
     ref = sample_mask(wells, samples, source)
     keep = finite.copy()
@@ -162,7 +202,7 @@ def variant_features(wells: pd.DataFrame, *, by: str = "Metadata_Plate", samples
         if len(r) == 0:
             continue
         plates_ok[rows] = True
-        med, mad = _median_mad(X[r])
+        med, mad = _median_mad(X[r].astype(np.float64))
         with np.errstate(divide="ignore", invalid="ignore"):
             cv = np.abs(mad / med)
         cv[~np.isfinite(cv)] = 0.0  # the recipe's fillna(0) and inf → 0
@@ -206,9 +246,9 @@ def normalize(wells: pd.DataFrame, *, method: str = "mad_robustize", samples: st
     eps = (1e-18 if mad_scale == "normal" else 0.0) if epsilon is None else float(epsilon)
     meta, feats, X = _split(wells, source)
     ref = sample_mask(wells, samples, source)
-    out = np.empty_like(X)
+    out = np.empty(X.shape, dtype=np.float32)
     for g, rows in _groups(wells, by, source):
-        R = X[rows[ref[rows]]]
+        R = X[rows[ref[rows]]].astype(np.float64)
         if len(R) == 0:
             raise InputError(f"{source}: {by} {_label(g)} has no row matching samples {samples!r}",
                              fix="normalise on all rows (samples: all), or drop that plate (the variant_features step quarantines it)")
@@ -233,10 +273,30 @@ def normalize(wells: pd.DataFrame, *, method: str = "mad_robustize", samples: st
                         f = feats[int(np.flatnonzero(scale == 0)[0])]
                         raise InputError(f"{source}: feature {f!r} has MAD 0 on {by} {_label(g)}, so (x − median)/MAD is undefined",
                                          fix="run the variant_features step first, or set epsilon > 0")
-        out[rows] = (X[rows] - center) / scale
+        for lo in range(0, len(rows), BLOCK_ROWS):
+            r = rows[lo:lo + BLOCK_ROWS]
+            out[r] = (X[r].astype(np.float64) - center) / scale
     return OpResult(_table(wells, meta, feats, out),
                     {"method": method, "samples": samples, "by": by, "mad_scale": mad_scale if method == "mad_robustize" else None,
                      "epsilon": eps if method == "mad_robustize" else None, "reference_rows": int(ref.sum())})
+
+
+def sortable_bits(v: np.ndarray) -> np.ndarray:
+    """float32 → uint64 holding an order-preserving 32-bit code: a < b ⇔ code(a) < code(b), equal
+    values equal codes (−0.0 counted as +0.0, as comparisons count it); no NaN."""
+    bits = (np.asarray(v, dtype=np.float32) + np.float32(0.0)).view(np.uint32)
+    bits = bits ^ np.where(bits >> 31, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
+    return bits.astype(np.uint64)
+
+
+def _stable_order(v: np.ndarray) -> np.ndarray:
+    """``np.argsort(v, kind="stable")`` (no NaN). For float32, one unstable sort of unique 64-bit
+    keys (order-preserving bits of the value, then the position), several times faster."""
+    if v.dtype != np.float32 or len(v) >= 2**32:
+        return np.argsort(v, kind="stable")
+    keys = (sortable_bits(v) << np.uint64(32)) | np.arange(len(v), dtype=np.uint64)
+    keys.sort()
+    return (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
 
 
 def rank_int(wells: pd.DataFrame, *, c: float = BLOM_C, seed: int = 0, source: str = "wells") -> OpResult:
@@ -246,20 +306,26 @@ def rank_int(wells: pd.DataFrame, *, c: float = BLOM_C, seed: int = 0, source: s
     meta, feats, X = _split(wells, source)
     n = len(X)
     perm = np.random.default_rng(seed).permutation(n)
-    out = np.full_like(X, np.nan)
+    out = np.full(X.shape, np.nan, dtype=np.float32)
+    denom = {}
     for j in range(X.shape[1]):
-        col = X[perm, j]  # the recipe's shuffle: ties ranked in the permuted order
+        col = X[perm, j]  # the recipe's shuffle: ties ranked in the permuted order (the table's dtype: same order)
         ok = ~np.isnan(col)
         m = int(ok.sum())
         if m == 0:
             continue
-        vals = col[ok]
-        order = np.argsort(vals, kind="stable")
-        ranks = np.empty(m, dtype=np.float64)
-        ranks[order] = np.arange(1, m + 1)
-        res = np.full(n, np.nan)
-        res[ok] = ndtri((ranks - c) / (m - 2 * c + 1))
-        out[perm, j] = res
+        vals = col if m == n else col[ok]
+        order = _stable_order(vals)
+        if m not in denom:
+            denom[m] = ndtri((np.arange(1, m + 1) - c) / (m - 2 * c + 1))  # Φ⁻¹ of each rank, once per m
+        res = np.empty(m)
+        res[order] = denom[m]
+        if m == n:
+            out[perm, j] = res
+        else:
+            full = np.full(n, np.nan)
+            full[ok] = res
+            out[perm, j] = full
     return OpResult(_table(wells, meta, feats, out), {"c": c, "seed": seed, "ties": "ordinal after permutation"})
 
 
@@ -267,8 +333,9 @@ def rank_int(wells: pd.DataFrame, *, c: float = BLOM_C, seed: int = 0, source: s
 # Feature selection
 # --------------------------------------------------------------------------------------------
 def _ref_matrix(wells: pd.DataFrame, feats: Sequence[str], samples: str, source: str) -> np.ndarray:
+    """The ``samples`` rows' features in the table's dtype (statistics are accumulated in float64)."""
     m = sample_mask(wells, samples, source)
-    return wells.loc[m, list(feats)].to_numpy(dtype=np.float64)
+    return feature_view(wells, feats) if m.all() else feature_matrix(wells[m], feats)
 
 
 def excluded_variance(X: np.ndarray, feats: Sequence[str], min_variance: float = 1e-6) -> list[str]:
@@ -279,7 +346,7 @@ def excluded_variance(X: np.ndarray, feats: Sequence[str], min_variance: float =
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        var = np.nanvar(X, axis=0)
+        _, var = _nan_mean_var(X)
         keep = var > min_variance
         if min_variance == 0:
             keep &= (np.nanmax(X, axis=0) - np.nanmin(X, axis=0)) > 0
@@ -307,14 +374,17 @@ def correlation_matrix(X: np.ndarray, method: str = "pearson") -> np.ndarray:
     their average ranks); with NaN, pandas' pairwise-complete ``DataFrame.corr`` (as pycytominer)."""
     if method not in ("pearson", "spearman"):
         raise InputError(f"correlation method {method!r} is not supported", fix="use pearson or spearman")
-    if np.isnan(X).any() or np.isinf(X).any():
+    if not _finite_columns(X).all():
         return pd.DataFrame(X).corr(method=method).to_numpy()
     if method == "spearman":
         from scipy.stats import rankdata
 
         X = rankdata(X, axis=0)
-    Z = X - X.mean(axis=0)
-    C = Z.T @ Z
+    mean, _ = _nan_mean_var(X)
+    C = np.zeros((X.shape[1], X.shape[1]))
+    for b in _blocks(len(X)):
+        Z = X[b].astype(np.float64) - mean
+        C += Z.T @ Z
     d = np.sqrt(np.diag(C))
     with np.errstate(divide="ignore", invalid="ignore"):
         C = C / d[:, None] / d[None, :]
@@ -341,7 +411,7 @@ def excluded_na(X: np.ndarray, feats: Sequence[str], cutoff: float = 0.05) -> li
     """pycytominer ``get_na_columns``: NaN fraction > ``cutoff``."""
     if not 0 <= cutoff <= 1:
         raise InputError(f"NaN cutoff must be in [0, 1], not {cutoff}", fix="pycytominer's default is 0.05")
-    frac = np.isnan(X).sum(axis=0) / max(len(X), 1)
+    frac = _nan_counts(X) / max(len(X), 1)
     return [f for f, x in zip(feats, frac) if x > cutoff]
 
 
@@ -418,16 +488,20 @@ def outlier_features(wells: pd.DataFrame, *, threshold: float = JUMP_OUTLIER_THR
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        q = np.nanquantile(np.abs(X), quantile, axis=0)
+        q = np.array([np.nanquantile(np.abs(X[:, j].astype(np.float64)), quantile) for j in range(X.shape[1])])
     big = q > threshold
     keep = np.flatnonzero(~big)
     if not len(keep):
         raise InputError(f"{source}: every feature has |x| above {threshold:g} at the {quantile:g} quantile",
                          fix="normalise first (the JUMP recipe runs this after mad)")
-    Y = X[:, keep]
-    clipped = int((np.abs(Y) > threshold).sum()) if clip else 0
+    Y = X[:, keep].astype(np.float32, copy=False)  # X[:, keep] is a copy already
+    if not Y.flags.writeable or np.shares_memory(Y, X):
+        Y = Y.copy()
+    clipped = 0
     if clip:
-        Y = np.clip(Y, -threshold, threshold)
+        for b in _blocks(len(Y)):
+            clipped += int((np.abs(Y[b]) > threshold).sum())
+            np.clip(Y[b], -threshold, threshold, out=Y[b])
     return OpResult(_table(wells, meta, [feats[i] for i in keep], Y),
                     {"features_dropped": [f for f, b in zip(feats, big) if b], "values_clipped": clipped,
                      "threshold": threshold, "quantile": quantile,
@@ -473,7 +547,7 @@ def fit_pycytominer_spherize(R: np.ndarray, method: str = "ZCA", epsilon: float 
     Z = (R - mean) / scale
     full = n < d
     _, S, Vt = np.linalg.svd(Z, full_matrices=full)
-    r = int(np.linalg.matrix_rank(Z))
+    r = int((S > S.max(initial=0) * max(n, d) * np.finfo(np.float64).eps).sum())  # numpy's matrix_rank rule
     if not ((r == d) or (center and r == n - 1) or (not center and r == n)):
         raise InputError(f"sphering: the reference rows are not full rank (n = {n}, d = {d}, rank {r})",
                          fix="remove linearly dependent features (correlation_threshold) or add reference wells")
@@ -496,18 +570,21 @@ def spherize(wells: pd.DataFrame, *, method: str = "ZCA-cor", samples: str = "al
     meta, feats, X = _split(wells, source)
     ref = sample_mask(wells, samples, source)
     d = X.shape[1]
-    out = np.empty((len(X), d), dtype=np.float64)
+    out = np.empty((len(X), d), dtype=np.float32)
     for g, rows in _groups(wells, by, source):
-        R = X[rows[ref[rows]]]
+        R = X[rows[ref[rows]]].astype(np.float64)
         if len(R) == 0:
             raise InputError(f"{source}: {by} {_label(g)} has no row matching samples {samples!r}",
                              fix="sphere the whole table (by: null) or add reference wells")
         if method == "paper":
             from raycp.profiles.sphere import fit_sphere
 
-            out[rows] = fit_sphere(R, lam).apply(X[rows])
+            spherer = fit_sphere(R, lam)
         else:
-            out[rows] = fit_pycytominer_spherize(R, method, epsilon, center).apply(X[rows])
+            spherer = fit_pycytominer_spherize(R, method, epsilon, center)
+        for lo in range(0, len(rows), BLOCK_ROWS):
+            r = rows[lo:lo + BLOCK_ROWS]
+            out[r] = spherer.apply(X[r].astype(np.float64))
     names = [f"PC{i}" for i in range(1, d + 1)] if method.startswith("PCA") else feats
     return OpResult(_table(wells, meta, names, out),
                     {"method": method, "samples": samples, "by": by, "reference_rows": int(ref.sum()),
@@ -532,15 +609,16 @@ def harmony_op(wells: pd.DataFrame, *, batch: str = "Metadata_Batch", n_clusters
 
 def well_position(wells: pd.DataFrame, *, well_col: str = "Metadata_Well", source: str = "wells") -> OpResult:
     """Subtract each feature's mean over the wells at the same position (NaN omitted)."""
+    import warnings
+
     meta, feats, X = _split(wells, source)
-    out = X.copy()
+    out = np.empty(X.shape, dtype=np.float32)
     n_positions = 0
     for _, rows in _groups(wells, well_col, source):
-        import warnings
-
+        R = X[rows].astype(np.float64)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            out[rows] -= np.nanmean(X[rows], axis=0)
+            out[rows] = R - np.nanmean(R, axis=0)
         n_positions += 1
     return OpResult(_table(wells, meta, feats, out), {"well_col": well_col, "positions": n_positions})
 
@@ -554,10 +632,10 @@ def cell_count(wells: pd.DataFrame, *, count_col: str = "Metadata_n_cells", min_
         raise InputError(f"{source}: cell-count column {count_col!r} not found",
                          fix="pass the column holding the number of cells per well (raycp aggregate writes Metadata_n_cells)")
     cc = pd.to_numeric(wells[count_col], errors="coerce").to_numpy(dtype=np.float64)
-    out = X.copy()
+    out = X.astype(np.float32)  # a copy
     regressed = []
     for j, f in enumerate(feats):
-        y = X[:, j]
+        y = X[:, j].astype(np.float64)
         if pd.Series(y).nunique() <= min_unique:
             continue
         ok = ~np.isnan(y) & ~np.isnan(cc)

@@ -187,54 +187,71 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def run_recipe(recipe: RecipeConfig, wells_path: str | Path, output: str | Path) -> dict:
-    """Run ``recipe`` on the wells table at ``wells_path``, writing into ``output`` (see the module
-    docstring). Returns the ``recipe.json`` payload."""
+def run_recipe(recipe: RecipeConfig, wells: str | Path | pd.DataFrame, output: str | Path,
+               input_digest: str | None = None) -> dict:
+    """Run ``recipe`` on a wells table (a path, or a DataFrame with ``input_digest`` naming its
+    bytes), writing into ``output`` (a folder or any fsspec URL; see the module docstring). Returns
+    the ``recipe.json`` payload. Raises :class:`InputError` / :class:`ConfigError` before any step
+    runs when a step names a missing column."""
     from raycp.config import save_resolved
+    from raycp.io import urls
     from raycp.io.outputs import jsonable, read_parquet, write_json, write_parquet
-    from raycp.io.urls import make_local_folder
     from raycp.profiles.io import feature_columns, read_table
 
-    out = Path(output)
-    make_local_folder(out)
+    out = str(output)
+    if "://" not in out:
+        urls.make_local_folder(out)
     previous = {}
-    record_path = out / "recipe.json"
-    if record_path.exists():
+    record_url = urls.join(out, "recipe.json")
+    if urls.exists(record_url):
         try:
-            previous = {s["file"]: s for s in json.loads(record_path.read_text()).get("steps", [])}
+            previous = {s["file"]: s for s in json.loads(urls.read_bytes(record_url)).get("steps", [])}
         except (ValueError, KeyError, TypeError):
             previous = {}
-    wells = read_table(wells_path)
-    source = str(wells_path)
+    if isinstance(wells, pd.DataFrame):
+        if input_digest is None:
+            raise ValueError("input_digest is required with a DataFrame input")
+        source, chain = "wells", input_digest
+    else:
+        source, chain = str(wells), file_digest(wells)
+        wells = read_table(wells)
     check_columns(recipe, wells, source)
     n_input = len(wells)
     features_in = len(feature_columns(wells, source))
-    chain = file_digest(wells_path)
     steps = []
     for i, step in enumerate(recipe.steps, start=1):
         spec = step.model_dump(mode="json")
         chain = hashlib.sha256((chain + json.dumps({"negcon": recipe.negcon, **spec}, sort_keys=True)).encode()).hexdigest()
         name = f"{i:02d}_{step.op}.parquet"
-        target = out / name
+        target = urls.join(out, name)
         done = previous.get(name)
         rows_in, feats_in = len(wells), len(feature_columns(wells, source))
-        if done and done.get("fingerprint") == chain and target.exists():
-            wells = read_parquet(str(target))
+        if done and done.get("fingerprint") == chain and urls.exists(target):
+            wells = read_parquet(target)
             info, reused = done.get("info", {}), True
         else:
             res = run_step(wells, step, recipe, i, source=f"{source} (step {i}: {step.op})")
             wells, info, reused = res.wells, res.info, False
-            write_parquet(wells, str(target))
-        quarantined = info.get("rows_quarantined", {}).get("rows", 0) if isinstance(info.get("rows_quarantined"), dict) else 0
+            write_parquet(wells, target)
+        q = info.get("rows_quarantined")
+        quarantined = int(q["rows"]) if isinstance(q, dict) else 0
         steps.append({"step": i, "op": step.op, "file": name, "params": spec, "fingerprint": chain, "reused": reused,
                       "rows_in": rows_in, "rows_out": len(wells), "rows_quarantined": quarantined,
                       "features_in": feats_in, "features_out": len(feature_columns(wells, source)), "info": info})
     quarantined_total = sum(s["rows_quarantined"] for s in steps)
-    payload = {"recipe": recipe.name, "input": str(wells_path), "steps": steps, "output": steps[-1]["file"],
+    payload = {"recipe": recipe.name, "input": source, "steps": steps, "output": steps[-1]["file"],
                "accounting": {"rows_input": n_input, "rows_output": len(wells), "rows_quarantined": quarantined_total,
                               "features_input": features_in, "features_output": steps[-1]["features_out"]}}
     if payload["accounting"]["rows_output"] + quarantined_total != n_input:
         raise RuntimeError("recipe accounting does not add up")  # an operation dropped rows without saying so
-    write_json(str(record_path), jsonable(payload))
-    save_resolved(recipe, str(out))
+    write_json(record_url, jsonable(payload))
+    save_resolved(recipe, out)
     return payload
+
+
+def recipe_output(record: dict, output: str | Path) -> pd.DataFrame:
+    """The last step's table of a finished recipe (``record``: :func:`run_recipe`'s payload)."""
+    from raycp.io import urls
+    from raycp.io.outputs import read_parquet
+
+    return read_parquet(urls.join(str(output), record["output"]))

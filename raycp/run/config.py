@@ -70,6 +70,25 @@ class ProfilesConfig(_Strict):
         return value
 
 
+class RetrievalConfig(_Strict):
+    """copairs' mAP with p-values per feature set (the JUMP papers' metrics): phenotypic activity
+    (each treatment's wells against the control wells of their plates) and phenotypic consistency
+    (treatments sharing an annotation), on the well profiles — after ``recipe`` when one is set."""
+
+    enabled: bool = Field(True, description="compute phenotypic activity and consistency")
+    recipe: Optional[str] = Field(None, description=(
+        "profile recipe applied to each feature set's wells first: a preset (jump_compound, jump_orf, "
+        "jump_crispr) or a recipe YAML; its steps are written under retrieval/<set>/recipe/"))
+    plate_col: str = Field("Metadata_Plate", description="activity ranks replicates against this plate's controls")
+    null_size: int = Field(10_000, ge=1, description="copairs' null size (JUMP recipe: 10000)")
+    threshold: float = Field(0.05, gt=0, lt=1, description="p-value threshold of below_p / below_corrected_p")
+    seed: int = Field(0, description="copairs' null seed")
+    consistency_on: Literal["active", "all"] = Field("active", description=(
+        "consistency of the phenotypically active treatments (JUMP) or of all"))
+    ray: bool = Field(False, description="split the plates / query blocks and the nulls across the run's Ray "
+                                         "cluster (the same numbers; for a whole JUMP source)")
+
+
 class PipelineConfig(RunConfig):
     """``raycp run CONFIG``: index → crops → WSL training → features → profiles → report."""
 
@@ -89,6 +108,7 @@ class PipelineConfig(RunConfig):
     cellprofiler: CellProfilerConfig = Field(default_factory=CellProfilerConfig)
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     profiles: ProfilesConfig = Field(default_factory=ProfilesConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -14,11 +14,11 @@ Importing this package imports neither ray nor torch (stages import them when th
 
 from __future__ import annotations
 
-from raycp.stages import effect, evaluate, extract, images, index, profiles, report, train
+from raycp.stages import effect, evaluate, extract, images, index, profiles, report, retrieval, train
 from raycp.stages.base import Context, Stage, make_registry, read_status, write_status
 
 REGISTRY: dict[str, Stage] = make_registry(
-    index.STAGE, *images.STAGES, train.STAGE, extract.STAGE, profiles.STAGE, evaluate.STAGE, effect.STAGE,
+    index.STAGE, *images.STAGES, train.STAGE, extract.STAGE, profiles.STAGE, evaluate.STAGE, retrieval.STAGE, effect.STAGE,
     report.STAGE,
 )
 """Stage name → :class:`Stage`, in run order."""

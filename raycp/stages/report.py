@@ -2,7 +2,8 @@
 what the stages wrote, so it can be rebuilt at any time (``raycp run CONFIG --from report``).
 
 Sections follow the paper: the comparison of feature sets with and without sphering (Table 2 /
-Fig. 4), the λ curve (Fig. 6B), UMAPs before/after sphering (Fig. 6A/C), the CNN's learning
+Fig. 4), the λ curve (Fig. 6B), UMAPs before/after sphering (Fig. 6A/C), the JUMP papers' phenotypic
+activity and consistency (copairs mAP vs p-value), the CNN's learning
 curves and per-class precision/recall (Fig. 2), the treatment-effect distribution with the 20 %
 subsets (Fig. 3B), then input accounting and wall time per stage.
 """
@@ -222,6 +223,24 @@ def effect_section(ctx: Context) -> Section:
     return sec
 
 
+def retrieval_section(ctx: Context) -> Section:
+    sec = Section("Phenotypic activity and consistency (copairs mAP)",
+                  "The JUMP papers' metrics, computed as copairs computes them: activity ranks each treatment's wells "
+                  "against the control wells of their plates, consistency ranks the active treatments' consensus "
+                  "profiles against those sharing no annotation; p-values from copairs' null "
+                  f"({ctx.cfg.retrieval.null_size} draws), Benjamini–Hochberg corrected; fraction retrieved = share of "
+                  f"groups with corrected p < {ctx.cfg.retrieval.threshold:g}.")
+    url = urls.join(ctx.folder("retrieval"), "summary.parquet")
+    if not urls.exists(url):
+        return sec
+    sec.tables.append(("per feature set", read_parquet(url)))
+    for model in ctx.cfg.features:
+        png = _png(urls.join(ctx.folder("retrieval"), model.folder_name, "map_pvalue.png"))
+        if png:
+            sec.figures.append((f"{model.folder_name}: mAP vs −log10 p-value", png))
+    return sec
+
+
 def accounting_section(ctx: Context, statuses: dict[str, dict]) -> Section:
     titles = {s.name: s.title for s in ctx.stages}
     rows = []
@@ -280,7 +299,8 @@ def build_report(ctx: Context) -> dict:
     subtitle = (f"{cfg.data.output} · {index.get('plates', '?')} plates, {index.get('wells', '?')} wells, "
                 f"{index.get('sites', '?')} sites · raycp {__version__} · Moshkov et al. 2024")
     sections = [comparison_section(ctx), lambda_section(ctx), *sweep_sections(ctx), umap_section(ctx),
-                training_section(ctx), effect_section(ctx), accounting_section(ctx, statuses), timing_section(statuses)]
+                retrieval_section(ctx), training_section(ctx), effect_section(ctx), accounting_section(ctx, statuses),
+                timing_section(statuses)]
     page = render_report("raycp run report", subtitle, sections)
     url = ctx.layout.report
     urls.atomic_write_text(url, page)

@@ -165,3 +165,17 @@ def test_bad_inputs_are_one_line_errors(lincs_wells):
         cm.average_precision(meta, zero, ["Metadata_broad_sample"], [], [], ["Metadata_broad_sample"])
     with pytest.raises(InputError, match="both pos_sameby and pos_diffby"):
         cm.average_precision(meta, X, ["Metadata_Plate"], ["Metadata_Plate"], [], ["Metadata_broad_sample"])
+
+
+def test_split_across_ray_gives_the_same_numbers(lincs_wells, ray_cluster):
+    """Activity (per plate) and consistency (row blocks) split into Ray tasks: the same tables, bit for bit."""
+    from raycp.evaluate import copairs_ray
+
+    meta, X = lincs_wells
+    for rules, block in ((RULES["row_scoped_two_diffby"], 1 << 22), (RULES["replicates_vs_all"], 5_000)):
+        local = cm.average_precision(meta, X, *rules, block_elements=block)
+        split = copairs_ray.average_precision(meta, X, *rules, block_elements=block, parts=3)
+        pd.testing.assert_frame_equal(split, local)
+        sameby = [rules[0][0]]
+        pd.testing.assert_frame_equal(copairs_ray.mean_average_precision(split, sameby, null_size=3000, seed=5),
+                                      cm.mean_average_precision(local, sameby, null_size=3000, seed=5))

@@ -31,7 +31,7 @@ def test_recipe_on_lincs_then_map(lincs_path, tmp_path, capsys):
     out = tmp_path / "recipe"
     assert main(["profile", "recipe", str(CONF), str(lincs_path), "-o", str(out)]) == 0
     record = json.loads((out / "recipe.json").read_text())
-    assert [s["op"] for s in record["steps"]] == ["variant_features", "normalize", "rank_int", "feature_select", "spherize"]
+    assert [s["op"] for s in record["steps"]] == ["variant_features", "normalize", "rank_int", "feature_select"]
     acct = record["accounting"]
     assert acct["rows_input"] == 384 == acct["rows_output"] + acct["rows_quarantined"]
     final = pd.read_parquet(out / record["output"])

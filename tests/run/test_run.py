@@ -75,10 +75,45 @@ def test_report_is_self_contained(tiny_run):
     out, result, _ = tiny_run
     page = (out / "report.html").read_text()
     assert result.report.endswith("report.html")
-    for title in ("Comparison of feature sets", "Sphering λ", "CNN training", "Treatment effect",
-                  "Input accounting", "Wall time per stage"):
+    for title in ("Comparison of feature sets", "Sphering λ", "Phenotypic activity and consistency", "CNN training",
+                  "Treatment effect", "Input accounting", "Wall time per stage"):
         assert title in page, title
     assert page.count("data:image/png;base64,") >= 4 and "src='http" not in page and 'src="http' not in page
+
+
+def test_retrieval_is_copairs_on_the_runs_wells(tiny_run, tmp_path):
+    """The retrieval stage's phenotypic activity of the demo-like screen's wells is copairs' own
+    (the JUMP recipe's negcon rules), and a recipe in the run writes its steps first."""
+    copairs_map = pytest.importorskip("copairs.map", reason="copairs (dev extra) is the reference")
+    out, _, sets = tiny_run
+    wells = pd.read_parquet(out / "profiles" / "cnn" / "wells.parquet")
+    folder = out / "retrieval" / "cnn"
+    act = pd.read_parquet(folder / "activity_map.parquet")
+    ctrl = wells["Metadata_IsControl"].to_numpy(dtype=bool)
+    meta = wells[[c for c in wells.columns if c.startswith("Metadata_")]].copy()
+    meta["Metadata_JCP2022"] = meta["Metadata_Treatment"].astype(object)
+    meta.loc[ctrl, "Metadata_JCP2022"] = [f"negcon_{i}" for i in range(ctrl.sum())]
+    X = wells[[c for c in wells.columns if not c.startswith("Metadata_")]].to_numpy(np.float64)
+    ref = copairs_map.average_precision(meta, X, ["Metadata_JCP2022"], [], ["Metadata_Plate"],
+                                        ["Metadata_IsControl", "Metadata_JCP2022"], progress_bar=False)[~ctrl]
+    ref_map = copairs_map.mean_average_precision(ref.rename(columns={"Metadata_Treatment": "Metadata_perturbation"}),
+                                                 ["Metadata_perturbation"], null_size=10_000, threshold=0.05, seed=0,
+                                                 progress_bar=False, cache_dir=tmp_path)
+    ours = pd.read_parquet(folder / "activity_ap.parquet")
+    np.testing.assert_allclose(ours["average_precision"], ref["average_precision"], rtol=0, atol=1e-6)  # float32 wells
+    np.testing.assert_allclose(act["mean_average_precision"], ref_map["mean_average_precision"], atol=1e-6)
+    assert (act["p_value"] > 0).all() and {"below_corrected_p", "corrected_p_value"} <= set(act.columns)
+    summary = pd.read_parquet(out / "retrieval" / "summary.parquet")
+    assert set(summary["feature_set"]) == {"cnn", "random", "cellprofiler"}
+    assert (folder / "map_pvalue.png").stat().st_size > 5_000
+    recipe = Path(__file__).resolve().parents[1] / "conf" / "recipe_lincs.yaml"
+    again = run(load(TINY_RUN, [*sets, f"retrieval.recipe={recipe}"]), start="retrieval", stop="retrieval",
+                echo=lambda line: None)
+    assert [r.state for r in again.records] == ["complete"]
+    steps = json.loads((folder / "recipe" / "recipe.json").read_text())["steps"]
+    assert [s["op"] for s in steps] == ["variant_features", "normalize", "rank_int", "feature_select"]
+    assert (folder / "recipe" / "04_feature_select.parquet").exists()
+    run(load(TINY_RUN, sets), start="retrieval", stop="retrieval", echo=lambda line: None)  # the module's run as it was
 
 
 def test_rerun_skips_finished_stages_and_keeps_bytes(tiny_run):
