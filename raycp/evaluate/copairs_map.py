@@ -262,18 +262,23 @@ def _query_blocks(n: int, rules: PairRules, codes: dict, block_elements: int):
             yield rows[lo:lo + step], rows, pos_members
 
 
-def _pair_keys(X: np.ndarray, norms: np.ndarray, codes: dict, rules: PairRules, q: np.ndarray, pos_members) -> list[np.ndarray]:
+def _pair_keys(X: np.ndarray, norms: np.ndarray, codes: dict, rules: PairRules, q: np.ndarray, pos_members,
+               block_elements: int = 1 << 22) -> list[np.ndarray]:
     """Per query of ``q``, the sort keys of its positive pairs, scored pair by pair within its
-    ``pos_sameby`` group (the pair rules applied)."""
+    ``pos_sameby`` group (the pair rules applied), about ``block_elements`` feature values at a time."""
     members, group = pos_members
     parts = [members[group[i]] for i in q]
     qi = np.repeat(q, [len(p) for p in parts])
     cj = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     keep = _rule_mask_pairs(codes, rules.pos_sameby, rules.pos_diffby, qi, cj)
     qi, cj = qi[keep], cj[keep]
-    rows, loc = np.unique(np.concatenate([qi, cj]), return_inverse=True)  # each row normalised once
-    U = X[rows].astype(np.float64) / norms[rows, None]
-    keys = np.float32(1.0) - np.einsum("ij,ij->i", U[loc[:len(qi)]], U[loc[len(qi):]]).astype(np.float32)
+    keys = np.empty(len(qi), dtype=np.float32)
+    step = max(1, block_elements // max(X.shape[1], 1))
+    for lo in range(0, len(qi), step):
+        a, b = qi[lo:lo + step], cj[lo:lo + step]
+        rows, loc = np.unique(np.concatenate([a, b]), return_inverse=True)  # each row normalised once
+        U = X[rows].astype(np.float64) / norms[rows, None]
+        keys[lo:lo + len(a)] = np.float32(1.0) - np.einsum("ij,ij->i", U[loc[:len(a)]], U[loc[len(a):]]).astype(np.float32)
     pos_of = np.searchsorted(q, qi) if np.all(q[:-1] <= q[1:]) else pd.Index(q).get_indexer(qi)
     order = np.argsort(pos_of, kind="stable")
     return np.split(keys[order], np.searchsorted(pos_of[order], np.arange(1, len(q))))
@@ -348,7 +353,7 @@ def ap_part(X: np.ndarray, norms: np.ndarray, codes: dict, rules: PairRules, blo
             pos = _rule_mask(codes, rules.pos_sameby, rules.pos_diffby, q, cand)
             pos_keys = [keys[r, pos[r]] for r in range(len(q))]
         else:
-            pos_keys = _pair_keys(X, norms, codes, rules, q, pos_members)
+            pos_keys = _pair_keys(X, norms, codes, rules, q, pos_members, block_elements)
         a, m, length = _ap_rows(pos_keys, neg_sorted, n_neg)
         qs.append(q)
         aps.append(a)

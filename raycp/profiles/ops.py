@@ -85,10 +85,12 @@ class OpResult:
 # Table helpers
 # --------------------------------------------------------------------------------------------
 def _split(wells: pd.DataFrame, source: str) -> tuple[list[str], list[str], np.ndarray]:
-    """Metadata columns, feature columns and the features (float32 stays float32; read only: an
-    operation writes its result into a new array)."""
+    """The columns carried unchanged (``Metadata_*`` and any other non-feature column, e.g. a text
+    column without the prefix), the feature columns, and the features (float32 stays float32;
+    read only: an operation writes its result into a new array)."""
     feats = feature_columns(wells, source)
-    return metadata_columns(wells), feats, feature_view(wells, feats)
+    gone = set(feats)
+    return [c for c in wells.columns if c not in gone], feats, feature_view(wells, feats)
 
 
 def _blocks(n: int):
@@ -128,7 +130,7 @@ def _nan_mean_var(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _table(wells: pd.DataFrame, meta: list[str], feats: Sequence[str], X: np.ndarray) -> pd.DataFrame:
-    """``Metadata_*`` columns as they were, then the features as float32 (``X`` is not copied when
+    """The carried columns as they were, then the features as float32 (``X`` is not copied when
     it is float32 already: an operation hands over its own result array)."""
     out = pd.DataFrame(np.asarray(X, dtype=np.float32), columns=list(feats), copy=False)
     for i, c in enumerate(meta):

@@ -213,8 +213,10 @@ def run_recipe(recipe: RecipeConfig, wells: str | Path | pd.DataFrame, output: s
             raise ValueError("input_digest is required with a DataFrame input")
         source, chain = "wells", input_digest
     else:
-        source, chain = str(wells), file_digest(wells)
-        wells = read_table(wells)
+        source = str(wells)
+        table = read_table(wells)  # a missing or unreadable file is a one-line error before hashing it
+        chain = file_digest(wells)
+        wells = table
     check_columns(recipe, wells, source)
     n_input = len(wells)
     features_in = len(feature_columns(wells, source))

@@ -44,7 +44,7 @@ def retrieval_of_feature_set(ctx: Context, name: str) -> dict:
     if r.recipe:
         from raycp.profiles.recipe import load_recipe, recipe_output, run_recipe
 
-        recipe = load_recipe(r.recipe, [f"negcon={p.control_query}"])
+        recipe = load_recipe(r.recipe).model_copy(update={"negcon": p.control_query})  # the run's controls
         digest = hashlib.sha256(urls.read_bytes(ctx.layout.wells(name))).hexdigest()
         out = urls.join(folder, "recipe")
         record = run_recipe(recipe, wells, out, input_digest=digest)
@@ -96,7 +96,13 @@ def run_retrieval(ctx: Context) -> dict:
 
 def _science(cfg) -> dict:
     p = cfg.profiles
-    return {"retrieval": cfg.retrieval.model_dump(mode="json", exclude={"ray"}), "treatment_cols": list(p.treatment_cols),
+    recipe = None
+    if cfg.retrieval.recipe:  # the recipe's steps, not its file name: an edited file re-runs the stage
+        from raycp.profiles.recipe import load_recipe
+
+        recipe = load_recipe(cfg.retrieval.recipe).model_dump(mode="json", exclude={"negcon"})
+    return {"retrieval": cfg.retrieval.model_dump(mode="json", exclude={"ray"}), "recipe_steps": recipe,
+            "treatment_cols": list(p.treatment_cols),
             "annotation_col": p.annotation_col, "annotation_sep": p.annotation_sep, "control_query": p.control_query,
             "na_cutoff": p.na_cutoff}
 
