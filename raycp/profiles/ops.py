@@ -57,6 +57,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+import os
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 import numpy as np
@@ -309,25 +311,28 @@ def rank_int(wells: pd.DataFrame, *, c: float = BLOM_C, seed: int = 0, source: s
     n = len(X)
     perm = np.random.default_rng(seed).permutation(n)
     out = np.full(X.shape, np.nan, dtype=np.float32)
-    denom = {}
-    for j in range(X.shape[1]):
-        col = X[perm, j]  # the recipe's shuffle: ties ranked in the permuted order (the table's dtype: same order)
-        ok = ~np.isnan(col)
-        m = int(ok.sum())
-        if m == 0:
-            continue
-        vals = col if m == n else col[ok]
-        order = _stable_order(vals)
-        if m not in denom:
-            denom[m] = ndtri((np.arange(1, m + 1) - c) / (m - 2 * c + 1))  # Φ⁻¹ of each rank, once per m
-        res = np.empty(m)
-        res[order] = denom[m]
-        if m == n:
-            out[perm, j] = res
-        else:
-            full = np.full(n, np.nan)
-            full[ok] = res
-            out[perm, j] = full
+    phi = ndtri((np.arange(1, n + 1) - c) / (n - 2 * c + 1))  # Φ⁻¹ of each rank (no NaN: m = n)
+
+    def slab(j0: int, j1: int) -> None:
+        cols = np.ascontiguousarray(X[perm, j0:j1].T)  # the recipe's shuffle: ties ranked in the permuted order
+        res = np.full(cols.shape, np.nan)
+        for t, col in enumerate(cols):
+            ok = ~np.isnan(col)
+            m = int(ok.sum())
+            if m == 0:
+                continue
+            if m == n:
+                res[t, _stable_order(col)] = phi
+            else:
+                rank_phi = ndtri((np.arange(1, m + 1) - c) / (m - 2 * c + 1))
+                sub = np.empty(m)
+                sub[_stable_order(col[ok])] = rank_phi
+                res[t, ok] = sub
+        out[perm, j0:j1] = res.T
+
+    step = 32
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:  # sorts release the GIL
+        list(pool.map(lambda j: slab(j, min(j + step, X.shape[1])), range(0, X.shape[1], step)))
     return OpResult(_table(wells, meta, feats, out), {"c": c, "seed": seed, "ties": "ordinal after permutation"})
 
 
@@ -358,17 +363,22 @@ def excluded_variance(X: np.ndarray, feats: Sequence[str], min_variance: float =
 def excluded_frequency(X: np.ndarray, feats: Sequence[str], freq_cut: float = 0.05, unique_cut: float = 0.01) -> list[str]:
     """pycytominer ``frequency_threshold``: 2nd / 1st most common value < ``freq_cut`` (0 with one
     value), or distinct values / rows < ``unique_cut`` (NaN not counted as a value)."""
-    out = []
     n = X.shape[0]
-    for j, f in enumerate(feats):
-        col = X[:, j]
-        col = col[~np.isnan(col)]
-        _, counts = np.unique(col, return_counts=True)
-        top = np.sort(counts)[::-1]
-        ratio = 0.0 if len(top) < 2 else top[1] / top[0]
-        if ratio < freq_cut or len(counts) / n < unique_cut:
-            out.append(f)
-    return out
+
+    def low(j0: int, j1: int) -> list[bool]:
+        flags = []
+        for col in np.ascontiguousarray(X[:, j0:j1].T):
+            col = np.sort(col[~np.isnan(col)])
+            counts = np.diff(np.flatnonzero(np.concatenate([[True], col[1:] != col[:-1], [True]])))
+            top = np.sort(counts)[::-1]
+            ratio = 0.0 if len(top) < 2 else top[1] / top[0]
+            flags.append(bool(ratio < freq_cut or len(counts) / n < unique_cut))
+        return flags
+
+    step = 32
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:  # sorts release the GIL
+        flags = [f for part in pool.map(lambda j: low(j, min(j + step, X.shape[1])), range(0, X.shape[1], step)) for f in part]
+    return [f for f, bad in zip(feats, flags) if bad]
 
 
 def correlation_matrix(X: np.ndarray, method: str = "pearson") -> np.ndarray:

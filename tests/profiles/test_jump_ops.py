@@ -160,6 +160,16 @@ def test_rank_int_is_the_recipe_transform(lincs):
         _close(got[f], ss.norm.ppf((rank - 3 / 8) / (len(rank) - 2 * 3 / 8 + 1)))
     z = got[feats].to_numpy(np.float64)
     assert np.abs(z.mean(axis=0)).max() < 1e-6 and np.abs(z.std(axis=0) - 1).max() < 0.02
+    holed = w.copy()
+    holed.loc[holed.index[:7], feats[1]] = np.nan  # NaN stays NaN; the other wells are ranked among themselves
+    h = ops.rank_int(holed).wells[feats[1]].to_numpy(np.float64)
+    assert np.isnan(h[:7]).all()
+    x = holed[feats[1]].to_numpy(np.float64)
+    ix = np.random.default_rng(0).permutation(len(x))
+    ok = ~np.isnan(x[ix])
+    rank = np.empty(len(x))
+    rank[ix[ok]] = ss.rankdata(x[ix][ok], method="ordinal")  # ties in the same shuffled order
+    _close(h[7:], ss.norm.ppf((rank[7:] - 3 / 8) / (ok.sum() - 2 * 3 / 8 + 1)))
 
 
 def test_cell_count_regression_is_statsmodels_ols(fibrosis_sites):
