@@ -346,15 +346,29 @@ def ap_part(X: np.ndarray, norms: np.ndarray, codes: dict, rules: PairRules, blo
     for b, (q, cand, pos_members) in enumerate(_query_blocks(len(X), rules, codes, block_elements)):
         if b % k != i:
             continue
-        keys = _keys(X, norms, q, cand)
         neg = _rule_mask(codes, rules.neg_sameby, rules.neg_diffby, q, cand)
-        neg_sorted, n_neg = _sorted_masked(keys, neg)
         if pos_members is None:  # the dense block holds every candidate
             pos = _rule_mask(codes, rules.pos_sameby, rules.pos_diffby, q, cand)
-            pos_keys = [keys[r, pos[r]] for r in range(len(q))]
+            n_pos = pos.sum(axis=1)
         else:
-            pos_keys = _pair_keys(X, norms, codes, rules, q, pos_members, block_elements)
-        a, m, length = _ap_rows(pos_keys, neg_sorted, n_neg)
+            pair_keys = _pair_keys(X, norms, codes, rules, q, pos_members, block_elements)
+            n_pos = np.array([len(p) for p in pair_keys], dtype=np.int64)
+        # Similarities only where an AP needs them: rows with a positive, columns that are one of
+        # their negatives (or positives); a row without positives has AP NaN and needs only counts.
+        need = np.flatnonzero(n_pos > 0)
+        a = np.full(len(q), np.nan)
+        m = n_pos.astype(np.int64)
+        length = m + neg.sum(axis=1)
+        if len(need):
+            cols = neg[need].any(axis=0) | (pos[need].any(axis=0) if pos_members is None else False)
+            keys = _keys(X, norms, q[need], cand[cols])
+            neg_sorted, n_neg = _sorted_masked(keys, neg[need][:, cols])
+            if pos_members is None:
+                sub = pos[need][:, cols]
+                pos_keys = [keys[r, sub[r]] for r in range(len(need))]
+            else:
+                pos_keys = [pair_keys[r] for r in need]
+            a[need], _, _ = _ap_rows(pos_keys, neg_sorted, n_neg)
         qs.append(q)
         aps.append(a)
         Ms.append(m)
