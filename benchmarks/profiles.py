@@ -42,8 +42,8 @@ target shared by five):
     python benchmarks/profiles.py --suite jump --wells 250000 --treatments 50000   # the issue's size (~4 min)
 
 Measured on the 2-core / 24 GiB dev box (2026-11-30): 250,000 wells × 672, 50,000 perturbations:
-raycp 26.3 s (chain 17.9 s, activity + consistency of 5,000 active annotated perturbations 8.4 s)
-vs pycytominer 124.2 s + copairs 57.5 s → 6.9×; peak extra RSS 1.8 GB vs 11.1 GB (0.16); AP,
+raycp 24.0 s (chain 15.0 s, activity + consistency of 5,000 active annotated perturbations 9.0 s)
+vs pycytominer 121.8 s + copairs 52.6 s → 7.3×; peak extra RSS 1.9 GB vs 11.1 GB (0.17); AP,
 mAP and p-values identical. 20,000 wells × 4,000: raycp 3.6 s vs peers 6.4 s (1.8×), memory 0.82 — the
 peers' costs grow faster than raycp's with the screen.
 """
