@@ -71,20 +71,20 @@ _TEXT_HINT = ("metadata read from CSV is text: compare with quotes, e.g. Metadat
 
 
 def control_mask_from_query(wells: pd.DataFrame, query: str, source: str = "wells", *,
-                            require: bool = False) -> np.ndarray:
+                            require: bool = False, what: str = "control query") -> np.ndarray:
     """Boolean mask of the wells selected by a pandas query (e.g. ``Metadata_pert_type == 'control'``).
 
     Raises :class:`InputError` for an invalid query, and with ``require`` when it selects no
     well (the message says that CSV metadata is text, the usual reason a numeric comparison
-    selects nothing)."""
+    selects nothing); ``what`` names the query in the message (a recipe's ``samples`` query)."""
     try:
         selected = wells.query(query)
     except Exception as exc:  # noqa: BLE001 - pandas raises many types for a bad expression
-        raise InputError(f"{source}: control query {query!r} is invalid ({' '.join(str(exc).split())})",
+        raise InputError(f"{source}: {what} {query!r} is invalid ({' '.join(str(exc).split())})",
                          fix=f"write a pandas query over the Metadata_ columns; {_TEXT_HINT}") from None
     mask = wells.index.isin(selected.index)
     if require and not mask.any():
-        raise InputError(f"{source}: control query {query!r} matched no well",
+        raise InputError(f"{source}: {what} {query!r} matched no well",
                          fix=f"check the query against the Metadata_ columns; {_TEXT_HINT}")
     return mask
 

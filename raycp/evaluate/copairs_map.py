@@ -34,7 +34,8 @@ grouped by ``sameby``; mAP = the group's mean AP (pandas' groupby mean, as copai
 profile with (M, L) is ``null_size`` random APs: for each distinct (M, L), sorted, a seed drawn by
 ``default_rng(seed).integers(8096)`` in that order, then ``rng.permuted`` of 0..L−1 per sample, the
 first M ranks sorted, AP in float32 (``copairs.compute.random_ap``). A group's null is the mean of
-its members' nulls (float32); p = (#{null > mAP} + 1) / (null_size + 1). ``corrected_p_value`` is
+its members' nulls (float32); p = (#{null > mAP} + 1) / (null_size + 1), compared in float32 as
+copairs compares (a mAP of 1/7 equal to a null value is not exceeded). ``corrected_p_value`` is
 Benjamini–Hochberg (statsmodels' ``fdr_bh`` arithmetic); ``below_p`` / ``below_corrected_p`` are
 p < ``threshold``.
 
@@ -139,21 +140,21 @@ def _labels(meta: pd.DataFrame, col: str, sep: str | None, source: str) -> tuple
     return rows, vocab
 
 
-def _unit_rows(X: np.ndarray, source: str) -> np.ndarray:
+def _unit_rows(X: np.ndarray, source: str, meta: pd.DataFrame | None = None) -> np.ndarray:
     """Row norms (float64) after checking the features are finite and no row is all zero."""
     if X.ndim != 2:
         raise ValueError("features must be a 2-D array (profiles × features)")
     if not np.isfinite(X).all():
         bad = int(np.flatnonzero(~np.isfinite(X).all(axis=1))[0])
-        raise InputError(f"{source}: profile {bad} has NaN or inf features",
+        raise InputError(f"{source}: {_row_name(meta, bad)} has NaN or inf features",
                          fix="drop or impute those rows first (copairs refuses NaN features too)")
     norms = np.empty(len(X), dtype=np.float64)
     for lo in range(0, len(X), 1 << 14):
         blk = X[lo:lo + (1 << 14)].astype(np.float64, copy=False)
         norms[lo:lo + len(blk)] = np.linalg.norm(blk, axis=1)
     if (norms == 0).any():
-        raise InputError(f"{source}: profile {int(np.flatnonzero(norms == 0)[0])} has all-zero features, so no "
-                         "cosine similarity", fix="drop those rows")
+        raise InputError(f"{source}: {_row_name(meta, int(np.flatnonzero(norms == 0)[0]))} has all-zero features, "
+                         "so no cosine similarity", fix="drop those rows")
     return norms
 
 
@@ -333,7 +334,14 @@ def prepare(meta: pd.DataFrame, X: np.ndarray, rules: PairRules, source: str = "
     X = np.asarray(X)
     if len(X) != len(meta):
         raise ValueError(f"{len(meta)} metadata rows but {len(X)} profiles")
-    return X, _codes(meta, rules, source), _unit_rows(X, source)
+    return X, _codes(meta, rules, source), _unit_rows(X, source, meta)
+
+
+def _row_name(meta: pd.DataFrame | None, i: int) -> str:
+    """``profile 6 (plate P1, well A07)`` when the plate and well columns are there."""
+    keys = [c for c in ("Metadata_Plate", "Metadata_Well") if meta is not None and c in meta.columns]
+    where = ", ".join(f"{c[len('Metadata_'):].lower()} {meta[c].iloc[i]}" for c in keys)
+    return f"profile {i}" + (f" ({where})" if where else "")
 
 
 def ap_part(X: np.ndarray, norms: np.ndarray, codes: dict, rules: PairRules, block_elements: int = 1 << 22,
@@ -529,6 +537,8 @@ def mean_average_precision(
         raise InputError(f"AP table: column {missing[0]!r} not found", fix="pass the output of average_precision / raycp profile map")
     if int(null_size) < 1:
         raise InputError(f"null_size must be ≥ 1, not {null_size}", fix="e.g. null_size=10000 (the JUMP recipe's)")
+    if not 0 < float(threshold) < 1:
+        raise InputError(f"the p-value threshold must be between 0 and 1, not {threshold}", fix="e.g. 0.05 (the JUMP papers')")
     ap = ap_scores[ap_scores["average_precision"].notna() & (ap_scores["n_pos_pairs"] > 0)].reset_index(drop=True)
     if ap.empty:
         return pd.DataFrame({**{c: pd.Series(dtype=ap_scores[c].dtype) for c in sameby},
@@ -554,7 +564,9 @@ def mean_average_precision(
             g = groups[lo:lo + chunk]
             conf = rev_ix[np.stack([members[i] for i in g])]  # (groups, size)
             null = null_dists[conf].mean(axis=1)  # the same float32 sums, in member order, as copairs' axis-0 mean
-            pvals[g] = ((null > maps[g, None]).sum(axis=1) + 1) / (null_size + 1)
+            # copairs compares its float32 null with the mAP as a Python float, which NumPy 2 casts to
+            # float32: a mAP equal to a null value in float32 (1/7, 1/12...) is not counted as exceeded
+            pvals[g] = ((null > maps[g, None].astype(np.float32)).sum(axis=1) + 1) / (null_size + 1)
     table["p_value"] = pvals
     table["corrected_p_value"] = benjamini_hochberg(pvals)
     table["below_p"] = table["p_value"] < threshold
@@ -617,7 +629,8 @@ def phenotypic_activity(
     m = meta.reset_index(drop=True).copy()
     pert = pd.factorize(m[pert_col])[0].astype(np.int64)
     pert[ctrl] = pert.max(initial=0) + 1 + np.arange(int(ctrl.sum()))  # each control its own perturbation
-    work = pd.DataFrame({"pert": pert, "plate": m[plate_col].to_numpy(), "negcon": ctrl})
+    work = pd.DataFrame({"pert": pert, "plate": m[plate_col].to_numpy(), "negcon": ctrl,
+                         **{c: m[c].to_numpy() for c in ("Metadata_Plate", "Metadata_Well") if c in m.columns}})  # names in errors
     b = _backend(backend)
     ap = b.average_precision(work, X, ["pert"], [], ["plate"], ["negcon", "pert"], block_elements=block_elements,
                              source=source)
@@ -711,6 +724,11 @@ def consensus_profiles(meta: pd.DataFrame, X: np.ndarray, pert_col: str, keep_co
     return out, (sums / counts[:, None]).astype(X.dtype if X.dtype in (np.float32, np.float64) else np.float64)
 
 
+def _blank(values: pd.Series) -> np.ndarray:
+    """Missing or blank (empty or whitespace-only text): no perturbation."""
+    return (values.isna() | values.astype(str).str.strip().eq("")).to_numpy()
+
+
 def retrieval_of_wells(
     wells: pd.DataFrame,
     *,
@@ -740,8 +758,10 @@ def retrieval_of_wells(
     if control_query is None and target_col is None:
         raise InputError("nothing to compute: give a control query (phenotypic activity) and/or a target column "
                          "(phenotypic consistency)", fix="pass --control-query and/or --target-col")
-    if pert_col not in wells.columns:
-        raise InputError(f"{source}: perturbation column {pert_col!r} not found", fix="pass --pert-col COLUMN")
+    for flag, col in (("--pert-col", pert_col), ("--target-col", target_col), ("--plate-col", plate_col if control_query else None)):
+        if col is not None and col not in wells.columns:
+            meta = [c for c in wells.columns if str(c).startswith("Metadata_")]
+            raise InputError(f"{source}: column {col!r} ({flag}) not found", fix=f"pass {flag} with one of {meta[:12]}")
     fm = feature_matrix_na(wells, source=source)
     ok = fm.ok
     acct = {"wells": int(len(wells)), "wells_used": int(ok.sum()), "wells_quarantined_nan": int((~ok).sum()),
@@ -753,7 +773,7 @@ def retrieval_of_wells(
     ctrl = None
     if control_query is not None:
         ctrl = control_mask_from_query(w, control_query, source, require=True)
-        empty = w[pert_col].isna().to_numpy() & ~ctrl
+        empty = _blank(w[pert_col]) & ~ctrl
         if empty.any():
             raise InputError(f"{source}: {int(empty.sum())} non-control well(s) have no {pert_col}",
                              fix="fill the perturbation column or mark those wells as controls")
@@ -761,9 +781,11 @@ def retrieval_of_wells(
                                        seed=seed, block_elements=block_elements, backend=backend, source=source)
         acct["control_wells"] = int(ctrl.sum())
     if target_col is not None:
-        if target_col not in w.columns:
-            raise InputError(f"{source}: target column {target_col!r} not found", fix="pass --target-col COLUMN")
         treated = ~ctrl if ctrl is not None else np.ones(len(w), dtype=bool)
+        empty = _blank(w[pert_col]) & treated
+        if empty.any():
+            raise InputError(f"{source}: {int(empty.sum())} well(s) have no {pert_col}, so no consensus profile",
+                             fix="fill the perturbation column, or pass --control-query to leave the controls out")
         tw = w[treated].reset_index(drop=True)
         cons_meta, cons_X = consensus_profiles(tw, X[treated], pert_col, [target_col])
         if consistency_on == "active":

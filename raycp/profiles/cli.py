@@ -244,11 +244,18 @@ def recipe_cmd(
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a recipe key, e.g. --set negcon=\"Metadata_pert_type == 'control'\"."),
 ) -> None:
     """Run a profile recipe (the JUMP chain or your own list of steps) on a wells table."""
+    from raycp.console import warn
     from raycp.profiles.recipe import load_recipe, run_recipe
 
     recipe = load_recipe(config, overrides)
     res = run_recipe(recipe, wells, output)
+    na = res["na_rule"]
+    if na["features_dropped_na"] or na["rows_quarantined"]:
+        warn(f"before the steps: {len(na['features_dropped_na'])} feature(s) NaN in more than {na['na_cutoff']:g} of the "
+             f"wells dropped, {na['rows_quarantined']} well(s) with a NaN feature quarantined (listed in recipe.json)")
     for s in res["steps"]:
+        for w in s["info"].get("warnings", []):
+            warn(f"step {s['step']} ({s['op']}): {w}")
         typer.echo(json.dumps(jsonable({k: s[k] for k in ("step", "op", "rows_out", "rows_quarantined", "features_in",
                                                            "features_out", "reused")})))
     typer.echo(json.dumps(jsonable({"output": str(output / res["output"]), **res["accounting"]})))

@@ -157,7 +157,7 @@ def sample_mask(wells: pd.DataFrame, samples: str, source: str = "wells") -> np.
         return np.ones(len(wells), dtype=bool)
     from raycp.evaluate import control_mask_from_query
 
-    return control_mask_from_query(wells.reset_index(drop=True), samples, source, require=True)
+    return control_mask_from_query(wells.reset_index(drop=True), samples, source, require=True, what="samples query")
 
 
 def _groups(wells: pd.DataFrame, by: str | None, source: str) -> list[tuple[object, np.ndarray]]:
@@ -583,11 +583,15 @@ def spherize(wells: pd.DataFrame, *, method: str = "ZCA-cor", samples: str = "al
     ref = sample_mask(wells, samples, source)
     d = X.shape[1]
     out = np.empty((len(X), d), dtype=np.float32)
+    warnings_: list[str] = []
     for g, rows in _groups(wells, by, source):
         R = X[rows[ref[rows]]].astype(np.float64)
         if len(R) == 0:
             raise InputError(f"{source}: {by} {_label(g)} has no row matching samples {samples!r}",
                              fix="sphere the whole table (by: null) or add reference wells")
+        if len(R) < d:
+            warnings_.append(f"{by or 'table'} {_label(g)}: {len(R)} reference wells for {d} features — the sphered "
+                             "profiles of the other wells are dominated by the directions the reference does not span")
         if method == "paper":
             from raycp.profiles.sphere import fit_sphere
 
@@ -600,7 +604,8 @@ def spherize(wells: pd.DataFrame, *, method: str = "ZCA-cor", samples: str = "al
     names = [f"PC{i}" for i in range(1, d + 1)] if method.startswith("PCA") else feats
     return OpResult(_table(wells, meta, names, out),
                     {"method": method, "samples": samples, "by": by, "reference_rows": int(ref.sum()),
-                     **({"lambda": lam} if method == "paper" else {"epsilon": epsilon})})
+                     **({"lambda": lam} if method == "paper" else {"epsilon": epsilon}),
+                     **({"warnings": warnings_} if warnings_ else {})})
 
 
 def harmony_op(wells: pd.DataFrame, *, batch: str = "Metadata_Batch", n_clusters: int | None = None,
@@ -612,6 +617,10 @@ def harmony_op(wells: pd.DataFrame, *, batch: str = "Metadata_Batch", n_clusters
     meta, feats, X = _split(wells, source)
     if batch not in wells.columns:
         raise InputError(f"{source}: batch column {batch!r} not found", fix=f"pass an existing column (metadata: {meta[:12]})")
+    n_batches = wells[batch].nunique()
+    if n_batches < 2:
+        raise InputError(f"{source}: Harmony needs at least 2 values of {batch!r}, the table has {n_batches}",
+                         fix="drop the harmony step (one batch needs no batch correction) or name another batch column")
     Z = harmony(X, wells[batch].to_numpy(), n_clusters=n_clusters, n_components=n_components, theta=theta,
                 max_iter=max_iter, random_state=seed)
     names = feats if Z.shape[1] == len(feats) else [f"harmony_{i}" for i in range(Z.shape[1])]
@@ -626,7 +635,12 @@ def well_position(wells: pd.DataFrame, *, well_col: str = "Metadata_Well", sourc
     meta, feats, X = _split(wells, source)
     out = np.empty(X.shape, dtype=np.float32)
     n_positions = 0
-    for _, rows in _groups(wells, well_col, source):
+    groups = _groups(wells, well_col, source)
+    if all(len(rows) == 1 for _, rows in groups):
+        raise InputError(f"{source}: every {well_col} position holds one well (one plate), so subtracting the "
+                         "position's mean would zero every feature",
+                         fix="drop the well_position step for a single plate (it corrects positions across plates)")
+    for _, rows in groups:
         R = X[rows].astype(np.float64)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)

@@ -123,6 +123,9 @@ class RecipeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = "recipe"
     negcon: str | None = None
+    na_cutoff: float = Field(0.05, ge=0, le=1, description=(
+        "before the steps: a feature NaN in more than this fraction of the wells is dropped, then wells with a "
+        "NaN among the rest are quarantined (raycp's rule for every profile verb; pycytominer's drop_na_columns)"))
     steps: list[Step] = Field(min_length=1)
 
 
@@ -132,13 +135,36 @@ def preset_path(name: str) -> Path:
 
 def load_recipe(config: str, overrides: list[str] | None = None) -> RecipeConfig:
     """A recipe from a preset name (``jump_compound``, ``jump_orf``, ``jump_crispr``) or a YAML
-    file, with ``--set key=value`` overrides (``negcon``, ``name``). Raises :class:`ConfigError`."""
-    from raycp.config import build_config
+    file, with ``--set key=value`` overrides: ``negcon``, ``name``, ``na_cutoff``, or a step's
+    setting as ``steps.N.KEY`` (N counted from 1, as the step files are numbered), e.g.
+    ``--set steps.5.batch=Metadata_Plate``. Raises :class:`ConfigError`."""
+    import yaml
+
+    from raycp.config import build_config, parse_value
 
     path = str(preset_path(config)) if config in PRESETS else config
     if config not in PRESETS and not Path(config).exists():
         raise ConfigError(f"{config}: recipe not found (neither a file nor a preset)", fix=f"pass a YAML file or one of {list(PRESETS)}")
-    return build_config(RecipeConfig, path, overrides, source=config)
+    step_sets = [o for o in (overrides or []) if o.split("=", 1)[0].strip().startswith("steps.")]
+    others = [o for o in (overrides or []) if o not in step_sets]
+    if not step_sets:
+        return build_config(RecipeConfig, path, others, source=config)
+    try:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"{config}: invalid YAML", fix="fix the YAML syntax") from None
+    steps = tree.get("steps") if isinstance(tree, dict) else None
+    for item in step_sets:
+        key = item.split("=", 1)[0].strip()
+        parts = key.split(".")
+        if len(parts) != 3 or not parts[1].isdigit() or "=" not in item:
+            raise ConfigError(f"--set {key}: a step's setting is steps.N.KEY=VALUE", fix="e.g. --set steps.5.batch=Metadata_Plate")
+        n = int(parts[1])
+        if not isinstance(steps, list) or not 1 <= n <= len(steps):
+            raise ConfigError(f"--set {key}: the recipe has {len(steps) if isinstance(steps, list) else 0} steps",
+                              fix="number the steps from 1, as the output files are (01_..., 02_...)")
+        steps[n - 1][parts[2]] = parse_value(item.split("=", 1)[1])
+    return build_config(RecipeConfig, None, others, base=tree, source=config)
 
 
 def _samples(step_samples: str, recipe: RecipeConfig, i: int) -> str:
@@ -164,14 +190,22 @@ def run_step(wells: pd.DataFrame, step: _Step, recipe: RecipeConfig, i: int = 0,
 
 
 def check_columns(recipe: RecipeConfig, wells: pd.DataFrame, source: str) -> None:
-    """Refuse, before any step runs, a step naming a metadata column the table does not have."""
+    """Refuse, before any step runs, a step naming a metadata column the table does not have, and
+    the two steps the table cannot feed: Harmony with one batch, well position with one plate."""
+    meta = [c for c in wells.columns if str(c).startswith("Metadata_")]
     for i, step in enumerate(recipe.steps, start=1):
         for key in ("by", "batch", "well_col", "count_col"):
             col = getattr(step, key, None)
             if col is not None and col not in wells.columns:
-                meta = [c for c in wells.columns if str(c).startswith("Metadata_")]
                 raise InputError(f"{source}: recipe step {i} ({step.op}) needs column {col!r} ({key}), which the table lacks",
-                                 fix=f"set {key} in the recipe to one of {meta[:10]}, or drop the step")
+                                 fix=f"--set steps.{i}.{key}=COLUMN with one of {meta[:10]}, or drop the step")
+        if step.op == "harmony" and wells[step.batch].nunique() < 2:
+            raise InputError(f"{source}: recipe step {i} (harmony) needs at least 2 values of {step.batch!r}, the table has "
+                             f"{wells[step.batch].nunique()}", fix="drop the harmony step for one batch, or "
+                             f"--set steps.{i}.batch=COLUMN with another batch column")
+        if step.op == "well_position" and not wells[step.well_col].duplicated().any():
+            raise InputError(f"{source}: recipe step {i} (well_position): every {step.well_col} holds one well (one plate), "
+                             "so the step would zero every feature", fix="drop the well_position step for a single plate")
 
 
 def file_digest(path: str | Path) -> str:
@@ -220,7 +254,10 @@ def run_recipe(recipe: RecipeConfig, wells: str | Path | pd.DataFrame, output: s
     check_columns(recipe, wells, source)
     n_input = len(wells)
     features_in = len(feature_columns(wells, source))
-    steps = []
+    wells, nan_rule = _nan_rule(wells, recipe.na_cutoff, source)
+    chain = hashlib.sha256(f"{chain}|na_cutoff={recipe.na_cutoff}".encode()).hexdigest()
+    steps: list[dict] = []
+    reused_steps: list[bool] = []
     for i, step in enumerate(recipe.steps, start=1):
         spec = step.model_dump(mode="json")
         chain = hashlib.sha256((chain + json.dumps({"negcon": recipe.negcon, **spec}, sort_keys=True)).encode()).hexdigest()
@@ -237,18 +274,50 @@ def run_recipe(recipe: RecipeConfig, wells: str | Path | pd.DataFrame, output: s
             write_parquet(wells, target)
         q = info.get("rows_quarantined")
         quarantined = int(q["rows"]) if isinstance(q, dict) else 0
-        steps.append({"step": i, "op": step.op, "file": name, "params": spec, "fingerprint": chain, "reused": reused,
+        steps.append({"step": i, "op": step.op, "file": name, "params": spec, "fingerprint": chain,
                       "rows_in": rows_in, "rows_out": len(wells), "rows_quarantined": quarantined,
                       "features_in": feats_in, "features_out": len(feature_columns(wells, source)), "info": info})
-    quarantined_total = sum(s["rows_quarantined"] for s in steps)
-    payload = {"recipe": recipe.name, "input": source, "steps": steps, "output": steps[-1]["file"],
+        reused_steps.append(reused)
+    quarantined_total = nan_rule["rows_quarantined"] + sum(s["rows_quarantined"] for s in steps)
+    payload = {"recipe": recipe.name, "input": source, "na_rule": nan_rule, "steps": steps, "output": steps[-1]["file"],
                "accounting": {"rows_input": n_input, "rows_output": len(wells), "rows_quarantined": quarantined_total,
                               "features_input": features_in, "features_output": steps[-1]["features_out"]}}
     if payload["accounting"]["rows_output"] + quarantined_total != n_input:
         raise RuntimeError("recipe accounting does not add up")  # an operation dropped rows without saying so
-    write_json(record_url, jsonable(payload))
+    write_json(record_url, jsonable(payload))  # the same bytes whether the steps ran or were reused
     save_resolved(recipe, out)
-    return payload
+    _remove_stale_steps(out, {s["file"] for s in steps})
+    return {**payload, "steps": [{**st, "reused": r} for st, r in zip(steps, reused_steps)]}
+
+
+def _nan_rule(wells: pd.DataFrame, na_cutoff: float, source: str) -> tuple[pd.DataFrame, dict]:
+    """raycp's missing-value rule before the steps (:func:`raycp.profiles.io.feature_matrix_na`):
+    features NaN in more than ``na_cutoff`` of the wells dropped, then wells with a NaN left
+    quarantined; ±inf is an error naming the column."""
+    from raycp.profiles.io import feature_matrix_na
+
+    fm = feature_matrix_na(wells, na_cutoff=na_cutoff, source=source)
+    record = {"na_cutoff": na_cutoff, "features_dropped_na": list(fm.dropped_na),
+              "rows_quarantined": int((~fm.ok).sum()), "reason": "well has a NaN feature"}
+    if fm.dropped_na:
+        wells = wells.drop(columns=fm.dropped_na)
+    if not fm.ok.all():
+        record["rows"] = wells.loc[~fm.ok, [c for c in ("Metadata_Plate", "Metadata_Well") if c in wells.columns]] \
+            .astype(str).to_dict("records")[:100]
+        wells = wells[fm.ok].reset_index(drop=True)
+    return wells, record
+
+
+def _remove_stale_steps(out: str, current: set[str]) -> None:
+    """Step files of an earlier, different recipe in the same local folder (``NN_op.parquet`` not
+    among this recipe's), so that a glob of the folder finds only this recipe's steps."""
+    import re
+
+    if "://" in out:
+        return
+    for f in Path(out).glob("*.parquet"):
+        if re.fullmatch(r"\d{2}_[a-z_]+\.parquet", f.name) and f.name not in current:
+            f.unlink()
 
 
 def recipe_output(record: dict, output: str | Path) -> pd.DataFrame:

@@ -161,7 +161,7 @@ def test_bad_inputs_are_one_line_errors(lincs_wells):
         cm.average_precision(holed, X, ["Metadata_moa"], [], [], ["Metadata_moa"])
     zero = X.copy()
     zero[9] = 0
-    with pytest.raises(InputError, match="profile 9 has all-zero features"):
+    with pytest.raises(InputError, match=r"profile 9 \(plate SQ00015054, well A10\) has all-zero features"):
         cm.average_precision(meta, zero, ["Metadata_broad_sample"], [], [], ["Metadata_broad_sample"])
     with pytest.raises(InputError, match="both pos_sameby and pos_diffby"):
         cm.average_precision(meta, X, ["Metadata_Plate"], ["Metadata_Plate"], [], ["Metadata_broad_sample"])
@@ -179,3 +179,37 @@ def test_split_across_ray_gives_the_same_numbers(lincs_wells, ray_cluster):
         sameby = [rules[0][0]]
         pd.testing.assert_frame_equal(copairs_ray.mean_average_precision(split, sameby, null_size=3000, seed=5),
                                       cm.mean_average_precision(local, sameby, null_size=3000, seed=5))
+
+
+def test_map_ties_with_the_null_count_as_copairs_counts_them(lincs, tmp_path):
+    """A group's mAP equal to a null value in float32 (1/7, 1/12: common in small groups) is not
+    counted as exceeded, as copairs' float32 comparison counts it (real LINCS targets)."""
+    feats = [c for c in lincs.columns if not c.startswith("Metadata_")]
+    t = lincs[lincs.Metadata_target.notna() & (lincs.Metadata_pert_type != "control")].copy()
+    tre = t.groupby(["Metadata_broad_sample", "Metadata_target"], as_index=False)[feats].mean()
+    meta, X = tre[["Metadata_broad_sample", "Metadata_target"]], tre[feats].to_numpy(np.float64)
+    listed = meta.assign(Metadata_target=meta.Metadata_target.str.split("|"))
+    from copairs.map.multilabel import average_precision as multilabel_ap
+
+    ref = multilabel_ap(listed, X, ["Metadata_target"], [], [], ["Metadata_target"], multilabel_col="Metadata_target",
+                        progress_bar=False)
+    ref_map = copairs_map.mean_average_precision(ref, ["Metadata_target"], null_size=10_000, threshold=0.05, seed=0,
+                                                 progress_bar=False, cache_dir=tmp_path)
+    got = cm.phenotypic_consistency(meta, X, "Metadata_target", sep="|").map
+    fractions = np.float32(1 / np.arange(2, 30))
+    assert np.isin(got["mean_average_precision"].to_numpy().astype(np.float32), fractions).any()  # the case at stake
+    _assert_same_map(ref_map, got, ["Metadata_target"])
+
+
+def test_blank_perturbations_and_bad_thresholds_are_refused(lincs):
+    w = lincs.copy()
+    treated = w.index[w.Metadata_pert_type != "control"]
+    w.loc[treated[:3], "Metadata_broad_sample"] = "  "
+    with pytest.raises(InputError, match="3 non-control well"):
+        cm.retrieval_of_wells(w, pert_col="Metadata_broad_sample", control_query="Metadata_pert_type == 'control'")
+    with pytest.raises(InputError, match="threshold must be between 0 and 1"):
+        cm.retrieval_of_wells(lincs, pert_col="Metadata_broad_sample", control_query="Metadata_pert_type == 'control'",
+                              threshold=2)
+    with pytest.raises(InputError, match="'Metadata_nope' \\(--target-col\\) not found"):
+        cm.retrieval_of_wells(lincs, pert_col="Metadata_broad_sample", target_col="Metadata_nope",
+                              control_query="Metadata_pert_type == 'control'")
