@@ -23,6 +23,15 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Lay out, write the PNG, close the figure; returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_map_vs_lambda(sweep: pd.DataFrame, path: str | os.PathLike, metric: str = "map_paper",
                        title: str | None = None, selected: float | None = None) -> Path:
     """mAP against λ: no correction leftmost, then λ in decreasing order (increasing sphering);
@@ -46,11 +55,7 @@ def plot_map_vs_lambda(sweep: pd.DataFrame, path: str | os.PathLike, metric: str
     ax.set_xlabel("sphering λ (leftmost: no correction)")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=120)
 
 
 #: Fig. 3C's colours: weakest blue, median orange, strongest red, all treatments green.
@@ -80,10 +85,7 @@ def plot_subset_map(table: pd.DataFrame, path: str | os.PathLike, metric: str = 
     ax.grid(axis="x", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, dpi=110)
 
 
 def plot_pr_curve(curve: pd.DataFrame, path: str | os.PathLike, label: str | None = None) -> Path:
@@ -98,11 +100,7 @@ def plot_pr_curve(curve: pd.DataFrame, path: str | os.PathLike, label: str | Non
     ax.grid(alpha=0.3)
     if label:
         ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=120)
 
 
 def umap_embedding(X: np.ndarray, random_state: int = 0, n_neighbors: int = 15, metric: str = "cosine") -> np.ndarray:
@@ -151,11 +149,7 @@ def plot_umaps(
         for a in axes[r]:
             a.set_xticks([])
             a.set_yticks([])
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=110)
 
 
 def plot_well_umaps(wells: pd.DataFrame, path: str | os.PathLike, *, control_query: str,
@@ -222,8 +216,4 @@ def plot_map_pvalue(tables: dict, path: str | os.PathLike, threshold: float = 0.
         ax.set_title(name.replace("_", " "), fontsize=10)
         ax.legend(fontsize=8, loc="lower right")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=120)
