@@ -56,6 +56,8 @@ import numpy as np
 import pandas as pd
 
 from raycp.errors import InputError
+from raycp.profiles.aggregate import group_rows
+from raycp.profiles.io import require_columns
 
 NULL_SEED_HIGH = 8096  # copairs.compute.get_null_dists: rng.integers(8096, size=num_confs)
 DEFAULT_NULL_SIZE = 10_000  # jump-profiling-recipe DEFAULT_MAP_PARAMS
@@ -106,10 +108,7 @@ class PairRules:
 # Inputs
 # --------------------------------------------------------------------------------------------
 def _codes(meta: pd.DataFrame, rules: PairRules, source: str) -> dict[str, np.ndarray]:
-    missing = [c for c in rules.columns if c not in meta.columns]
-    if missing:
-        raise InputError(f"{source}: pair column {missing[0]!r} not found",
-                         fix=f"pass existing columns; metadata has {[c for c in meta.columns if str(c).startswith('Metadata_')][:12]}")
+    require_columns(meta, rules.columns, source, what="pair column")
     codes = {}
     for c in rules.columns:
         if c == rules.multilabel_col:
@@ -235,12 +234,6 @@ def _groups(codes: dict, cols: Sequence[str], n: int) -> np.ndarray | None:
     return key
 
 
-def _members(group: np.ndarray) -> list[np.ndarray]:
-    order = np.argsort(group, kind="stable")
-    bounds = np.flatnonzero(np.diff(group[order])) + 1
-    return np.split(order, bounds)
-
-
 def _query_blocks(n: int, rules: PairRules, codes: dict, block_elements: int):
     """Blocks of query rows, each with the candidate rows of its dense similarity block and, when
     the positives are confined to small groups (``pos_sameby``) that the dense block does not
@@ -256,8 +249,8 @@ def _query_blocks(n: int, rules: PairRules, codes: dict, block_elements: int):
         for lo in range(0, n, step):
             yield everyone[lo:lo + step], everyone, None
         return
-    pos_members = (_members(pos_g), pos_g)
-    for rows in _members(neg_g):
+    pos_members = (group_rows(pos_g), pos_g)
+    for rows in group_rows(neg_g):
         step = max(1, block_elements // max(len(rows), 1))
         for lo in range(0, len(rows), step):
             yield rows[lo:lo + step], rows, pos_members
@@ -551,9 +544,7 @@ def mean_average_precision(
     grouped = ap.groupby(sameby, observed=True, sort=True)
     table = grouped[["average_precision", "normalized_average_precision"]].mean().reset_index()
     table.columns = [*sameby, "mean_average_precision", "mean_normalized_average_precision"]
-    gid = grouped.ngroup().to_numpy()
-    order = np.argsort(gid, kind="stable")
-    members = np.split(order, np.flatnonzero(np.diff(gid[order])) + 1)
+    members = group_rows(grouped.ngroup().to_numpy())
     maps = table["mean_average_precision"].to_numpy()
     pvals = np.empty(len(table))
     sizes = np.array([len(idx) for idx in members])

@@ -57,6 +57,14 @@ def group_codes(df: pd.DataFrame, by: Sequence[str]) -> tuple[np.ndarray, pd.Dat
     return codes, keys
 
 
+def group_rows(codes: np.ndarray) -> list[np.ndarray]:
+    """The row indices of each group, groups in increasing code order, rows in table order
+    (``codes``: one integer per row, e.g. :func:`group_codes`'s or ``pd.factorize``'s, none negative)."""
+    codes = np.asarray(codes)
+    order = np.argsort(codes, kind="stable")
+    return np.split(order, np.flatnonzero(np.diff(codes[order])) + 1) if len(order) else []
+
+
 def group_mean(X: np.ndarray, codes: np.ndarray, n_groups: int, chunk_rows: int = 1 << 15) -> tuple[np.ndarray, np.ndarray]:
     """Mean of the rows of ``X`` per group code (rows with code -1 are ignored).
 

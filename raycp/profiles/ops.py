@@ -65,7 +65,8 @@ import numpy as np
 import pandas as pd
 
 from raycp.errors import InputError
-from raycp.profiles.io import feature_columns, feature_matrix, feature_view, metadata_columns
+from raycp.profiles.aggregate import group_rows
+from raycp.profiles.io import feature_columns, feature_matrix, feature_view, require_columns
 
 MAD_NORMAL_SCALE = 1.4826  # pycytominer RobustMAD: median_abs_deviation(..., scale=1 / 1.4826)
 BLOM_C = 3.0 / 8.0
@@ -163,14 +164,11 @@ def sample_mask(wells: pd.DataFrame, samples: str, source: str = "wells") -> np.
 def _groups(wells: pd.DataFrame, by: str | None, source: str) -> list[tuple[object, np.ndarray]]:
     if by is None:
         return [(None, np.arange(len(wells)))]
-    if by not in wells.columns:
-        raise InputError(f"{source}: group column {by!r} not found", fix=f"pass an existing column (metadata: {metadata_columns(wells)[:12]})")
+    require_columns(wells, [by], source, what="group column")
     codes, uniques = pd.factorize(wells[by], sort=True)
     if (codes < 0).any():
         raise InputError(f"{source}: group column {by!r} is empty in {int((codes < 0).sum())} row(s)", fix="fill it")
-    order = np.argsort(codes, kind="stable")
-    parts = np.split(order, np.flatnonzero(np.diff(codes[order])) + 1)
-    return [(uniques[codes[p[0]]], p) for p in parts]
+    return [(uniques[codes[rows[0]]], rows) for rows in group_rows(codes)]
 
 
 def _label(value) -> str:
