@@ -56,6 +56,7 @@ import numpy as np
 import pandas as pd
 
 from raycp.errors import InputError
+from raycp.evaluate.metrics import benjamini_hochberg
 from raycp.profiles.aggregate import group_rows
 from raycp.profiles.io import require_columns
 
@@ -487,24 +488,6 @@ def null_distribution(num_pos: int, total: int, null_size: int, seed, chunk_byte
 
 def _local_nulls(jobs: list[tuple[int, int, int, int]]) -> list[np.ndarray]:
     return [null_distribution(m, n, size, s) for m, n, size, s in jobs]
-
-
-def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values with statsmodels' ``fdr_bh`` arithmetic (p_(i)·n/i as
-    p_(i)/(i/n), running minimum from the top, capped at 1); NaN stays NaN."""
-    p = np.asarray(p, dtype=np.float64)
-    out = np.full(p.shape, np.nan)
-    ok = np.flatnonzero(~np.isnan(p))
-    if len(ok):
-        v = p[ok]
-        order = np.argsort(v)
-        ecdf = np.arange(1, len(v) + 1) / float(len(v))
-        adj = np.minimum.accumulate((v[order] / ecdf)[::-1])[::-1]
-        adj[adj > 1] = 1
-        res = np.empty_like(adj)
-        res[order] = adj
-        out[ok] = res
-    return out
 
 
 def mean_average_precision(

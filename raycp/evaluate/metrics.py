@@ -95,12 +95,21 @@ def cosine_similarity(X: np.ndarray, Y: np.ndarray | None = None) -> np.ndarray:
 
 
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values (NaN stays NaN)."""
+    """Benjamini–Hochberg adjusted p-values, NaN staying NaN, with statsmodels' ``fdr_bh``
+    arithmetic (p_(i)/(i/n), running minimum from the top, capped at 1): the corrected p-values
+    copairs reports, bit for bit (scipy's ``false_discovery_control`` agrees to the last bit or so)."""
     p = np.asarray(p, dtype=np.float64)
     out = np.full(p.shape, np.nan)
-    ok = ~np.isnan(p)
-    if ok.any():
-        out[ok] = scipy.stats.false_discovery_control(p[ok], method="bh")
+    ok = np.flatnonzero(~np.isnan(p))
+    if len(ok):
+        v = p[ok]
+        order = np.argsort(v)
+        ecdf = np.arange(1, len(v) + 1) / float(len(v))
+        adj = np.minimum.accumulate((v[order] / ecdf)[::-1])[::-1]
+        adj[adj > 1] = 1
+        res = np.empty_like(adj)
+        res[order] = adj
+        out[ok] = res
     return out
 
 
