@@ -685,17 +685,17 @@ class WellsRetrieval:
 
 
 def consensus_profiles(meta: pd.DataFrame, X: np.ndarray, pert_col: str, keep_cols: Sequence[str]) -> tuple[pd.DataFrame, np.ndarray]:
-    """One profile per perturbation: the mean of its wells (float64 accumulation, X's dtype out);
-    ``keep_cols`` take the perturbation's first value."""
-    codes, uniques = pd.factorize(meta[pert_col], sort=True)
-    k = len(uniques)
-    sums = np.zeros((k, X.shape[1]))
-    np.add.at(sums, codes, X.astype(np.float64, copy=False))
-    counts = np.bincount(codes, minlength=k)
-    first = pd.Series(np.arange(len(meta))).groupby(codes).first().to_numpy()
+    """One profile per perturbation, sorted by it: the mean of its wells
+    (:func:`raycp.profiles.aggregate.group_mean`: float64 sums, X's dtype out); ``keep_cols`` take
+    the perturbation's first value."""
+    from raycp.profiles.aggregate import group_codes, group_mean
+
+    codes, keys = group_codes(meta, [pert_col])
+    means, counts = group_mean(X, codes, len(keys))
+    first = np.array([rows[0] for rows in group_rows(codes)], dtype=np.int64)
     out = meta.iloc[first][[pert_col, *[c for c in keep_cols if c != pert_col]]].reset_index(drop=True)
     out["Metadata_n_wells"] = counts
-    return out, (sums / counts[:, None]).astype(X.dtype if X.dtype in (np.float32, np.float64) else np.float64)
+    return out, means
 
 
 def _blank(values: pd.Series) -> np.ndarray:
