@@ -167,14 +167,8 @@ def _keys(X: np.ndarray, norms: np.ndarray, q: np.ndarray, c: np.ndarray) -> np.
 
 
 def _rule_mask(codes: dict, same: Sequence[str], diff: Sequence[str], q: np.ndarray, c: np.ndarray) -> np.ndarray:
-    m = q[:, None] != c[None, :]  # a profile is never paired with itself
-    for col in same:
-        cc = codes[col]
-        m &= cc[q][:, None] == cc[c][None, :]
-    for col in diff:
-        cc = codes[col]
-        m &= cc[q][:, None] != cc[c][None, :]
-    return m
+    """Queries ``q`` × candidates ``c`` satisfying a pair rule (:func:`_pair_rule` broadcast)."""
+    return _pair_rule(codes, same, diff, q[:, None], c[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,7 +259,7 @@ def _pair_keys(X: np.ndarray, norms: np.ndarray, codes: dict, rules: PairRules, 
     parts = [members[group[i]] for i in q]
     qi = np.repeat(q, [len(p) for p in parts])
     cj = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    keep = _rule_mask_pairs(codes, rules.pos_sameby, rules.pos_diffby, qi, cj)
+    keep = _pair_rule(codes, rules.pos_sameby, rules.pos_diffby, qi, cj)
     qi, cj = qi[keep], cj[keep]
     keys = np.empty(len(qi), dtype=np.float32)
     step = max(1, block_elements // max(X.shape[1], 1))
@@ -279,12 +273,14 @@ def _pair_keys(X: np.ndarray, norms: np.ndarray, codes: dict, rules: PairRules, 
     return np.split(keys[order], np.searchsorted(pos_of[order], np.arange(1, len(q))))
 
 
-def _rule_mask_pairs(codes: dict, same: Sequence[str], diff: Sequence[str], qi: np.ndarray, cj: np.ndarray) -> np.ndarray:
-    m = qi != cj
+def _pair_rule(codes: dict, same: Sequence[str], diff: Sequence[str], qi: np.ndarray, cj: np.ndarray) -> np.ndarray:
+    """Pairs (qi, cj) (any broadcastable index arrays) that are different profiles, equal in every
+    ``same`` column and different in every ``diff`` column."""
+    m = qi != cj  # a profile is never paired with itself
     for col in same:
-        m &= codes[col][qi] == codes[col][cj]
+        m = m & (codes[col][qi] == codes[col][cj])
     for col in diff:
-        m &= codes[col][qi] != codes[col][cj]
+        m = m & (codes[col][qi] != codes[col][cj])
     return m
 
 
@@ -486,7 +482,8 @@ def null_distribution(num_pos: int, total: int, null_size: int, seed, chunk_byte
     return out
 
 
-def _local_nulls(jobs: list[tuple[int, int, int, int]]) -> list[np.ndarray]:
+def null_distributions(jobs: list[tuple[int, int, int, int]]) -> list[np.ndarray]:
+    """:func:`null_distribution` of each (M, L, null_size, seed), here, one after the other."""
     return [null_distribution(m, n, size, s) for m, n, size, s in jobs]
 
 
@@ -523,7 +520,7 @@ def mean_average_precision(
     rev_ix = rev_ix.ravel()
     seeds = np.random.default_rng(seed).integers(NULL_SEED_HIGH, size=len(confs))
     jobs = [(int(num_pos), int(total), int(null_size), int(s)) for (num_pos, total), s in zip(confs, seeds)]
-    null_dists = np.stack((null_fn or _local_nulls)(jobs)).astype(np.float32, copy=False)
+    null_dists = np.stack((null_fn or null_distributions)(jobs)).astype(np.float32, copy=False)
     grouped = ap.groupby(sameby, observed=True, sort=True)
     table = grouped[["average_precision", "normalized_average_precision"]].mean().reset_index()
     table.columns = [*sameby, "mean_average_precision", "mean_normalized_average_precision"]

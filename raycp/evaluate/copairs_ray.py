@@ -25,14 +25,6 @@ def _parts(parts: int | None) -> int:
     return int(parts) if parts else max(1, int(runtime.cluster_cpus()) * 2)
 
 
-def _ap_task(X, norms, codes, rules, block_elements, part):
-    return core.ap_part(X, norms, codes, rules, block_elements, part)
-
-
-def _null_task(jobs):
-    return [core.null_distribution(*job) for job in jobs]
-
-
 def average_precision(
     meta: pd.DataFrame,
     X: np.ndarray,
@@ -60,7 +52,7 @@ def average_precision(
     ray = runtime.connection()
     k = _parts(parts)
     shared = [ray.put(X), ray.put(norms), ray.put(codes)]
-    task = ray.remote(num_cpus=1)(_ap_task)
+    task = ray.remote(num_cpus=1)(core.ap_part)
     results = ray.get([task.remote(*shared, rules, block_elements, (i, k)) for i in range(k)])
     q, ap, M, L = (np.concatenate([r[j] for r in results]) for j in range(4))
     return core.ap_table(meta, q, ap, M, L)
@@ -75,7 +67,7 @@ def ray_nulls(jobs: list[tuple[int, int, int, int]], parts: int | None = None) -
         return []
     ray = runtime.connection()
     k = min(_parts(parts), len(jobs))
-    task = ray.remote(num_cpus=1)(_null_task)
+    task = ray.remote(num_cpus=1)(core.null_distributions)
     chunks = [jobs[i::k] for i in range(k)]
     results = ray.get([task.remote(chunk) for chunk in chunks])
     out: list = [None] * len(jobs)
