@@ -56,8 +56,10 @@ References, and which one each operation follows:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -66,7 +68,7 @@ import pandas as pd
 
 from raycp.errors import InputError
 from raycp.profiles.aggregate import group_rows
-from raycp.profiles.io import feature_columns, feature_matrix, feature_view, require_columns
+from raycp.profiles.io import feature_columns, feature_matrix, feature_view, na_features, require_columns
 
 MAD_NORMAL_SCALE = 1.4826  # pycytominer RobustMAD: median_abs_deviation(..., scale=1 / 1.4826)
 BLOM_C = 3.0 / 8.0
@@ -94,6 +96,15 @@ def _split(wells: pd.DataFrame, source: str) -> tuple[list[str], list[str], np.n
     feats = feature_columns(wells, source)
     gone = set(feats)
     return [c for c in wells.columns if c not in gone], feats, feature_view(wells, feats)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """No floating-point or all-NaN-slice warnings: a column NaN on a plate gives NaN statistics,
+    which the operations handle (the reference tools stay silent there too)."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
 
 
 def _blocks(n: int):
@@ -141,15 +152,12 @@ def _table(wells: pd.DataFrame, meta: list[str], feats: Sequence[str], X: np.nda
     return out
 
 
-def _keep(wells: pd.DataFrame, drop: Sequence[str], reason: str, info: dict | None = None) -> OpResult:
-    """Drop feature columns (table otherwise untouched; features float32)."""
-    meta, feats, X = _split(wells, "wells")
+def _drop_features(wells: pd.DataFrame, drop: Sequence[str], source: str) -> pd.DataFrame:
+    """The table without the ``drop`` features (the rest untouched; features float32)."""
+    meta, feats, X = _split(wells, source)
     gone = set(drop)
     keep = [i for i, f in enumerate(feats) if f not in gone]
-    if not keep:
-        raise InputError(f"{reason}: every feature would be dropped", fix="check the step's thresholds")
-    out = _table(wells, meta, [feats[i] for i in keep], X[:, keep])
-    return OpResult(out, {**(info or {}), "features_dropped": [f for f in feats if f in gone], "reason": reason})
+    return _table(wells, meta, [feats[i] for i in keep], X[:, keep])
 
 
 def sample_mask(wells: pd.DataFrame, samples: str, source: str = "wells") -> np.ndarray:
@@ -176,14 +184,9 @@ def _label(value) -> str:
 
 
 def _median_mad(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN
-            med = np.nanmedian(X, axis=0)
-            mad = np.nanmedian(np.abs(X - med), axis=0)
-    return med, mad
+    with _quiet():
+        med = np.nanmedian(X, axis=0)
+        return med, np.nanmedian(np.abs(X - med), axis=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,27 +257,23 @@ def normalize(wells: pd.DataFrame, *, method: str = "mad_robustize", samples: st
         if len(R) == 0:
             raise InputError(f"{source}: {by} {_label(g)} has no row matching samples {samples!r}",
                              fix="normalise on all rows (samples: all), or drop that plate (the variant_features step quarantines it)")
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                if method == "standardize":
-                    center = np.nanmean(R, axis=0)
-                    scale = np.nanstd(R, axis=0)
-                    scale[scale < _ZERO_SCALE] = 1.0
-                elif method == "robustize":
-                    center = np.nanmedian(R, axis=0)
-                    q25, q75 = np.nanpercentile(R, [25, 75], axis=0)
-                    scale = q75 - q25
-                    scale[scale < _ZERO_SCALE] = 1.0
-                else:
-                    center, mad = _median_mad(R)
-                    scale = (mad / (1 / MAD_NORMAL_SCALE) if mad_scale == "normal" else mad) + eps
-                    if eps == 0 and (scale == 0).any():
-                        f = feats[int(np.flatnonzero(scale == 0)[0])]
-                        raise InputError(f"{source}: feature {f!r} has MAD 0 on {by} {_label(g)}, so (x − median)/MAD is undefined",
-                                         fix="run the variant_features step first, or set epsilon > 0")
+        with _quiet():
+            if method == "standardize":
+                center = np.nanmean(R, axis=0)
+                scale = np.nanstd(R, axis=0)
+                scale[scale < _ZERO_SCALE] = 1.0
+            elif method == "robustize":
+                center = np.nanmedian(R, axis=0)
+                q25, q75 = np.nanpercentile(R, [25, 75], axis=0)
+                scale = q75 - q25
+                scale[scale < _ZERO_SCALE] = 1.0
+            else:
+                center, mad = _median_mad(R)
+                scale = (mad / (1 / MAD_NORMAL_SCALE) if mad_scale == "normal" else mad) + eps
+        if method == "mad_robustize" and eps == 0 and (scale == 0).any():
+            f = feats[int(np.flatnonzero(scale == 0)[0])]
+            raise InputError(f"{source}: feature {f!r} has MAD 0 on {by} {_label(g)}, so (x − median)/MAD is undefined",
+                             fix="run the variant_features step first, or set epsilon > 0")
         for lo in range(0, len(rows), BLOCK_ROWS):
             r = rows[lo:lo + BLOCK_ROWS]
             out[r] = (X[r].astype(np.float64) - center) / scale
@@ -347,10 +346,7 @@ def excluded_variance(X: np.ndarray, feats: Sequence[str], min_variance: float =
     """pycytominer ``variance_threshold``: features whose variance (NaN omitted) is ≤ ``min_variance``."""
     if min_variance < 0:
         raise InputError(f"min_variance must be ≥ 0, not {min_variance}", fix="pycytominer's default is 1e-6")
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with _quiet():
         _, var = _nan_mean_var(X)
         keep = var > min_variance
         if min_variance == 0:
@@ -418,11 +414,11 @@ def excluded_correlation(X: np.ndarray, feats: Sequence[str], threshold: float =
 
 
 def excluded_na(X: np.ndarray, feats: Sequence[str], cutoff: float = 0.05) -> list[str]:
-    """pycytominer ``get_na_columns``: NaN fraction > ``cutoff``."""
-    if not 0 <= cutoff <= 1:
-        raise InputError(f"NaN cutoff must be in [0, 1], not {cutoff}", fix="pycytominer's default is 0.05")
-    frac = _nan_counts(X) / max(len(X), 1)
-    return [f for f, x in zip(feats, frac) if x > cutoff]
+    """pycytominer ``get_na_columns``: NaN fraction > ``cutoff`` (:func:`raycp.profiles.io.na_features`)."""
+    try:
+        return na_features(_nan_counts(X), len(X), feats, cutoff)
+    except ValueError:
+        raise InputError(f"NaN cutoff must be in [0, 1], not {cutoff}", fix="pycytominer's default is 0.05") from None
 
 
 def default_blocklist() -> list[str]:
@@ -433,10 +429,7 @@ def default_blocklist() -> list[str]:
 
 def excluded_outliers(X: np.ndarray, feats: Sequence[str], cutoff: float = 500.0) -> list[str]:
     """pycytominer ``drop_outlier_features``: max |x| or |min x| > ``cutoff``."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with _quiet():
         big = (np.abs(np.nanmax(X, axis=0)) > cutoff) | (np.abs(np.nanmin(X, axis=0)) > cutoff)
     return [f for f, b in zip(feats, big) if b]
 
@@ -482,10 +475,9 @@ def feature_select(wells: pd.DataFrame, *, operations: Sequence[str] = ("varianc
         if not feats:
             raise InputError(f"{source}: feature selection ({op}) leaves no feature", fix="check the thresholds")
     all_gone = [f for op in ops for f in excluded[op]]
-    res = _keep(wells, all_gone, "feature_select")
-    res.info = {"operations": ops, "samples": samples, "excluded": excluded, "features_dropped": all_gone,
-                "features_kept": len(feats)}
-    return res
+    return OpResult(_drop_features(wells, all_gone, source),
+                    {"operations": ops, "samples": samples, "excluded": excluded, "features_dropped": all_gone,
+                     "features_kept": len(feats)})
 
 
 def outlier_features(wells: pd.DataFrame, *, threshold: float = JUMP_OUTLIER_THRESHOLD, quantile: float = 0.99,
@@ -494,19 +486,14 @@ def outlier_features(wells: pd.DataFrame, *, threshold: float = JUMP_OUTLIER_THR
     omitted) exceeds ``threshold``, then clip the rest to ±``threshold`` (the recipe means to clip,
     but clips a copy; here the clip is applied)."""
     meta, feats, X = _split(wells, source)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with _quiet():
         q = np.array([np.nanquantile(np.abs(X[:, j].astype(np.float64)), quantile) for j in range(X.shape[1])])
     big = q > threshold
     keep = np.flatnonzero(~big)
     if not len(keep):
         raise InputError(f"{source}: every feature has |x| above {threshold:g} at the {quantile:g} quantile",
                          fix="normalise first (the JUMP recipe runs this after mad)")
-    Y = X[:, keep].astype(np.float32, copy=False)  # X[:, keep] is a copy already
-    if not Y.flags.writeable or np.shares_memory(Y, X):
-        Y = Y.copy()
+    Y = X[:, keep].astype(np.float32, copy=False)  # X[:, keep] is a new, writeable array already
     clipped = 0
     if clip:
         for b in _blocks(len(Y)):
@@ -628,11 +615,8 @@ def harmony_op(wells: pd.DataFrame, *, batch: str = "Metadata_Batch", n_clusters
 
 def well_position(wells: pd.DataFrame, *, well_col: str = "Metadata_Well", source: str = "wells") -> OpResult:
     """Subtract each feature's mean over the wells at the same position (NaN omitted)."""
-    import warnings
-
     meta, feats, X = _split(wells, source)
     out = np.empty(X.shape, dtype=np.float32)
-    n_positions = 0
     groups = _groups(wells, well_col, source)
     if all(len(rows) == 1 for _, rows in groups):
         raise InputError(f"{source}: every {well_col} position holds one well (one plate), so subtracting the "
@@ -640,11 +624,9 @@ def well_position(wells: pd.DataFrame, *, well_col: str = "Metadata_Well", sourc
                          fix="drop the well_position step for a single plate (it corrects positions across plates)")
     for _, rows in groups:
         R = X[rows].astype(np.float64)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
+        with _quiet():
             out[rows] = R - np.nanmean(R, axis=0)
-        n_positions += 1
-    return OpResult(_table(wells, meta, feats, out), {"well_col": well_col, "positions": n_positions})
+    return OpResult(_table(wells, meta, feats, out), {"well_col": well_col, "positions": len(groups)})
 
 
 def cell_count(wells: pd.DataFrame, *, count_col: str = "Metadata_n_cells", min_unique: int = 100,
