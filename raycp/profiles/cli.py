@@ -248,7 +248,7 @@ def recipe_cmd(
     from raycp.profiles.recipe import load_recipe, run_recipe
 
     recipe = load_recipe(config, overrides)
-    res = run_recipe(recipe, wells, output)
+    res = run_recipe(recipe, wells, output).record
     na = res["na_rule"]
     if na["features_dropped_na"] or na["rows_quarantined"]:
         warn(f"before the steps: {len(na['features_dropped_na'])} feature(s) NaN in more than {na['na_cutoff']:g} of the "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
@@ -221,11 +222,20 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class RecipeRun:
+    """``record``: the ``recipe.json`` payload, each step also saying whether it was ``reused``;
+    ``wells``: the last step's table."""
+
+    record: dict
+    wells: pd.DataFrame
+
+
 def run_recipe(recipe: RecipeConfig, wells: str | Path | pd.DataFrame, output: str | Path,
-               input_digest: str | None = None) -> dict:
+               input_digest: str | None = None) -> RecipeRun:
     """Run ``recipe`` on a wells table (a path, or a DataFrame with ``input_digest`` naming its
     bytes), writing into ``output`` (a folder or any fsspec URL; see the module docstring). Returns
-    the ``recipe.json`` payload. Raises :class:`InputError` / :class:`ConfigError` before any step
+    the record and the last step's table. Raises :class:`InputError` / :class:`ConfigError` before any step
     runs when a step names a missing column."""
     from raycp.config import save_resolved
     from raycp.io import urls
@@ -287,7 +297,7 @@ def run_recipe(recipe: RecipeConfig, wells: str | Path | pd.DataFrame, output: s
     write_json(record_url, jsonable(payload))  # the same bytes whether the steps ran or were reused
     save_resolved(recipe, out)
     _remove_stale_steps(out, {s["file"] for s in steps})
-    return {**payload, "steps": [{**st, "reused": r} for st, r in zip(steps, reused_steps)]}
+    return RecipeRun({**payload, "steps": [{**st, "reused": r} for st, r in zip(steps, reused_steps)]}, wells)
 
 
 def _nan_rule(wells: pd.DataFrame, na_cutoff: float, source: str) -> tuple[pd.DataFrame, dict]:
@@ -318,11 +328,3 @@ def _remove_stale_steps(out: str, current: set[str]) -> None:
     for f in Path(out).glob("*.parquet"):
         if re.fullmatch(r"\d{2}_[a-z_]+\.parquet", f.name) and f.name not in current:
             f.unlink()
-
-
-def recipe_output(record: dict, output: str | Path) -> pd.DataFrame:
-    """The last step's table of a finished recipe (``record``: :func:`run_recipe`'s payload)."""
-    from raycp.io import urls
-    from raycp.io.outputs import read_parquet
-
-    return read_parquet(urls.join(str(output), record["output"]))

@@ -12,13 +12,13 @@ its steps. ``retrieval/summary.parquet`` holds one row per feature set."""
 from __future__ import annotations
 
 import hashlib
+import io
 
 import pandas as pd
 
 from raycp.io import urls
 from raycp.io.outputs import jsonable, save_png, write_json, write_parquet
 from raycp.stages.base import Context, Stage
-from raycp.stages.profiles import read_wells
 
 PERT_COL = "Metadata_perturbation"
 
@@ -39,16 +39,15 @@ def retrieval_of_feature_set(ctx: Context, name: str) -> dict:
 
     r, p = ctx.cfg.retrieval, ctx.cfg.profiles
     folder = urls.join(ctx.folder("retrieval"), name)
-    wells = read_wells(ctx, name)
+    raw = urls.read_bytes(ctx.layout.wells(name))  # read once: the table, and the recipe's input digest
+    wells = pd.read_parquet(io.BytesIO(raw))
     row: dict = {"feature_set": name, "wells": len(wells)}
     if r.recipe:
-        from raycp.profiles.recipe import load_recipe, recipe_output, run_recipe
+        from raycp.profiles.recipe import load_recipe, run_recipe
 
         recipe = load_recipe(r.recipe).model_copy(update={"negcon": p.control_query})  # the run's controls
-        digest = hashlib.sha256(urls.read_bytes(ctx.layout.wells(name))).hexdigest()
-        out = urls.join(folder, "recipe")
-        record = run_recipe(recipe, wells, out, input_digest=digest)
-        wells = recipe_output(record, out)
+        done = run_recipe(recipe, wells, urls.join(folder, "recipe"), input_digest=hashlib.sha256(raw).hexdigest())
+        record, wells = done.record, done.wells
         row.update(recipe=recipe.name, recipe_wells_quarantined=record["accounting"]["rows_quarantined"],
                    recipe_features=record["accounting"]["features_output"])
     wells = wells.assign(**{PERT_COL: perturbation_key(wells, p.treatment_cols)})
