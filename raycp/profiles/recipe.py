@@ -266,28 +266,31 @@ def run_recipe(recipe: RecipeConfig, wells: str | Path | pd.DataFrame, output: s
     features_in = len(feature_columns(wells, source))
     wells, nan_rule = _nan_rule(wells, recipe.na_cutoff, source)
     chain = hashlib.sha256(f"{chain}|na_cutoff={recipe.na_cutoff}".encode()).hexdigest()
-    steps: list[dict] = []
-    reused_steps: list[bool] = []
+    plan = []  # (step, spec, file, fingerprint); the fingerprints depend on the config only
     for i, step in enumerate(recipe.steps, start=1):
         spec = step.model_dump(mode="json")
         chain = hashlib.sha256((chain + json.dumps({"negcon": recipe.negcon, **spec}, sort_keys=True)).encode()).hexdigest()
-        name = f"{i:02d}_{step.op}.parquet"
-        target = urls.join(out, name)
+        plan.append((step, spec, f"{i:02d}_{step.op}.parquet", chain))
+    reused_until = 0  # the leading steps finished with the same fingerprint: their records stand
+    for _, _, name, fingerprint in plan:
         done = previous.get(name)
+        if not (done and done.get("fingerprint") == fingerprint and urls.exists(urls.join(out, name))):
+            break
+        reused_until += 1
+    steps: list[dict] = [previous[name] for _, _, name, _ in plan[:reused_until]]
+    if reused_until:  # only the last reused table is read: the next step's input, or the result
+        wells = read_parquet(urls.join(out, plan[reused_until - 1][2]))
+    for i, (step, spec, name, fingerprint) in enumerate(plan[reused_until:], start=reused_until + 1):
         rows_in, feats_in = len(wells), len(feature_columns(wells, source))
-        if done and done.get("fingerprint") == chain and urls.exists(target):
-            wells = read_parquet(target)
-            info, reused = done.get("info", {}), True
-        else:
-            res = run_step(wells, step, recipe, i, source=f"{source} (step {i}: {step.op})")
-            wells, info, reused = res.wells, res.info, False
-            write_parquet(wells, target)
+        res = run_step(wells, step, recipe, i, source=f"{source} (step {i}: {step.op})")
+        wells, info = res.wells, res.info
+        write_parquet(wells, urls.join(out, name))
         q = info.get("rows_quarantined")
         quarantined = int(q["rows"]) if isinstance(q, dict) else 0
-        steps.append({"step": i, "op": step.op, "file": name, "params": spec, "fingerprint": chain,
+        steps.append({"step": i, "op": step.op, "file": name, "params": spec, "fingerprint": fingerprint,
                       "rows_in": rows_in, "rows_out": len(wells), "rows_quarantined": quarantined,
                       "features_in": feats_in, "features_out": len(feature_columns(wells, source)), "info": info})
-        reused_steps.append(reused)
+    reused_steps = [i < reused_until for i in range(len(plan))]
     quarantined_total = nan_rule["rows_quarantined"] + sum(s["rows_quarantined"] for s in steps)
     payload = {"recipe": recipe.name, "input": source, "na_rule": nan_rule, "steps": steps, "output": steps[-1]["file"],
                "accounting": {"rows_input": n_input, "rows_output": len(wells), "rows_quarantined": quarantined_total,
